@@ -1,0 +1,122 @@
+"""Launch one experiment: ``python -m experiments.run EXPERIMENT.yaml [key=value ...] [--dry-run]``.
+
+Loads and validates the config (see experiments/config.py for the merge order), builds the
+stage's LightningModule and DataModule, logs to MLflow and fits. At the end the model weights
+are exported to ``<output_dir>/model.safetensors`` with the resolved ``config.yaml`` beside them:
+that pair is what ``init_from:``, evaluation and inference read.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any, List, Optional, Sequence
+
+from experiments.config import ConfigError, LoadedConfig, load_config, output_dir
+
+
+def build_trainer(cfg: Any, logger: Any, callbacks: Sequence[Any] = ()):
+    import lightning as L
+
+    t = cfg.trainer
+    kw = dict(
+        max_steps=t.max_steps,
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=t.strategy,
+        precision=t.precision,
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        log_every_n_steps=t.log_every_n_steps,
+        gradient_clip_val=cfg.optim.grad_clip or None,
+        deterministic=t.deterministic,
+        enable_progress_bar=t.enable_progress_bar,
+        enable_checkpointing=False,  # we export safetensors ourselves (weights_only-safe)
+        enable_model_summary=False,
+        logger=logger if logger is not None else False,
+        callbacks=list(callbacks),
+        num_sanity_val_steps=0,
+        default_root_dir=str(output_dir(cfg)),
+        use_distributed_sampler=False,  # our streams split by node/worker themselves
+    )
+    if t.val_every_n_steps > 0:
+        kw.update(val_check_interval=t.val_every_n_steps, check_val_every_n_epoch=None)
+        if t.limit_val_batches > 0:
+            kw["limit_val_batches"] = t.limit_val_batches
+    else:
+        kw["limit_val_batches"] = 0
+    return L.Trainer(**kw)
+
+
+def export_weights(module: Any, loaded: LoadedConfig, out: Path) -> Path:
+    """model.safetensors (full ``module.net`` state) + config.yaml, written atomically."""
+    from modules.checkpoint import save_state_dict
+
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "model.safetensors"
+    save_state_dict(module.net.state_dict(), path, metadata={"config_hash": loaded.hash, "stage": loaded.cfg.stage})
+    (out / "config.yaml").write_text(loaded.to_yaml())
+    return path
+
+
+def fit(loaded: LoadedConfig) -> Path | None:
+    import lightning as L
+    import torch
+
+    from modules.stages import build_stage
+    from experiments import tracking
+
+    cfg = loaded.cfg
+    if cfg.trainer.num_threads > 0:
+        torch.set_num_threads(cfg.trainer.num_threads)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    module, datamodule = build_stage(cfg)
+    logger = tracking.make_logger(loaded) if cfg.logging.enabled else None
+    trainer = build_trainer(cfg, logger)
+    if logger is not None and trainer.is_global_zero:
+        names = module.trainable_parameter_names() if hasattr(module, "trainable_parameter_names") else None
+        counts = module.param_counts() if hasattr(module, "param_counts") else {}
+        tracking.log_run_start(logger, loaded, counts, names)
+    t0 = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule)
+    elapsed = time.perf_counter() - t0
+    path = None
+    if cfg.trainer.save_checkpoint and trainer.is_global_zero:
+        path = export_weights(module, loaded, output_dir(cfg))
+        print(f"[run] weights: {path}")
+    if logger is not None and trainer.is_global_zero:
+        logger.log_metrics({"time/fit_seconds": elapsed}, step=trainer.global_step)
+        if path is not None:
+            tracking.log_file(logger, path.parent / "config.yaml", "export")
+        print(f"[run] mlflow: experiment={tracking.experiment_name(cfg)} run_id={logger.run_id} "
+              f"uri={tracking.tracking_uri(cfg)}")
+    print(f"[run] {cfg.name}: {trainer.global_step} steps in {elapsed:.1f}s")
+    return path
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m experiments.run", description=__doc__.split("\n")[0])
+    p.add_argument("experiment", help="experiment YAML, e.g. experiments/world/stage1.yaml")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-4 trainer.max_steps=10")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    return p.parse_intermixed_args(argv)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        loaded = load_config(args.experiment, args.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print(f"# {loaded.source}  config_hash={loaded.hash}")
+        print(loaded.to_yaml(), end="")
+        return 0
+    fit(loaded)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""MLflow tracking: where runs go and what every run records.
+
+Default store: ``sqlite:///<repo>/runs/mlflow.db`` with artifacts under ``<repo>/runs/mlartifacts``
+(a file store needs MLFLOW_ALLOW_FILE_STORE in MLflow 3 and is slower to query). A config key
+(``logging.tracking_uri``) or ``MLFLOW_TRACKING_URI`` overrides it.
+
+Every run records: git commit + dirty flag, config hash, stage, config source, the resolved config
+flattened into params and as ``config.yaml``, parameter counts, and metrics as ``split/name``.
+mlflow is imported lazily: it costs seconds and most commands (dry runs, tests) never need it.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from experiments.config import REPO_ROOT, LoadedConfig, flatten, resolve_path
+
+SWEEP_ENV = "VARGPT_SWEEP_TAGS"  # JSON dict of extra tags set by the sweep launcher
+
+
+def tracking_uri(cfg: Any) -> str:
+    if cfg.logging.tracking_uri:
+        return cfg.logging.tracking_uri
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    db = REPO_ROOT / "runs" / "mlflow.db"
+    db.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{db}"
+
+
+def artifact_root(cfg: Any) -> Path:
+    return resolve_path(cfg.logging.artifact_root)
+
+
+def experiment_name(cfg: Any) -> str:
+    return cfg.logging.experiment or f"vargpt-{cfg.stage}"
+
+
+def git_info(root: Path = REPO_ROOT) -> Dict[str, str]:
+    """Commit SHA and whether the work tree differs from it ("unknown" outside a git checkout)."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                capture_output=True, text=True, timeout=10, check=True).stdout
+        return {"git_commit": sha, "git_dirty": str(bool(status.strip())).lower()}
+    except (OSError, subprocess.SubprocessError):
+        return {"git_commit": "unknown", "git_dirty": "unknown"}
+
+
+def run_tags(loaded: LoadedConfig, extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+    import json
+
+    cfg = loaded.cfg
+    g = git_info()
+    tags = {
+        **g,
+        "mlflow.source.git.commit": g["git_commit"],
+        "config_hash": loaded.hash,
+        "stage": cfg.stage,
+        "config_source": loaded.source,
+        "experiment_name": cfg.name,
+        **cfg.logging.tags,
+    }
+    env_tags = os.environ.get(SWEEP_ENV)
+    if env_tags:
+        tags.update({str(k): str(v) for k, v in json.loads(env_tags).items()})
+    if extra:
+        tags.update(extra)
+    return tags
+
+
+def make_logger(loaded: LoadedConfig, extra_tags: Optional[Dict[str, str]] = None):
+    """Lightning's MLFlowLogger pointed at our store, with the run tags set at creation."""
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    cfg = loaded.cfg
+    name = experiment_name(cfg)
+    root = artifact_root(cfg)
+    root.mkdir(parents=True, exist_ok=True)
+    return MLFlowLogger(
+        experiment_name=name,
+        run_name=cfg.logging.run_name or cfg.name,
+        tracking_uri=tracking_uri(cfg),
+        tags=run_tags(loaded, extra_tags),
+        artifact_location=(root / name).as_uri(),
+        log_model=False,
+    )
+
+
+def log_run_start(logger: Any, loaded: LoadedConfig, counts: Dict[str, int],
+                  trainable_names: Optional[list] = None) -> None:
+    """Resolved config as params + YAML artifact, parameter counts, trainable names."""
+    params: Dict[str, Any] = {k: ("" if v is None else v) for k, v in flatten(loaded.yaml_cfg).items()}
+    params.update({f"params/{k.replace('params_', '')}": v for k, v in counts.items()})
+    logger.log_hyperparams(params)
+    log_text(logger, "config.yaml", loaded.to_yaml())
+    if trainable_names is not None:
+        log_text(logger, "trainable_parameters.txt", "\n".join(trainable_names) + "\n")
+
+
+def log_text(logger: Any, filename: str, text: str, artifact_path: Optional[str] = None) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / filename
+        p.write_text(text)
+        logger.experiment.log_artifact(logger.run_id, str(p), artifact_path)
+
+
+def log_file(logger: Any, path: Path, artifact_path: Optional[str] = None) -> None:
+    logger.experiment.log_artifact(logger.run_id, str(path), artifact_path)

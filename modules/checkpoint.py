@@ -1,0 +1,87 @@
+"""Weights on disk: safetensors only (no pickle), strict loading with an explicit allow-list.
+
+``init_from:`` in a stage config, evaluation and inference all read ``model.safetensors``
+written by ``experiments.run``. Loading never silently ignores keys: anything missing or
+unexpected that the caller did not allow is an error that lists the keys.
+"""
+from __future__ import annotations
+
+import fnmatch
+from pathlib import Path
+from typing import Dict, Iterable, Mapping, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+
+class StateDictMismatch(RuntimeError):
+    pass
+
+
+def save_state_dict(sd: Mapping[str, torch.Tensor], path: Path, metadata: Optional[Dict[str, str]] = None) -> None:
+    """Write ``sd`` as safetensors atomically. Tensors that share storage (tied embeddings)
+    are cloned so each key is stored: safetensors refuses aliased tensors."""
+    from safetensors.torch import save_file
+
+    seen: Dict[int, str] = {}
+    out: Dict[str, torch.Tensor] = {}
+    for k, v in sd.items():
+        t = v.detach()
+        ptr = t.untyped_storage().data_ptr() if t.numel() else -1
+        if ptr in seen and ptr != -1:
+            t = t.clone()
+        else:
+            seen[ptr] = k
+        out[k] = t.contiguous().cpu()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    save_file(out, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
+    tmp.replace(path)
+
+
+def read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
+    """safetensors, or a torch pickle loaded with weights_only=True (official .pth files)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    return obj
+
+
+def _matches(key: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(key, p) or key == p or key.startswith(p + ".") for p in patterns)
+
+
+def load_strict(module: nn.Module, sd: Mapping[str, torch.Tensor], allow_missing: Sequence[str] = (),
+                allow_unexpected: Sequence[str] = (), source: str = "state dict") -> Dict[str, list]:
+    """Load ``sd`` into ``module``; missing/unexpected keys and shape mismatches are errors
+    unless matched by the allow patterns (exact names, prefixes or fnmatch globs)."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shape = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+             for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    bad_missing = [k for k in missing if not _matches(k, allow_missing)]
+    bad_unexpected = [k for k in unexpected if not _matches(k, allow_unexpected)]
+    if bad_missing or bad_unexpected or shape:
+        lines = [f"cannot load {source} strictly:"]
+        if bad_missing:
+            lines.append(f"  missing keys ({len(bad_missing)}): {', '.join(bad_missing[:20])}"
+                         + (" ..." if len(bad_missing) > 20 else ""))
+        if bad_unexpected:
+            lines.append(f"  unexpected keys ({len(bad_unexpected)}): {', '.join(bad_unexpected[:20])}"
+                         + (" ..." if len(bad_unexpected) > 20 else ""))
+        if shape:
+            lines.append(f"  shape mismatches ({len(shape)}): {'; '.join(shape[:10])}")
+        lines.append("  fix: load the matching checkpoint, or allow the keys explicitly "
+                     "(e.g. init_allow_missing in the config)")
+        raise StateDictMismatch("\n".join(lines))
+    module.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
+    return {"missing": missing, "unexpected": unexpected}

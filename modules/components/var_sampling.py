@@ -1,0 +1,176 @@
+"""KV-cached next-scale sampling for `VARDecoder` (both condition modes).
+
+One step per scale k = 0..K-1 on a fused 2B batch (conditional rows first, unconditional rows
+second, as the official sampler):
+
+    x_chunk (2B, pn_k^2, C)  --step_hook?-->  blocks (KV cache)  -->  head  -->  logits (2B, l, V)
+    t = cfg * k / (K-1);  logits = (1 + t) * cond - t * uncond          (guidance ramps over scales)
+    / temperature -> top-k (keeps ties) -> top-p -> multinomial(generator)  -> idx (B, l)
+    f_hat += phi_k(bicubic_up(E[idx]));  next chunk = word_embed(area_down(f_hat)) + lvl/pos emb
+
+Why it is fast: the AdaLN parameters of every block and of the head depend only on the condition
+and are computed once (not once per scale); keys/values go into one preallocated buffer per block
+(no torch.cat re-allocation per scale); attention is F.scaled_dot_product_attention; the image is
+decoded once at the end, and not at all with decode=False.
+
+With the same generator state this reproduces the official `autoregressive_infer_cfg` draws
+(tests/test_var_parity.py), as long as temperature is 1.
+"""
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+StepHook = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+def sample_top_k_top_p(logits_BlV: torch.Tensor, top_k: int = 0, top_p: float = 0.0,
+                       generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Draw one index per row; modifies logits in place. top-k keeps every logit tied with the
+    k-th largest; top-p removes the smallest tokens whose ascending cumulative probability is
+    <= 1 - top_p (the largest always stays). Same operations as the official sampler, so the same
+    generator gives the same draws. Returns idx (B, l)."""
+    B, l, V = logits_BlV.shape
+    if top_k > 0:
+        kth_Bl1 = logits_BlV.topk(min(top_k, V), largest=True, sorted=False, dim=-1)[0].amin(dim=-1, keepdim=True)
+        logits_BlV.masked_fill_(logits_BlV < kth_Bl1, -torch.inf)
+    if top_p > 0:
+        sorted_logits, sorted_idx = logits_BlV.sort(dim=-1, descending=False)
+        remove_sorted = sorted_logits.softmax(dim=-1).cumsum_(dim=-1) <= (1 - top_p)
+        remove_sorted[..., -1:] = False
+        logits_BlV.masked_fill_(remove_sorted.scatter(sorted_idx.ndim - 1, sorted_idx, remove_sorted), -torch.inf)
+    probs_NV = logits_BlV.softmax(dim=-1).view(-1, V)
+    return torch.multinomial(probs_NV, num_samples=1, replacement=True, generator=generator).view(B, l)
+
+
+class KVCache:
+    """Preallocated keys/values for every block: (depth, N, H, L, head_dim) each."""
+
+    def __init__(self, depth: int, N: int, H: int, L: int, hd: int, device, dtype):
+        self.k = torch.empty(depth, N, H, L, hd, device=device, dtype=dtype)
+        self.v = torch.empty_like(self.k)
+        self.pos = 0  # tokens already stored
+
+    def slot(self, i: int):
+        return (self.k[i], self.v[i], self.pos)
+
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+
+def _conditions(var, B: int, cond, generator: Optional[torch.Generator], device) -> torch.Tensor:
+    """Fused (2B,) condition indices: conditional first half, unconditional second half."""
+    if var.cond_mode == "class":
+        if cond is None:  # random classes, drawn from the generator first (as the official sampler)
+            uniform = torch.full((1, var.num_classes), 1.0 / var.num_classes, device=device)
+            cond = torch.multinomial(uniform, num_samples=B, replacement=True, generator=generator).reshape(B)
+        elif isinstance(cond, int):
+            cond = torch.full((B,), var.num_classes if cond < 0 else cond, device=device, dtype=torch.long)
+        cond = torch.as_tensor(cond, device=device).long().reshape(B)
+    else:
+        cond = torch.zeros(B, dtype=torch.long, device=device) if cond is None else torch.as_tensor(cond, device=device).long().reshape(B)
+    return torch.cat((cond, torch.full_like(cond, var.null_cond)))
+
+
+@torch.no_grad()
+def sample_next_scale(
+    var: nn.Module,
+    B: int,
+    cond: Union[None, int, torch.Tensor] = None,
+    cfg: float = 1.5,
+    top_k: int = 0,
+    top_p: float = 0.0,
+    temperature: float = 1.0,
+    generator: Optional[torch.Generator] = None,
+    step_hook: Optional[StepHook] = None,
+    vqvae: Optional[nn.Module] = None,
+    decode: bool = True,
+    teacher_idx: Optional[Sequence[torch.Tensor]] = None,
+    logits_out: Optional[List[torch.Tensor]] = None,
+    use_cache: bool = True,
+) -> Tuple[List[torch.Tensor], Optional[torch.Tensor]]:
+    """Generate B images scale by scale. Returns (idx_list, img): idx_list[k] is (B, pn_k^2),
+    img (B, 3, H, W) in [0, 1] (None with decode=False).
+
+    cond: class mode: labels (B,) / one int for all (negative = null class) / None = random
+          classes from `generator`. External mode: condition indices for the first half (default
+          0 = conditional); the second half always uses the unconditional row.
+    cfg: guidance strength at the last scale; t = cfg * k / (K-1). The 2B batch always runs.
+    step_hook(k, x_chunk_2BlC) -> h_chunk_2BlC: replaces the block input of scale k (VARGPT:
+          the LLM consumes the front-end chunk with its own KV cache and returns its projected
+          states). Rows [:B] are conditional, [B:] unconditional. Called for every scale.
+    teacher_idx: use these indices instead of sampling (teacher forcing through the cache);
+          with logits_out (a list) the raw per-scale logits (2B, l, V) before guidance are appended.
+    use_cache=False: recompute the whole prefix every scale under the block-causal mask (a
+          benchmark baseline; same results).
+    """
+    vq = vqvae if vqvae is not None else var.vqvae
+    if vq is None:
+        raise ValueError("sampling needs the VQVAE: build_var(cfg, vqvae) / var.attach_vqvae(vqvae) or sample(..., vqvae=)")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    quant = vq.quantize
+    device = var.pos_1LC.device
+    dtype = var.pos_1LC.dtype
+    K = len(var.patch_nums)
+    HW = var.patch_nums[-1]
+
+    cond_2B = _conditions(var, B, cond, generator, device)
+    cond_BD = var.cond_embed(cond_2B)  # (2B, C): the SOS and the AdaLN condition
+    ada = var.block_conds(cond_BD)  # once for all scales
+    head_ada = var.head_nm.ada(cond_BD)
+    lvl_pos_1LC = var.lvl_pos()
+    first_l = var.first_l
+    x_chunk = (cond_BD.unsqueeze(1).expand(2 * B, first_l, -1) + var.pos_start.expand(2 * B, -1, -1)
+               + lvl_pos_1LC[:, :first_l])
+
+    cache = KVCache(var.depth, 2 * B, var.num_heads, var.L, var.C // var.num_heads, device, dtype) if use_cache else None
+    prefix: List[torch.Tensor] = []  # block inputs so far (use_cache=False only)
+    f_hat = torch.zeros(B, var.Cvae, HW, HW, device=device)
+    idx_list: List[torch.Tensor] = []
+    cur = 0
+    for si, pn in enumerate(var.patch_nums):
+        l = pn * pn
+        if step_hook is not None:
+            h = step_hook(si, x_chunk)
+            if tuple(h.shape) != tuple(x_chunk.shape):
+                raise ValueError(f"step_hook at scale {si} returned {tuple(h.shape)}, expected {tuple(x_chunk.shape)}")
+            x_chunk = h
+        if use_cache:
+            x = x_chunk
+            for i, blk in enumerate(var.blocks):
+                x = blk(x, ada[i], None, cache.slot(i))
+            cache.pos += l
+        else:
+            prefix.append(x_chunk)
+            x = torch.cat(prefix, dim=1)
+            mask = var.attn_bias_for_masking[:, :, : cur + l, : cur + l]
+            for i, blk in enumerate(var.blocks):
+                x = blk(x, ada[i], mask)
+            x = x[:, cur:]
+        cur += l
+        logits_2BlV = var.logits(x, cond_BD, head_ada)
+        if logits_out is not None:
+            logits_out.append(logits_2BlV.clone())
+
+        if teacher_idx is not None:
+            idx_Bl = teacher_idx[si].to(device)
+        else:
+            t = cfg * si / (K - 1) if K > 1 else cfg
+            logits_BlV = (1 + t) * logits_2BlV[:B] - t * logits_2BlV[B:]
+            if temperature != 1.0:
+                logits_BlV = logits_BlV / temperature
+            idx_Bl = sample_top_k_top_p(logits_BlV, top_k=top_k, top_p=top_p, generator=generator)
+        idx_list.append(idx_Bl)
+
+        h_BChw = quant.embedding(idx_Bl).transpose(1, 2).reshape(B, var.Cvae, pn, pn)
+        nxt_BChw = quant.next_ar_input(si, f_hat, h_BChw)
+        if nxt_BChw is not None:
+            nl = var.patch_nums[si + 1] ** 2
+            x_chunk = var.word_embed(nxt_BChw.flatten(2).transpose(1, 2)) + lvl_pos_1LC[:, cur:cur + nl]
+            x_chunk = x_chunk.repeat(2, 1, 1)  # same input for both halves of the guidance batch
+
+    img = vq.fhat_to_img(f_hat).add_(1).mul_(0.5) if decode else None
+    return idx_list, img

@@ -1,0 +1,72 @@
+"""What every stage's LightningModule shares: optimiser, schedule, step-rate logging.
+
+Stage modules stay thin: they say which parameters train and how the loss is mixed; the model
+itself is a plain nn.Module (``self.net``).
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Dict, List, Tuple
+
+import lightning as L
+import torch
+import torch.nn as nn
+
+from modules.optim import build_optimizer, build_scheduler, param_counts
+
+
+class StageModule(L.LightningModule):
+    """Base for stage LightningModules. Subclasses set ``self.net`` and implement
+    ``trainable_parameters()`` (names) and ``training_step``."""
+
+    def __init__(self, cfg: Any):
+        super().__init__()
+        self.cfg = cfg  # typed ExperimentConfig (not saved as hparams: MLflow gets it flattened)
+        self._t_last: float | None = None
+
+    # -- trainable set --------------------------------------------------------------------
+    def trainable_prefixes(self) -> Tuple[str, ...]:
+        """Parameter-name prefixes (relative to ``self.net``) that train in this stage."""
+        raise NotImplementedError
+
+    def apply_trainable_set(self) -> None:
+        """Freeze everything, then unfreeze exactly the declared prefixes; frozen submodules
+        go to eval mode so dropout/drop-path are off in them."""
+        prefixes = self.trainable_prefixes()
+        matched = set()
+        for name, p in self.net.named_parameters():
+            hit = [pre for pre in prefixes if name == pre or name.startswith(pre + ".")]
+            p.requires_grad_(bool(hit))
+            matched.update(hit)
+        missing = [p for p in prefixes if p not in matched]
+        if missing:
+            raise ValueError(f"{type(self).__name__}: trainable prefixes match no parameter: {missing}")
+
+    def trainable_parameter_names(self) -> List[str]:
+        return [n for n, p in self.net.named_parameters() if p.requires_grad]
+
+    def param_counts(self) -> Dict[str, int]:
+        total, trainable = param_counts(self.net)
+        return {"params_total": total, "params_trainable": trainable}
+
+    # -- optimisation ---------------------------------------------------------------------
+    def configure_optimizers(self):
+        o = self.cfg.optim
+        opt = build_optimizer(self.net, o.lr, o.weight_decay, o.betas, o.eps)
+        sched = build_scheduler(opt, self.cfg.trainer.max_steps, o.warmup_steps, o.warmup_ratio,
+                                o.min_lr_ratio, o.schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def log_throughput(self, n_samples: int, n_tokens: int = 0) -> None:
+        """samples/s and tokens/s over the interval since the previous training step."""
+        now = time.perf_counter()
+        if self._t_last is not None:
+            dt = max(now - self._t_last, 1e-9)
+            self.log("train/samples_per_s", n_samples / dt, on_step=True, on_epoch=False)
+            if n_tokens:
+                self.log("train/tokens_per_s", n_tokens / dt, on_step=True, on_epoch=False)
+        self._t_last = now
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self.trainer.optimizers:
+            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
