@@ -5,3 +5,4 @@ Importing this package registers every family, so config validation sees all nam
 """
 from modules.components.registry import REGISTRIES, Registry, UnknownComponentError  # noqa: F401
 from modules.components import projectors  # noqa: F401
+from modules.components import text_tokenizer, vision_encoders, llm  # noqa: F401,E402

@@ -26,7 +26,7 @@ LLMS = Registry("llm")
 
 # Config-only architectures. Keys are HF config kwargs; values from the public configs.
 LLAMA_PRESETS: Dict[str, Dict[str, Any]] = {
-    # The world's text LLM: about 1.3M parameters at a 1k vocabulary.
+    # The world's text LLM: 1,115,264 parameters at a 1024-token vocabulary.
     "tiny": dict(
         hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
         num_key_value_heads=4, max_position_embeddings=1024, rms_norm_eps=1e-5,
@@ -210,7 +210,12 @@ def resize_embeddings_mean(model: nn.Module, new_vocab: int, pad_to_multiple_of:
 
 
 def set_gradient_checkpointing(model: nn.Module, enabled: bool) -> None:
-    """Switch activation checkpointing (transformers 5 renamed it; the old name warns)."""
+    """Switch activation checkpointing (transformers 5 renamed it; the old name warns).
+
+    Checkpointed layers run only in train mode with grad enabled; pass ``use_cache=False`` in
+    training forwards (HF drops the cache there anyway, with a warning). Inference with a KV cache
+    is unaffected.
+    """
     if enabled:
         # use_reentrant=False: works with frozen inputs and with inputs_embeds (no grad on the
         # embedding output needed), and is torch's recommended mode.
@@ -219,7 +224,6 @@ def set_gradient_checkpointing(model: nn.Module, enabled: bool) -> None:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:  # transformers < 5
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        model.config.use_cache = False  # a KV cache is pointless (and warned about) while checkpointing
     elif hasattr(model, "activation_checkpointing_disable"):
         model.activation_checkpointing_disable()
     else:

@@ -21,15 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Dict, Iterable, List
 
+# The special-token strings live in one place, shared with the data pipeline (the collator
+# checks the tokenizer knows them); re-exported here for model code.
+from datamodules.tokens import GEN_END, GEN_PAD, GEN_START, IMAGE_TOKEN, SPECIAL_TOKENS  # noqa: F401
 from modules.components.registry import ComponentConfig, Registry
 
-# The special-token strings. datamodules defines the same constants; the lead will make one of
-# the two definitions import the other. Keep the strings identical to VARGPT's released code.
-IMAGE_TOKEN = "<image>"
-GEN_START = "<|image_gen_start|>"
-GEN_END = "<|image_gen_end|>"
-GEN_PAD = "<|image_gen_pad|>"
-VARGPT_SPECIAL_TOKENS: List[str] = [IMAGE_TOKEN, GEN_START, GEN_END, GEN_PAD]
+VARGPT_SPECIAL_TOKENS: List[str] = list(SPECIAL_TOKENS)  # [IMAGE, GEN_START, GEN_END, GEN_PAD]
 
 # Control tokens of the world tokenizer (LLaMA's spelling, so prompts look the same).
 WORLD_PAD, WORLD_BOS, WORLD_EOS = "<pad>", "<s>", "</s>"

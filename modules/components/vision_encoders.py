@@ -86,6 +86,9 @@ class VisionEncoderConfig(ComponentConfig):
     image_mean: List[float] = field(default_factory=list)
     image_std: List[float] = field(default_factory=list)
     attn_implementation: str = "sdpa"  # hf_*: sdpa | eager
+    # Weight dtype. A frozen tower in bfloat16 halves its memory (LLaVA keeps CLIP in the
+    # training dtype); forward casts pixel values to it.
+    dtype: str = "float32"  # float32 | bfloat16 | float16
 
 
 class ImageTransform:
@@ -377,5 +380,15 @@ def _tiny_vit(cfg: VisionEncoderConfig) -> VisionEncoder:
     return _timm_encoder(model, cfg, HALF, HALF)
 
 
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def build_vision_encoder(cfg: VisionEncoderConfig) -> VisionEncoder:
-    return VISION_ENCODERS.build(cfg)
+    """Build the encoder named by ``cfg``; works under ``with torch.device("meta")`` when no
+    pretrained_path is given."""
+    if cfg.dtype not in _DTYPES:
+        raise ValueError(f"vision_encoder.dtype must be one of {', '.join(_DTYPES)}, got {cfg.dtype!r}")
+    if cfg.attn_implementation not in ("sdpa", "eager"):
+        raise ValueError(f"vision_encoder.attn_implementation must be sdpa or eager, got {cfg.attn_implementation!r}")
+    encoder = VISION_ENCODERS.build(cfg)
+    return encoder.to(_DTYPES[cfg.dtype])
