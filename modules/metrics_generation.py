@@ -29,7 +29,7 @@ import json
 import os
 import re
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Protocol, Tuple, Union
 
@@ -40,7 +40,8 @@ from torch import Tensor
 
 INCEPTION_WEIGHTS_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_WEIGHTS_URL = (
-    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_WEIGHTS_FILENAME
+    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
+    + INCEPTION_WEIGHTS_FILENAME
 )
 EXTRACTORS = ("inception", "world")
 _CACHE_FORMAT = 1  # bump when the cached file layout or the feature pipeline changes
@@ -196,12 +197,13 @@ def missing_inception_weights_message(path: str) -> str:
     shown = path or "<empty>"
     target = path or f"/path/to/{INCEPTION_WEIGHTS_FILENAME}"
     return (
-        f"Inception weights file not found: {shown} (config key gen_metrics.inception_weights_path). "
-        f"The standard FID/IS Inception weights are never downloaded at run time. Get torch-fidelity's "
-        f"converted TF-Inception file once on a machine with network access:\n"
+        f"Inception weights file not found: {shown} "
+        f"(config key gen_metrics.inception_weights_path). The standard FID/IS Inception weights "
+        f"are never downloaded at run time. Get torch-fidelity's converted TF-Inception file once "
+        f"on a machine with network access:\n"
         f"    curl -L -o {target} {INCEPTION_WEIGHTS_URL}\n"
-        f"(the same file torch-fidelity fetches into ~/.cache/torch/hub/checkpoints/), copy it here and "
-        f"set gen_metrics.inception_weights_path to its path. For the embedded world use "
+        f"(the same file torch-fidelity fetches into ~/.cache/torch/hub/checkpoints/), copy it "
+        f"here and set gen_metrics.inception_weights_path to its path. For the embedded world use "
         f"gen_metrics.extractor=world instead."
     )
 
@@ -296,7 +298,8 @@ class WorldExtractor(GenFeatureExtractor):
                 dim = int(classifier.features(probe).shape[-1])
         if feature_dim and int(dim) != feature_dim:
             raise ValueError(
-                f"gen_metrics.feature_dim={feature_dim} but the world classifier gives {dim}-d features"
+                f"gen_metrics.feature_dim={feature_dim} but the world classifier gives "
+                f"{dim}-d features"
             )
         self.num_features = int(dim)
         self.fingerprint = json.dumps(
@@ -310,7 +313,8 @@ class WorldExtractor(GenFeatureExtractor):
         unknown = [h for h in heads if h not in logits]
         if unknown:
             raise KeyError(
-                f"gen_metrics.is_heads names {unknown}, but the classifier's heads are {sorted(logits)}"
+                f"gen_metrics.is_heads names {unknown}, but the classifier's heads are "
+                f"{sorted(logits)}"
             )
         joint_NK = None
         for h in heads:
@@ -343,7 +347,9 @@ def build_feature_extractor(
                 f"gen_metrics.feature_dim={cfg.feature_dim}: the inception extractor gives 2048-d "
                 f"pool features (set 0 or 2048)"
             )
-        return InceptionExtractor(cfg.inception_weights_path, cfg.resolution, cfg.inception_antialias)
+        return InceptionExtractor(
+            cfg.inception_weights_path, cfg.resolution, cfg.inception_antialias
+        )
     if cfg.extractor == "world":
         if world_classifier is None:
             raise ValueError(
@@ -351,7 +357,9 @@ def build_feature_extractor(
                 "world_classifier= (built from gen_metrics.world_classifier_path by the caller)"
             )
         return WorldExtractor(world_classifier, cfg.resolution, cfg.feature_dim, cfg.is_heads)
-    raise ValueError(f"gen_metrics.extractor: unknown {cfg.extractor!r}; valid: {', '.join(EXTRACTORS)}")
+    raise ValueError(
+        f"gen_metrics.extractor: unknown {cfg.extractor!r}; valid choices: {', '.join(EXTRACTORS)}"
+    )
 
 
 def _slug(s: str) -> str:
@@ -407,7 +415,9 @@ class GenerationMetrics(nn.Module):
         self.reals_from_cache: Optional[bool] = None
 
     # ----- real statistics -------------------------------------------------------------
-    def real_stats_key(self, dataset: Optional[str] = None, split: Optional[str] = None) -> Dict[str, Any]:
+    def real_stats_key(
+        self, dataset: Optional[str] = None, split: Optional[str] = None
+    ) -> Dict[str, Any]:
         return {
             "format": _CACHE_FORMAT,
             "dataset": self.cfg.real_dataset if dataset is None else dataset,
@@ -517,7 +527,10 @@ class GenerationMetrics(nn.Module):
     def compute(self) -> Dict[str, Tensor]:
         if not self.reals_ready:
             raise RuntimeError("GenerationMetrics.compute(): call prepare_reals() first")
-        is_mean, is_std = self.inception_score.compute()
+        with warnings.catch_warnings():
+            # is_splits=1 has no spread: std is NaN by definition, torch warns about it.
+            warnings.filterwarnings("ignore", message=".*degrees of freedom.*")
+            is_mean, is_std = self.inception_score.compute()
         return {"fid": self.fid.compute(), "is_mean": is_mean, "is_std": is_std}
 
     def reset(self) -> None:
@@ -526,11 +539,13 @@ class GenerationMetrics(nn.Module):
 
     def protocol(self) -> Dict[str, Any]:
         """What produced the numbers; log it beside every FID/IS result."""
-        cfg = asdict(self.cfg)
         return {
             "extractor": json.loads(self.extractor.fingerprint),
-            "inception_weights_path": cfg["inception_weights_path"] if self.extractor.kind == "inception" else "",
-            "world_classifier_path": cfg["world_classifier_path"] if self.extractor.kind == "world" else "",
+            "weights_path": (
+                self.cfg.inception_weights_path
+                if self.extractor.kind == "inception"
+                else self.cfg.world_classifier_path
+            ),
             "feature_dim": self.extractor.num_features,
             "resolution": self.cfg.resolution,
             "resize": "bilinear-antialias" if self.cfg.resolution > 0 else "none",
@@ -544,5 +559,8 @@ class GenerationMetrics(nn.Module):
         }
 
 
-def build_gen_metrics(cfg: GenMetricsConfig, world_classifier: Optional[nn.Module] = None) -> GenerationMetrics:
+def build_gen_metrics(
+    cfg: GenMetricsConfig, world_classifier: Optional[nn.Module] = None
+) -> GenerationMetrics:
+    """GenerationMetrics with the extractor cfg.extractor names (see build_feature_extractor)."""
     return GenerationMetrics(cfg, build_feature_extractor(cfg, world_classifier))
