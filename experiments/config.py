@@ -279,11 +279,9 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> LoadedConfig
     validate_components(typed, layers)
     try:
         validate_data_config(typed.data)
+        typed.model.validate()
     except ValueError as e:
         raise ConfigError(f"{_rel(Path(path))} (merged): {e}") from None
-    post = getattr(typed.model, "validate", None)
-    if callable(post):
-        post()
     return LoadedConfig(typed, merged, layers, _rel(Path(path)))
 
 

@@ -2,19 +2,89 @@
 
 Each part of the composed model is a component family (modules/components/*), chosen by
 ``name`` and sized by its own typed config. Widths that follow from other parts (a projector's
-in/out dims) are filled in when the model is built, so YAML files state each size once.
+in/out dims, the VAR decoder's codebook size) are filled in when the model is built, so a YAML
+states each size once.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import List
 
+from modules.components.classifier import ClassifierConfig
+from modules.components.llm import LLMConfig
 from modules.components.projectors import ProjectorConfig
+from modules.components.text_tokenizer import TokenizerConfig
+from modules.components.var_decoder import VARConfig
+from modules.components.vision_encoders import VisionEncoderConfig
+from modules.components.vqvae import VQVAEConfig
+
+# Submodule names of the composed model (modules/vargpt.py): what `load[].into` and the stages'
+# trainable sets refer to.
+SUBMODULES = ("vision", "und_proj", "llm", "gen_in", "gen_out", "vqvae", "var")
+LOAD_FORMATS = ("native", "official_var", "official_vqvae", "llava")
+CFG_UNCOND = ("null_prompt", "noise")
+MIXED_BATCHES = ("per_sample", "released")
+
+
+@dataclass
+class LoadSpec:
+    """One weights file to load into (part of) the model, strictly.
+
+    format: native          our own names (a model.safetensors from experiments.run, or a
+                            component's state dict when `into` is set)
+            official_var    FoundationVision/VAR var_d*.pth (into: var); class embedding ->
+                            external condition embedding is allowed automatically
+            official_vqvae  vae_ch160v4096z32.pth (into: vqvae)
+            llava           a LLaVA-1.5 checkpoint's LLM + mm_projector keys (into: "")
+    keys: only load these submodules from the file (e.g. [llm, vision, und_proj]); [] = all.
+    """
+
+    path: str = ""
+    into: str = ""  # "" = the whole model; else one of SUBMODULES
+    format: str = "native"
+    keys: List[str] = field(default_factory=list)
+    allow_missing: List[str] = field(default_factory=list)
+    allow_unexpected: List[str] = field(default_factory=list)
 
 
 @dataclass
 class ModelConfig:
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    vision: VisionEncoderConfig = field(default_factory=VisionEncoderConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
     # vision features -> LLM embeddings (LLaVA-1.5: mlp2x_gelu)
     und_projector: ProjectorConfig = field(default_factory=lambda: ProjectorConfig(name="mlp", depth=2))
     # VAR front-end states -> LLM embeddings, and LLM states -> VAR block inputs
     gen_in_projector: ProjectorConfig = field(default_factory=lambda: ProjectorConfig(name="mlp", depth=2))
     gen_out_projector: ProjectorConfig = field(default_factory=lambda: ProjectorConfig(name="mlp", depth=2))
+    vqvae: VQVAEConfig = field(default_factory=VQVAEConfig)
+    var: VARConfig = field(default_factory=lambda: VARConfig(cond_mode="external"))
+    # Not part of VARGPT: the world's reference classifier (stage 0), used by evaluation.
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    # Weights loaded after building, in order (a later file overwrites an earlier one).
+    load: List[LoadSpec] = field(default_factory=list)
+
+    # Loss mix: loss = loss_text + w_img * loss_img (VARGPT v1: 1, v1.1: 3)
+    w_img: float = 1.0
+    # Released-behaviour switches (DESIGN §1); defaults are the corrected behaviour.
+    cfg_uncond: str = "null_prompt"  # null_prompt (trained unconditional branch) | noise (released)
+    mixed_batches: str = "per_sample"  # per_sample | released (if/elif: understanding wins)
+    # Stage 2 also trains the understanding projector (the paper's figure) when true.
+    train_und_projector: bool = False
+
+    def validate(self) -> None:
+        for i, spec in enumerate(self.load):
+            where = f"model.load[{i}]"
+            if spec.into and spec.into not in SUBMODULES:
+                raise ValueError(f"{where}.into={spec.into!r}; valid: '' (whole model), {', '.join(SUBMODULES)}")
+            if spec.format not in LOAD_FORMATS:
+                raise ValueError(f"{where}.format={spec.format!r}; valid: {', '.join(LOAD_FORMATS)}")
+            bad = [k for k in spec.keys if k not in SUBMODULES]
+            if bad:
+                raise ValueError(f"{where}.keys has {bad}; valid: {', '.join(SUBMODULES)}")
+            if not spec.path:
+                raise ValueError(f"{where}.path is empty")
+        if self.cfg_uncond not in CFG_UNCOND:
+            raise ValueError(f"model.cfg_uncond={self.cfg_uncond!r}; valid: {', '.join(CFG_UNCOND)}")
+        if self.mixed_batches not in MIXED_BATCHES:
+            raise ValueError(f"model.mixed_batches={self.mixed_batches!r}; valid: {', '.join(MIXED_BATCHES)}")

@@ -6,3 +6,5 @@ Importing this package registers every family, so config validation sees all nam
 from modules.components.registry import REGISTRIES, Registry, UnknownComponentError  # noqa: F401
 from modules.components import projectors  # noqa: F401
 from modules.components import text_tokenizer, vision_encoders, llm  # noqa: F401,E402
+from modules.components import classifier  # noqa: F401,E402
+from modules.components import vqvae, var_decoder  # noqa: F401,E402

@@ -42,6 +42,14 @@ def sample_top_k_top_p(logits_BlV: torch.Tensor, top_k: int = 0, top_p: float = 
         remove_sorted[..., -1:] = False
         logits_BlV.masked_fill_(remove_sorted.scatter(sorted_idx.ndim - 1, sorted_idx, remove_sorted), -torch.inf)
     probs_NV = logits_BlV.softmax(dim=-1).view(-1, V)
+    if isinstance(generator, (list, tuple)):
+        # One generator per row: a row's draws do not depend on its batch-mates, so a batched
+        # call reproduces one-by-one calls with the same per-sample seeds.
+        if len(generator) != B:
+            raise ValueError(f"{len(generator)} generators for a batch of {B}")
+        probs_BlV = probs_NV.view(B, l, V)
+        return torch.stack([torch.multinomial(probs_BlV[b], num_samples=1, replacement=True, generator=g).view(l)
+                            for b, g in enumerate(generator)])
     return torch.multinomial(probs_NV, num_samples=1, replacement=True, generator=generator).view(B, l)
 
 

@@ -18,5 +18,36 @@ def _debug(cfg):
     return build(cfg)
 
 
+def _vargpt(name):
+    def builder(cfg):
+        from modules.stages import vargpt_stages
+
+        return vargpt_stages.build(name, cfg)
+
+    builder.__name__ = f"build_{name}"
+    return builder
+
+
+# The VARGPT stages (modules/stages/vargpt_stages.py); llava_* are the LLaVA-1.5 steps that give
+# the embedded world the understanding start VARGPT assumes (and the understanding-only baseline).
+for _name in ("llava_align", "llava_sft", "stage1", "stage2", "stage3"):
+    STAGES.register(_name)(_vargpt(_name))
+
+
 def build_stage(cfg):
     return STAGES.get(cfg.stage, where="stage")(cfg)
+
+
+# Stage 0 of the embedded world: the tiny stand-ins for the pretrained parts (modules/stages/bases.py).
+def _base(name):
+    def builder(cfg):
+        from modules.stages import bases
+
+        return getattr(bases, f"build_{name}")(cfg)
+
+    builder.__name__ = f"build_{name}"
+    return builder
+
+
+for _name in ("base_vqvae", "base_var", "base_classifier", "base_vision", "base_llm"):
+    STAGES.register(_name)(_base(_name))

@@ -1,0 +1,108 @@
+"""The composed model: per-sample insertion, switches, KV-cached inference."""
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from modules.vargpt import VARGPT
+from tests.tiny import collator_for, gen_sample, tiny_model_config, und_sample
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    torch.manual_seed(0)
+    net = VARGPT(tiny_model_config(tmp_path_factory.mktemp("tiny")))
+    net.eval()
+    return net
+
+
+def _samples():
+    return [und_sample("u0"), gen_sample("g0"), und_sample("u1", q="How many squares?", a="two", colour=(20, 200, 20)),
+            gen_sample("g1", instr="I need an image of two blue squares.", colour=(200, 200, 20))]
+
+
+def test_mixed_batch_equals_each_sample_alone(tiny):
+    col = collator_for(tiny)
+    samples = _samples()
+    with torch.no_grad():
+        mixed = tiny(col(samples))
+        alone = [tiny(col([s])) for s in samples]
+    assert mixed["loss_text_per_sample"].shape == (4,)
+    for i, out in enumerate(alone):
+        torch.testing.assert_close(mixed["loss_text_per_sample"][i], out["loss_text_per_sample"][0], atol=1e-5, rtol=1e-5)
+    gen_alone = torch.stack([alone[1]["loss_img_per_target"][0], alone[3]["loss_img_per_target"][0]])
+    torch.testing.assert_close(mixed["loss_img_per_target"], gen_alone, atol=1e-5, rtol=1e-5)
+    assert mixed["acc_img_scale"].shape == (len(tiny.patch_nums),)
+
+
+def test_released_mixed_batches_drop_generation(tiny):
+    col = collator_for(tiny)
+    batch = col(_samples())
+    tiny.cfg.mixed_batches = "released"
+    try:
+        with torch.no_grad():
+            out = tiny(batch)
+            only_gen = tiny(col([gen_sample("g")]))
+    finally:
+        tiny.cfg.mixed_batches = "per_sample"
+    assert int(out["n_img_tokens"]) == 0 and float(out["loss_img"]) == 0.0  # if/elif: generation never trains
+    assert int(only_gen["n_img_tokens"]) == tiny.L  # a generation-only batch still does
+
+
+def test_text_loss_on_all_tokens_supervises_the_prompt(tiny):
+    g = [gen_sample("g0")]
+    answers = collator_for(tiny)(g)
+    all_tok = collator_for(tiny, text_loss_on="all_tokens")(g)
+    n_ans = int((answers["labels"] != -100).sum())
+    n_all = int((all_tok["labels"] != -100).sum())
+    assert n_ans == 1 + 1  # <|image_gen_start|> and the EOS after the span
+    assert n_all > 10 * n_ans
+    with torch.no_grad():
+        assert not torch.isclose(tiny(answers)["loss_text"], tiny(all_tok)["loss_text"])
+
+
+def test_prompt_dropout_uses_null_prompt_and_uncond_row(tiny):
+    col = collator_for(tiny, prompt_dropout=0.999, seed=1)
+    b = col([gen_sample("g0")])
+    assert bool(b["gen_uncond"].all())
+    text = tiny.tokenizer.decode(b["input_ids"][0], skip_special_tokens=True)
+    assert "red circle" not in text
+    with torch.no_grad():
+        cond = tiny(collator_for(tiny)([gen_sample("g0")]))
+        unc = tiny(b)
+    assert not torch.isclose(cond["loss_img"], unc["loss_img"])
+
+
+def test_answer_with_kv_cache_equals_without(tiny):
+    ims = [Image.new("RGB", (32, 32), (200, 30, 30)), Image.new("RGB", (32, 32), (20, 30, 230)), None]
+    qs = ["What colour is the circle?", "How many squares are there?", "Describe a circle."]
+    a = tiny.answer(ims, qs, max_new_tokens=6, use_cache=True)
+    b = tiny.answer(ims, qs, max_new_tokens=6, use_cache=False)
+    assert a == b and len(a) == 3
+    one = tiny.answer(ims[1:2], qs[1:2], max_new_tokens=6)
+    assert one[0] == a[1]  # batching (left padding) does not change an answer
+
+
+def test_generate_image_batched_equals_one_by_one(tiny):
+    prompts = ["Draw a red circle on the left.", "I need an image of two blue squares.", "Paint a cross."]
+    imgs, idx = tiny.generate_image(prompts, cfg=2.0, top_k=8, seed=[11, 12, 13], return_indices=True)
+    assert imgs.shape == (3, 3, 16, 16) and 0.0 <= float(imgs.min()) and float(imgs.max()) <= 1.0
+    for i, p in enumerate(prompts):
+        im1, idx1 = tiny.generate_image([p], cfg=2.0, top_k=8, seed=[11 + i], return_indices=True)
+        for k in range(len(idx)):
+            assert torch.equal(idx[k][i], idx1[k][0]), f"prompt {i} scale {k}"
+        torch.testing.assert_close(imgs[i], im1[0], atol=1e-5, rtol=1e-5)
+
+
+def test_cfg_uncond_noise_changes_sampling(tiny):
+    p = ["Draw a red circle on the left."] * 2
+    _, a = tiny.generate_image(p, cfg=4.0, top_k=8, seed=[5, 6], return_indices=True)
+    tiny.cfg.cfg_uncond = "noise"
+    try:
+        _, b = tiny.generate_image(p, cfg=4.0, top_k=8, seed=[5, 6], return_indices=True)
+    finally:
+        tiny.cfg.cfg_uncond = "null_prompt"
+    assert any(not torch.equal(x, y) for x, y in zip(a[1:], b[1:]))
+    _, c = tiny.generate_image(p, cfg=4.0, top_k=8, seed=[5, 6], return_indices=True)
+    assert all(torch.equal(x, y) for x, y in zip(a, c))  # same seeds, same switch: same images
