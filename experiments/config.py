@@ -90,6 +90,9 @@ class ExperimentConfig:
     # only the parameters listed in init_allow_missing may be absent from the file.
     init_from: str = ""
     init_allow_missing: List[str] = field(default_factory=list)
+    # Free-form path variables for interpolation, e.g. `paths: {llava: /ckpt/llava-v1.5-7b}` and
+    # `model.load: [{path: "${paths.llava}", format: llava}]`: one place to point a recipe at disk.
+    paths: Dict[str, str] = field(default_factory=dict)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

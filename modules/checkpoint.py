@@ -41,8 +41,17 @@ def save_state_dict(sd: Mapping[str, torch.Tensor], path: Path, metadata: Option
 
 
 def read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
-    """safetensors, or a torch pickle loaded with weights_only=True (official .pth files)."""
+    """safetensors, or a torch pickle loaded with weights_only=True (official .pth files).
+    A directory means every shard in it (HF layout: *.safetensors, else pytorch_model*.bin)."""
     path = Path(path)
+    if path.is_dir():
+        shards = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
+        if not shards:
+            raise FileNotFoundError(f"no *.safetensors or pytorch_model*.bin weights in directory {path}")
+        out: Dict[str, torch.Tensor] = {}
+        for shard in shards:
+            out.update(read_state_dict(shard))
+        return out
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":

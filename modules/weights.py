@@ -64,7 +64,7 @@ def apply_load_spec(model: nn.Module, spec: LoadSpec, root: Path) -> None:
     """Load one `model.load` entry into `model` (a VARGPT) strictly."""
     path = Path(spec.path)
     path = path if path.is_absolute() else root / path
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"model.load: weights file not found: {path} (format {spec.format}, into "
                                 f"{spec.into or 'the whole model'}); check the path or build it first")
     sd = read_state_dict(path)

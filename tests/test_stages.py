@@ -107,3 +107,24 @@ def test_three_stages_chain_end_to_end(tiny_world, tmp_path, tracking_uri):
             assert "train/loss_img" in m
         assert int(run.data.params["params/trainable"]) < int(run.data.params["params/total"])
     assert "val/loss_img" in run.data.metrics  # stage 3 validated on the held-out generation shard
+
+
+def test_infer_cli_answers_and_draws(tiny_world, tmp_path, tracking_uri, capsys):
+    from experiments.infer import main
+    from experiments.run import fit
+
+    root, tok = tiny_world
+    loaded = load_config(REPO_ROOT / "experiments/tiny/stage1.yaml", [
+        f"model.tokenizer.path={tok}", f"data.root={root}", f"output_dir={tmp_path / 's1'}",
+        f"logging.tracking_uri={tracking_uri}", "trainer.max_steps=1"])
+    fit(loaded)
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), (200, 20, 20)).save(tmp_path / "q.png")
+    out = tmp_path / "gen.png"
+    assert main([str(tmp_path / "s1"), "--image", str(tmp_path / "q.png"), "--question", "What colour?",
+                 "--max-new-tokens", "3", "--prompt", "draw a red circle", "--prompt", "two blue squares",
+                 "--out", str(out), "--top-k", "5"]) == 0
+    printed = capsys.readouterr().out
+    assert "Q: What colour?" in printed and "A:" in printed and out.is_file()
+    assert Image.open(out).size[1] == 16 + 2 * 2  # one row of 16 px images with 2 px padding

@@ -277,7 +277,7 @@ class VARDecoder(nn.Module):
         self.lvl_embed = nn.Embedding(len(self.patch_nums), C)
         # 3. blocks
         self.shared_ada_lin = nn.Sequential(nn.SiLU(), SharedAdaLin(C, 6 * C)) if cfg.shared_aln else nn.Identity()
-        dpr = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+        dpr = torch.linspace(0, cfg.drop_path_rate, cfg.depth, device="cpu").tolist()  # python floats, also under a meta device
         self.blocks = nn.ModuleList([
             AdaLNSelfAttn(C, cfg.num_heads, cfg.mlp_ratio, cfg.drop_rate, cfg.attn_drop_rate, dpr[i],
                           cfg.norm_eps, cfg.shared_aln, cfg.attn_l2_norm)
