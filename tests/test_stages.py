@@ -76,7 +76,7 @@ def tiny_world(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tinyworld")
     generate_split(str(root / "train"), "train", {"caption": 16, "vqa": 16, "gen": 24}, seed=0, size=32, shard_size=8)
-    generate_split(str(root / "val"), "val", {"gen": 8}, seed=0, size=32)
+    generate_split(str(root / "val"), "val", {"gen": 8, "vqa": 8}, seed=0, size=32)
     tok = tiny_tokenizer_dir(root)
     return root, tok
 
@@ -87,11 +87,17 @@ def test_three_stages_chain_end_to_end(tiny_world, tmp_path, tracking_uri):
 
     from experiments.run import fit
 
+    from modules.checkpoint import save_state_dict
+    from modules.components.classifier import ClassifierConfig, build_classifier
+
     root, tok = tiny_world
+    clf = tmp_path / "classifier.safetensors"  # an untrained reference classifier: metrics run, values arbitrary
+    save_state_dict(build_classifier(ClassifierConfig(image_size=16)).state_dict(), clf)
     prev = None
     for stage in ("stage1", "stage2", "stage3"):
         over = [f"model.tokenizer.path={tok}", f"data.root={root}", f"output_dir={tmp_path / stage}",
-                f"logging.tracking_uri={tracking_uri}", f"logging.artifact_root={tmp_path / 'art'}"]
+                f"logging.tracking_uri={tracking_uri}", f"logging.artifact_root={tmp_path / 'art'}",
+                f"eval.classifier_path={clf}", f"eval.cache_dir={tmp_path / 'cache'}", "model.classifier.image_size=16"]
         if prev is not None:
             over.append(f"init_from={prev}")
         loaded = load_config(REPO_ROOT / f"experiments/tiny/{stage}.yaml", over)
@@ -106,7 +112,14 @@ def test_three_stages_chain_end_to_end(tiny_world, tmp_path, tracking_uri):
         if stage != "stage2":
             assert "train/loss_img" in m
         assert int(run.data.params["params/trainable"]) < int(run.data.params["params/total"])
-    assert "val/loss_img" in run.data.metrics  # stage 3 validated on the held-out generation shard
+    m = run.data.metrics  # stage 3 validated on held-out shards, with the in-loop evaluation
+    assert "val/loss_img" in m
+    for key in ("val/vqa_accuracy", "val/vqa_prior_baseline", "val/vqa_blind_baseline", "val/fid",
+                "val/inception_score", "val/gen_attribute_accuracy", "val/gen_attr_all"):
+        assert key in m, key
+    assert 0.0 <= m["val/vqa_accuracy"] <= 1.0 and m["val/fid"] >= 0.0
+    arts = [a.path for a in client.list_artifacts(run.info.run_id, "eval")]
+    assert any(a.endswith(".png") for a in arts) and any("vqa_rows" in a for a in arts)
 
 
 def test_infer_cli_answers_and_draws(tiny_world, tmp_path, tracking_uri, capsys):

@@ -76,6 +76,82 @@ class VARGPTStage(StageModule):
             self.log("val/acc_img", out["acc_img"], batch_size=B, add_dataloader_idx=False)
 
 
+    # -------------------------------------------------------------- in-loop evaluation
+    def on_validation_epoch_end(self) -> None:
+        """VQA accuracy on a fixed question subset and FID / IS / attribute accuracy on a fixed
+        prompt set (eval.*), every time validation runs; a grid and a table go to MLflow."""
+        e = self.cfg.eval
+        if self.trainer.sanity_checking or not (e.vqa_shards or e.gen_shards):
+            return
+        if not self.trainer.is_global_zero:
+            return
+        from modules import evaluation as ev
+
+        root = self._data_root()
+        step = self.global_step
+        was_training = self.net.training
+        self.net.eval()
+        try:
+            if e.vqa_shards:
+                if getattr(self, "_vqa_set", None) is None:
+                    self._vqa_set = list(ev.iter_records(e.vqa_shards, root, e.num_vqa))
+                r = ev.evaluate_vqa(self.net, self._vqa_set, e)
+                self._log_scalars({"val/vqa_accuracy": r["vqa_accuracy"], "val/vqa_prior_baseline": r["vqa_prior_baseline"],
+                                   **({"val/vqa_blind_baseline": r["vqa_blind_baseline"]} if "vqa_blind_baseline" in r else {}),
+                                   **{f"val/vqa_{k}": v for k, v in r["vqa_per_type"].items()}})
+                self._log_json(f"eval/vqa_rows_step{step:06d}.json", r["vqa_rows"])
+            if e.gen_shards:
+                if getattr(self, "_gen_set", None) is None:
+                    self._gen_set = list(ev.iter_records(e.gen_shards, root, e.num_gen))
+                    self._classifier = ev.load_world_classifier(str(self._path(e.classifier_path)), self.cfg.model) \
+                        if e.classifier_path else None
+                r = ev.evaluate_generation(self.net, self._gen_set, e, self._classifier,
+                                           real_key=f"{e.gen_shards}@{root}")
+                self._log_scalars({f"val/{k}": v for k, v in r.items()
+                                   if isinstance(v, float) and (k.startswith("gen_attr") or k in ("fid", "inception_score"))})
+                self._log_grid(f"eval/samples_step{step:06d}.png", r["gen_images"][: e.grid_images], r["gen_prompts"])
+        finally:
+            self.net.train(was_training)
+            if was_training:
+                _eval_frozen(self.net)
+
+    def _data_root(self) -> str:
+        from experiments.config import resolve_path
+
+        return str(resolve_path(self.cfg.data.root)) if self.cfg.data.root else ""
+
+    @staticmethod
+    def _path(p: str):
+        from experiments.config import resolve_path
+
+        return resolve_path(p)
+
+    def _log_scalars(self, metrics: Dict[str, float]) -> None:
+        for k, v in metrics.items():
+            self.log(k, float(v), on_step=False, on_epoch=True, rank_zero_only=True)
+
+    def _mlflow(self):
+        lg = self.logger
+        return lg if lg is not None and hasattr(lg, "run_id") and hasattr(lg, "experiment") else None
+
+    def _log_json(self, name: str, obj: Any) -> None:
+        lg = self._mlflow()
+        if lg is not None:
+            lg.experiment.log_dict(lg.run_id, obj, name)
+
+    def _log_grid(self, name: str, images: torch.Tensor, prompts) -> None:
+        lg = self._mlflow()
+        if lg is None or len(images) == 0:
+            return
+        from torchvision.utils import make_grid
+
+        grid = make_grid(images, nrow=min(8, len(images)), padding=2, pad_value=1.0)
+        arr = (grid.permute(1, 2, 0).clamp(0, 1).numpy() * 255).astype("uint8")
+        lg.experiment.log_image(lg.run_id, arr, artifact_file=name)
+        lg.experiment.log_text(lg.run_id, "\n".join(f"{i}: {p}" for i, p in enumerate(prompts[: len(images)])),
+                               name.replace(".png", "_prompts.txt"))
+
+
 def _eval_frozen(module: nn.Module) -> None:
     """Put every subtree without a trainable parameter in eval mode."""
     for child in module.children():
