@@ -141,3 +141,41 @@ def test_infer_cli_answers_and_draws(tiny_world, tmp_path, tracking_uri, capsys)
     printed = capsys.readouterr().out
     assert "Q: What colour?" in printed and "A:" in printed and out.is_file()
     assert Image.open(out).size[1] == 16 + 2 * 2  # one row of 16 px images with 2 px padding
+
+
+def test_evaluate_cli_writes_report_with_protocol(tiny_world, tmp_path, tracking_uri, monkeypatch):
+    import json
+
+    from experiments.evaluate import main
+    from experiments.run import fit
+    from modules.checkpoint import save_state_dict
+    from modules.components.classifier import ClassifierConfig, build_classifier
+
+    root, tok = tiny_world
+    clf = tmp_path / "clf.safetensors"
+    save_state_dict(build_classifier(ClassifierConfig(image_size=16)).state_dict(), clf)
+    loaded = load_config(REPO_ROOT / "experiments/tiny/stage3.yaml", [
+        f"model.tokenizer.path={tok}", f"data.root={root}", f"output_dir={tmp_path / 's3'}", "init_from=''",
+        f"logging.tracking_uri={tracking_uri}", "trainer.max_steps=1", "trainer.val_every_n_steps=0",
+        "model.classifier.image_size=16"])
+    fit(loaded)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+    out = tmp_path / "report.json"
+    rc = main([str(tmp_path / "s3"), "--out", str(out), f"eval.classifier_path={clf}", f"eval.cache_dir={tmp_path / 'c'}",
+               "eval.num_gen=4", "--real-baseline", "train/gen-*.tar"])
+    assert rc == 0
+    rep = json.loads(out.read_text())
+    for k in ("vqa_accuracy", "vqa_blind_baseline", "vqa_prior_baseline", "gen_attribute_accuracy", "fid",
+              "inception_score"):
+        assert k in rep, k
+    assert rep["real_vs_real"]["n"] == 4 and rep["real_vs_real"]["fid"] >= 0
+    p = rep["protocol"]
+    assert p["num_gen"] == 4 and p["seed"] == 0 and p["extractor"] == "world" and p["resolution"] == 16
+    gp = rep["gen_metrics_protocol"]
+    assert gp["num_fake_images"] == 4 and gp["num_real_images"] == 4 and gp["extractor"]  # extractor + weights hash
+    assert out.with_suffix(".png").is_file()
+    import mlflow
+
+    c = mlflow.MlflowClient(tracking_uri)
+    (run,) = c.search_runs([c.get_experiment_by_name("vargpt-eval").experiment_id])
+    assert "eval/fid" in run.data.metrics and "eval/vqa_accuracy" in run.data.metrics

@@ -1,0 +1,139 @@
+"""Evaluate a checkpoint: VQA accuracy and/or generation FID / IS / attribute accuracy.
+
+    python -m experiments.evaluate runs/world/stage3 --tasks vqa,generation \
+        [--out runs/world/stage3/eval.json] [--real-baseline "test/gen-*.tar"] [eval.cfg=3.0 eval.num_gen=500 ...]
+
+Shard sets and the sampling protocol come from the checkpoint's `eval:` config section; any
+`eval.*` (or `data.root`) key can be overridden as key=value. Works on any shard set: the world's,
+or converted VQAv2 (`eval.vqa_shards`) / COCO captions (`eval.gen_shards`, with
+`eval.extractor=inception eval.inception_weights_path=...`). The JSON report records the protocol
+(sample counts, seeds, cfg / top-k / top-p / temperature, feature extractor and its weights hash,
+resolution and resize method) and is logged as an MLflow run (experiment `vargpt-eval`).
+`--real-baseline PATTERN` adds FID / IS of real images (PATTERN's targets) against the
+generation set's targets: the floor a generated set's FID is read against.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+
+def run_evaluation(ckpt: str, tasks: List[str], overrides: List[str], real_baseline: str = "",
+                   out: Optional[Path] = None, log_mlflow: bool = True) -> Dict[str, Any]:
+    import torch
+
+    from experiments.config import resolve_path
+    from experiments.infer import load_exported
+    from modules import evaluation as ev
+
+    torch.set_grad_enabled(False)
+    net, cfg = load_exported(ckpt, tuple(overrides))
+    e = cfg.eval
+    root = str(resolve_path(cfg.data.root)) if cfg.data.root else ""
+    t0 = time.perf_counter()
+    report: Dict[str, Any] = {"checkpoint": str(Path(ckpt).resolve()), "stage": cfg.stage, "name": cfg.name,
+                              "tasks": tasks}
+    if "vqa" in tasks:
+        if not e.vqa_shards:
+            raise SystemExit("evaluate: no VQA shards (set eval.vqa_shards=PATTERN)")
+        samples = list(ev.iter_records(e.vqa_shards, root, e.num_vqa))
+        r = ev.evaluate_vqa(net, samples, e)
+        report.update({k: v for k, v in r.items() if k != "vqa_rows"})
+        report["vqa_examples"] = r["vqa_rows"]
+    grid = None
+    if "generation" in tasks:
+        if not e.gen_shards:
+            raise SystemExit("evaluate: no generation shards (set eval.gen_shards=PATTERN)")
+        samples = list(ev.iter_records(e.gen_shards, root, e.num_gen))
+        clf = ev.load_world_classifier(str(resolve_path(e.classifier_path)), cfg.model) if e.classifier_path else None
+        r = ev.evaluate_generation(net, samples, e, clf, real_key=f"{e.gen_shards}@{root}")
+        grid = r.pop("gen_images")
+        report.update({k: v for k, v in r.items() if k != "gen_prompts"})
+        if real_baseline:
+            res = grid.shape[-1]
+            reals_a = ev.target_images(samples, res)
+            other = list(ev.iter_records(real_baseline, root, len(samples)))
+            reals_b = ev.target_images(other, res)
+            rr = ev.fid_is(reals_b, reals_a, e, clf, real_key=f"{e.gen_shards}@{root}")
+            report["real_vs_real"] = {"fid": rr["fid"], "inception_score": rr["inception_score"],
+                                      "n": len(other), "shards": real_baseline}
+            if clf is not None:
+                report["real_vs_real"]["attribute_accuracy"] = ev.attribute_scores(
+                    clf, reals_b, [ev.requested_groups(s["record"]) for s in other])["mean"]
+    report["protocol"] = ev.protocol(e, resolution=int(net.vqvae.cfg.resolution),
+                                     resize="targets: PIL resize of the short side + centre crop to the VQVAE resolution; generated: native",
+                                     data_root=root)
+    report["seconds"] = round(time.perf_counter() - t0, 1)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2, default=str))
+        if grid is not None:
+            from torchvision.utils import save_image
+
+            save_image(grid[: e.grid_images], out.with_suffix(".png"), nrow=8, padding=2, pad_value=1.0)
+    if log_mlflow:
+        _log(report, cfg, out)
+    return report
+
+
+def _log(report: Dict[str, Any], cfg: Any, out: Optional[Path]) -> None:
+    import mlflow
+
+    from experiments import tracking
+
+    mlflow.set_tracking_uri(tracking.tracking_uri(cfg))
+    name = "vargpt-eval"
+    if mlflow.get_experiment_by_name(name) is None:
+        root = tracking.artifact_root(cfg)
+        root.mkdir(parents=True, exist_ok=True)
+        mlflow.create_experiment(name, artifact_location=(root / name).as_uri())
+    mlflow.set_experiment(name)
+    with mlflow.start_run(run_name=f"eval-{report['name']}", tags={**tracking.git_info(), "stage": report["stage"],
+                                                                    "checkpoint": report["checkpoint"]}):
+        flat = {f"eval/{k}": v for k, v in report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        for k, v in report.get("vqa_per_type", {}).items():
+            flat[f"eval/vqa_{k}"] = v
+        for k, v in report.get("real_vs_real", {}).items():
+            if isinstance(v, (int, float)):
+                flat[f"eval/real_vs_real_{k}"] = v
+        mlflow.log_metrics(flat)
+        mlflow.log_params({f"protocol.{k}": str(v)[:500] for k, v in report["protocol"].items()})
+        mlflow.log_dict(json.loads(json.dumps(report, default=str)), "report.json")
+        if out is not None and out.with_suffix(".png").is_file():
+            mlflow.log_artifact(str(out.with_suffix(".png")))
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m experiments.evaluate", description=__doc__.split("\n")[0])
+    ap.add_argument("ckpt", help="export directory of experiments.run (model.safetensors + config.yaml)")
+    ap.add_argument("overrides", nargs="*", help="eval.* / data.root overrides, key=value")
+    ap.add_argument("--tasks", default="vqa,generation", help="comma list of vqa, generation")
+    ap.add_argument("--out", default="", help="report JSON (default <ckpt>/eval.json)")
+    ap.add_argument("--real-baseline", default="", help="shards whose target images give the real-vs-real FID floor")
+    ap.add_argument("--no-mlflow", action="store_true")
+    args = ap.parse_intermixed_args(argv)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    bad = [t for t in tasks if t not in ("vqa", "generation")]
+    if bad:
+        ap.error(f"unknown task(s) {bad}; valid: vqa, generation")
+    out = Path(args.out) if args.out else Path(args.ckpt) / "eval.json"
+    from experiments.config import ConfigError
+
+    try:
+        report = run_evaluation(args.ckpt, tasks, args.overrides, args.real_baseline, out, not args.no_mlflow)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    keys = ("vqa_accuracy", "vqa_prior_baseline", "vqa_blind_baseline", "gen_attribute_accuracy", "fid", "inception_score")
+    print(json.dumps({k: report[k] for k in keys if k in report} | ({"real_vs_real": report["real_vs_real"]}
+                                                                  if "real_vs_real" in report else {})))
+    print(f"report: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
