@@ -12,7 +12,14 @@ export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help setup test test-all smoke mlflow-ui clean
+WORLD := runs/data/world
+# Samples per task and split of the shape world (about 20 s to render on 2 cores).
+WORLD_ARGS ?= --train 4000 --val 400 --test 400 --heldout 400 --count train.vqa=12000 --count train.gen=8000 --count train.class=8000
+WORLD_STAMP := $(WORLD)/.done-$(shell echo '$(WORLD_ARGS)' | sha256sum | cut -c1-12)
+BASES := assets/world/MANIFEST.json
+RUN := $(PY) -m experiments.run
+
+.PHONY: help setup test test-all smoke mlflow-ui clean world-data bases bases-train stage1 stage2 stage3 pipeline evaluate
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | sort | \
@@ -37,6 +44,44 @@ mlflow-ui: setup ## serve the MLflow dashboard for runs/mlflow.db on http://127.
 	mkdir -p runs/mlartifacts
 	$(PY) -m mlflow server --host 127.0.0.1 --port $${PORT:-5000} --workers 1 \
 	  --backend-store-uri sqlite:///$(CURDIR)/runs/mlflow.db --default-artifact-root $(CURDIR)/runs/mlartifacts
+
+world-data: setup $(WORLD_STAMP) ## render the shape-world shards into runs/data/world (cached)
+
+$(WORLD_STAMP):
+	rm -rf $(WORLD) && $(PY) -m datamodules.world --out $(WORLD) $(WORLD_ARGS) --workers 2
+	touch $@
+
+bases: setup world-data ## train every stage-0 world base (about N min, see README), then pack them into assets/world/
+	$(RUN) experiments/world/bases/llm.yaml $(ARGS)
+	$(RUN) experiments/world/bases/vision.yaml $(ARGS)
+	$(RUN) experiments/world/bases/vqvae.yaml $(ARGS)
+	$(RUN) experiments/world/bases/var.yaml $(ARGS)
+	$(RUN) experiments/world/bases/classifier.yaml $(ARGS)
+	$(RUN) experiments/world/llava_align.yaml $(ARGS)
+	$(RUN) experiments/world/llava_sft.yaml $(ARGS)
+	$(PY) -m experiments.bases pack
+
+$(BASES):
+	$(MAKE) bases
+
+stage1: setup world-data $(BASES) ## VARGPT stage 1 on the embedded CPU world (the main job)
+	$(RUN) experiments/world/stage1.yaml $(ARGS)
+
+stage2: setup world-data ## VARGPT stage 2 from stage 1's weights (runs stage 1 first if missing)
+	@[ -f runs/world/stage1/model.safetensors ] || $(MAKE) stage1
+	$(RUN) experiments/world/stage2.yaml $(ARGS)
+
+stage3: setup world-data ## VARGPT stage 3 from stage 2's weights (runs stage 2 first if missing)
+	@[ -f runs/world/stage2/model.safetensors ] || $(MAKE) stage2
+	$(RUN) experiments/world/stage3.yaml $(ARGS)
+
+pipeline: setup world-data ## stages 1-3, the understanding-only baseline, then the scoreboard (runs/pipeline/report.json)
+	@[ -f runs/world/stage3/model.safetensors ] || $(MAKE) stage3
+	@[ -f runs/world/stage2_und_only/model.safetensors ] || $(RUN) experiments/world/stage2_und_only.yaml $(ARGS)
+	$(PY) -m experiments.pipeline
+
+evaluate: setup ## evaluate a checkpoint: make evaluate CKPT=runs/world/stage3 [ARGS="eval.cfg=2"]
+	$(PY) -m experiments.evaluate $(CKPT) $(ARGS)
 
 clean: ## remove run outputs (runs/) but keep .venv
 	rm -rf runs/ .pytest_cache

@@ -1,0 +1,118 @@
+"""Package the stage-0 world bases that ship with the project (assets/world/).
+
+`make bases` trains every base under runs/bases/ (see the Makefile for the order) and then runs
+
+    python -m experiments.bases pack            # runs/bases/* -> assets/world/*.safetensors (fp16)
+
+so that a fresh clone's `make stage1` starts from trained bases in minutes. `check` verifies that
+the shipped files are complete and match MANIFEST.json (sha256); world configs read assets/world/.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from experiments.config import REPO_ROOT
+
+ASSETS = REPO_ROOT / "assets" / "world"
+SRC = REPO_ROOT / "runs" / "bases"
+# name in assets -> (export under runs/bases, key prefixes kept (None = all))
+PARTS = {
+    "llm": ("llm/model.safetensors", None),
+    "vision": ("vision/model.safetensors", None),
+    "vqvae": ("vqvae/model.safetensors", None),
+    "var": ("var/model.safetensors", None),
+    "classifier": ("classifier/model.safetensors", None),
+    # the LLaVA-1.5-world start of VARGPT: only what understanding training produced
+    "llava": ("llava_sft/model.safetensors", ("llm.", "vision.", "und_proj.")),
+}
+
+
+def _sha256(p: Path) -> str:
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def pack(src: Path = SRC, dst: Path = ASSETS, dtype: str = "float16") -> Dict[str, Dict]:
+    import torch
+
+    from modules.checkpoint import read_state_dict, save_state_dict
+
+    missing = [str(src / rel) for rel, _ in PARTS.values() if not (src / rel).is_file()]
+    if missing or not (src / "tokenizer" / "tokenizer.json").is_file():
+        raise SystemExit("bases pack: missing " + ", ".join(missing + [str(src / "tokenizer")]) +
+                         "\n  run `make bases` (it trains them) first")
+    dst.mkdir(parents=True, exist_ok=True)
+    tdt = getattr(torch, dtype)
+    manifest: Dict[str, Dict] = {"_created": time.strftime("%Y-%m-%d %H:%M:%S"), "_dtype": dtype}
+    for name, (rel, keep) in PARTS.items():
+        sd = read_state_dict(src / rel)
+        if keep:
+            sd = {k: v for k, v in sd.items() if k.startswith(keep)}
+        # fp16 halves the repository size; floats only (integer buffers keep their type)
+        sd = {k: (v.to(tdt) if v.is_floating_point() else v) for k, v in sd.items()}
+        out = dst / f"{name}.safetensors"
+        save_state_dict(sd, out, metadata={"source": rel, "dtype": dtype})
+        manifest[name] = {"file": out.name, "sha256": _sha256(out), "tensors": len(sd),
+                          "params": int(sum(v.numel() for v in sd.values())), "bytes": out.stat().st_size}
+    tok_dst = dst / "tokenizer"
+    if tok_dst.exists():
+        shutil.rmtree(tok_dst)
+    shutil.copytree(src / "tokenizer", tok_dst)
+    manifest["tokenizer"] = {"file": "tokenizer/", "sha256": _sha256(tok_dst / "tokenizer.json")}
+    (dst / "MANIFEST.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def check(dst: Path = ASSETS) -> List[str]:
+    """Problems with the shipped bases (empty list = complete and unchanged)."""
+    mf = dst / "MANIFEST.json"
+    if not mf.is_file():
+        return [f"{mf} missing: run `make bases`"]
+    manifest = json.loads(mf.read_text())
+    problems = []
+    for name in list(PARTS) + ["tokenizer"]:
+        entry = manifest.get(name)
+        if entry is None:
+            problems.append(f"{name}: not in {mf}")
+            continue
+        p = dst / entry["file"]
+        p = p / "tokenizer.json" if p.is_dir() else p
+        if not p.is_file():
+            problems.append(f"{name}: {p} missing")
+        elif _sha256(p) != entry["sha256"]:
+            problems.append(f"{name}: {p} differs from MANIFEST.json (re-run `python -m experiments.bases pack`)")
+    return problems
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m experiments.bases", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("pack", help="runs/bases/* -> assets/world/ (fp16) + MANIFEST.json")
+    p.add_argument("--src", default=str(SRC))
+    p.add_argument("--dst", default=str(ASSETS))
+    c = sub.add_parser("check", help="exit 1 unless assets/world/ is complete and matches its manifest")
+    c.add_argument("--dst", default=str(ASSETS))
+    args = ap.parse_args(argv)
+    if args.cmd == "pack":
+        m = pack(Path(args.src), Path(args.dst))
+        total = sum(v["bytes"] for k, v in m.items() if not k.startswith("_") and "bytes" in v)
+        print(f"packed {len(PARTS)} bases + tokenizer into {args.dst} ({total / 1e6:.1f} MB)")
+        return 0
+    problems = check(Path(args.dst))
+    for pr in problems:
+        print(pr, file=sys.stderr)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
