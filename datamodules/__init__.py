@@ -1,0 +1,10 @@
+"""Data side of the suite (see FORMAT.md). Nothing is imported here, so `datamodules.config`
+and `datamodules.tokens` stay cheap to import.
+
+  tokens       special tokens              config      DataConfig / SourceConfig / ChatTemplateConfig
+  schema       shard format, writer        world       the embedded shape world (+ CLI)
+  convert      converters (+ CLI)          pretokenize VQ indices beside images (+ CLI)
+  stream       shard streams, mixing       collate     Collator, prompt helpers
+  transforms   image transforms            datamodule  the LightningDataModule
+  testing      tiny tokenizer, hand-built samples for tests and benchmarks
+"""

@@ -7,7 +7,7 @@ Every field has a default and a simple type so OmegaConf can merge YAML onto it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List
 
 # What the loader does with a source (not the record's own `task` label):
 #   understanding  image(s) + conversation, loss on the answers

@@ -127,12 +127,13 @@ class ShardWriter:
     The writer also keeps the per-shard counts for the manifest (`self.shards`).
     """
 
-    def __init__(self, out_dir: str, prefix: str, shard_size: int = 1000):
+    def __init__(self, out_dir: str, prefix: str, shard_size: int = 1000, start_index: int = 0):
         if shard_size < 1:
             raise ValueError(f"shard_size must be >= 1, got {shard_size}")
         if "-" in prefix or "/" in prefix:
             raise ValueError(f"shard prefix {prefix!r} may not contain '-' or '/'")
         self.out_dir, self.prefix, self.shard_size = out_dir, prefix, shard_size
+        self.start_index = start_index  # number of the first file (parallel writers of one set)
         os.makedirs(out_dir, exist_ok=True)
         self.shards: List[Dict[str, Any]] = []
         self._tar: Optional[tarfile.TarFile] = None
@@ -142,7 +143,7 @@ class ShardWriter:
 
     def _open_next(self) -> None:
         self.close_shard()
-        name = f"{self.prefix}-{len(self.shards):06d}.tar"
+        name = f"{self.prefix}-{self.start_index + len(self.shards):06d}.tar"
         # format=USTAR/GNU with fixed metadata: byte-identical output for identical input.
         self._tar = tarfile.open(os.path.join(self.out_dir, name), "w", format=tarfile.GNU_FORMAT)
         self.shards.append({"name": name, "task": self.prefix, "count": 0})
@@ -154,6 +155,11 @@ class ShardWriter:
             raise ValueError(f"sample key {key!r} has characters other than [A-Za-z0-9_-]")
         if key in self._keys:
             raise ValueError(f"duplicate sample key {key!r} in shard set {self.prefix}")
+        n_img_files = sum(1 for ext in sample.files if ext.startswith("img") and not ext.endswith(".vq.npy"))
+        validate_record(sample.record, n_img_files)
+        missing = [m for m in sample.record["images"] if m not in sample.files]
+        if missing:
+            raise RecordError(f"sample {key}: images {missing} listed but not given")
         self._keys.add(key)
         if self._tar is None or self._n_in_shard >= self.shard_size:
             self._open_next()

@@ -17,15 +17,15 @@ manifest.json per split. About 2-3k samples/s per core at 64 px (see tests / FOR
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import random
+import struct
 import sys
+import zlib
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-from PIL import Image
 
 from datamodules.schema import ShardSample, ShardWriter, image_member, write_manifest
 from datamodules.tokens import IMAGE_GEN_PLACEHOLDER, IMAGE_TOKEN
@@ -175,10 +175,18 @@ def render(scene: Dict[str, Any]) -> np.ndarray:
     return np.clip(img + 0.5, 0, 255).astype(np.uint8)
 
 
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
 def png_bytes(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
+    """(H, W, 3) uint8 -> PNG bytes. Written directly (filter 0, zlib level 1): twice as fast as
+    PIL here, and the bytes do not depend on the Pillow version."""
+    h, w, _ = arr.shape
+    raw = np.concatenate([np.zeros((h, 1), np.uint8), arr.reshape(h, w * 3)], axis=1).tobytes()
+    header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)  # 8-bit RGB, no interlace
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", zlib.compress(raw, 1))
+            + _png_chunk(b"IEND", b""))
 
 
 # --------------------------------------------------------------------------- text
@@ -334,15 +342,18 @@ def make_sample(seed: int, split: str, task: str, index: int, size: int = 64) ->
     elif task == "conv":
         scene = random_scene(rng, split, size)
         pairs = allowed_pairs(split)
-        qtypes = rng.sample(QUESTION_TYPES, 3)
+        n_turns = rng.randint(2, 3)
         turns: List[Tuple[str, str]] = []
         if rng.random() < 0.5:
             turns.append((rng.choice(CAPTION_PROMPTS), caption(scene, rng)))
-        for qt in qtypes:
+        # every question type in random order; count and exist always have candidates, so the
+        # conversation always reaches n_turns
+        for qt in rng.sample(QUESTION_TYPES, len(QUESTION_TYPES)):
+            if len(turns) >= n_turns:
+                break
             cands = question_candidates(scene, qt, pairs)
             if cands:
                 turns.append(rng.choice(cands))
-        turns = turns[: rng.randint(2, 3)]
         messages = []
         for k, (q, a) in enumerate(turns):
             messages.append({"role": "user", "content": (f"{IMAGE_TOKEN}\n" if k == 0 else "") + q})
@@ -392,8 +403,7 @@ def build_shard_sample(seed: int, split: str, task: str, index: int, size: int) 
 
 def _write_shard(args: Tuple[str, int, str, str, int, int, int, int]) -> Dict[str, Any]:
     out_dir, seed, split, task, start, stop, size, shard_index = args
-    writer = ShardWriter(out_dir, task, shard_size=stop - start)
-    writer.shards = [None] * shard_index  # type: ignore[list-item]  # number the file
+    writer = ShardWriter(out_dir, task, shard_size=stop - start, start_index=shard_index)
     for i in range(start, stop):
         writer.write(build_shard_sample(seed, split, task, i, size))
     return writer.close()[-1]
