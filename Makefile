@@ -19,7 +19,7 @@ WORLD_STAMP := $(WORLD)/.done-$(shell echo '$(WORLD_ARGS)' | sha256sum | cut -c1
 BASES := assets/world/MANIFEST.json
 RUN := $(PY) -m experiments.run
 
-.PHONY: help setup test test-all smoke mlflow-ui clean world-data bases bases-train stage1 stage2 stage3 pipeline evaluate
+.PHONY: help setup test test-all smoke mlflow-ui clean world-data bases bases-train stage1 stage2 stage3 pipeline evaluate sweep compare
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | sort | \
@@ -82,6 +82,14 @@ pipeline: setup world-data ## stages 1-3, the understanding-only baseline, then 
 
 evaluate: setup ## evaluate a checkpoint: make evaluate CKPT=runs/world/stage3 [ARGS="eval.cfg=2"]
 	$(PY) -m experiments.evaluate $(CKPT) $(ARGS)
+
+sweep: setup ## run an ablation sweep: make sweep SWEEP=experiments/ablations/X.yaml [ARGS="--max-parallel 2"]
+	@test -n "$(SWEEP)" || { echo "usage: make sweep SWEEP=experiments/ablations/<file>.yaml [ARGS=\"--dry-run --max-parallel 2 --only NAME\"]"; ls experiments/ablations/*.yaml; exit 2; }
+	$(PY) -m experiments.sweep $(SWEEP) $(ARGS)
+
+compare: setup ## table + plots of a sweep or any MLflow experiment: make compare NAME=<sweep or experiment>
+	@test -n "$(NAME)" || { echo "usage: make compare NAME=<sweep name, sweep YAML or MLflow experiment> [ARGS=\"--metric val/loss --mode min\"]"; exit 2; }
+	$(PY) -m experiments.compare "$(NAME)" $(ARGS)
 
 clean: ## remove run outputs (runs/) but keep .venv
 	rm -rf runs/ .pytest_cache

@@ -14,22 +14,27 @@ import os
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterable, List, Optional
 
 from experiments.config import REPO_ROOT, LoadedConfig, flatten, resolve_path
 
 SWEEP_ENV = "VARGPT_SWEEP_TAGS"  # JSON dict of extra tags set by the sweep launcher
 
 
-def tracking_uri(cfg: Any) -> str:
-    if cfg.logging.tracking_uri:
-        return cfg.logging.tracking_uri
+def default_tracking_uri() -> str:
+    """Where runs go when no config says: ``$MLFLOW_TRACKING_URI``, else ``runs/mlflow.db``."""
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         return env
     db = REPO_ROOT / "runs" / "mlflow.db"
     db.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{db}"
+
+
+def tracking_uri(cfg: Any) -> str:
+    if cfg.logging.tracking_uri:
+        return cfg.logging.tracking_uri
+    return default_tracking_uri()
 
 
 def artifact_root(cfg: Any) -> Path:
@@ -112,3 +117,89 @@ def log_text(logger: Any, filename: str, text: str, artifact_path: Optional[str]
 
 def log_file(logger: Any, path: Path, artifact_path: Optional[str] = None) -> None:
     logger.experiment.log_artifact(logger.run_id, str(path), artifact_path)
+
+
+# ----------------------------------------------------------------------------------------
+# sweeps: parent/child runs (experiments/sweep.py, experiments/compare.py)
+# ----------------------------------------------------------------------------------------
+# Tag keys a sweep writes. Children carry all of them; the parent carries SWEEP_ID and
+# SWEEP_ROLE="parent". `mlflow.parentRunId` is what makes the MLflow UI nest a child.
+SWEEP_ID = "sweep_id"
+SWEEP_ROLE = "sweep_role"  # parent | child | compare
+SWEEP_VARIANT = "sweep_variant"
+SWEEP_OVERRIDES = "sweep_overrides"  # JSON {dotted key: value}: what this variant changes
+SWEEP_ATTEMPT = "sweep_attempt"  # one id per launch of one variant: finds the child's run
+SWEEP_CONFIG_HASH = "sweep_config_hash"  # config hash without the launcher's thread budget
+PARENT_RUN_ID = "mlflow.parentRunId"
+
+
+def get_client(uri: Optional[str] = None):
+    import mlflow
+
+    return mlflow.MlflowClient(uri or default_tracking_uri())
+
+
+def ensure_experiment(client: Any, name: str, root: Path) -> str:
+    """The experiment's id, creating it with artifacts under ``root/name`` as make_logger does."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            client.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    root.mkdir(parents=True, exist_ok=True)
+    return client.create_experiment(name, artifact_location=(root / name).as_uri())
+
+
+def _quote(value: str) -> str:
+    if "'" in value:
+        if '"' in value:
+            raise ValueError(f"cannot search MLflow for a value with both quote kinds: {value!r}")
+        return f'"{value}"'
+    return f"'{value}'"
+
+
+def tag_filter(tags: Dict[str, str], statuses: Iterable[str] = ()) -> str:
+    """An MLflow search filter matching every tag exactly (and one of ``statuses``, if any)."""
+    parts = [f"tags.`{k}` = {_quote(str(v))}" for k, v in tags.items()]
+    statuses = list(statuses)
+    if len(statuses) == 1:
+        parts.append(f"attributes.status = '{statuses[0]}'")
+    elif statuses:
+        parts.append("attributes.status IN (" + ", ".join(f"'{s}'" for s in statuses) + ")")
+    return " and ".join(parts)
+
+
+def find_runs(client: Any, experiment_ids: List[str], tags: Dict[str, str],
+              statuses: Iterable[str] = (), max_results: int = 5000) -> list:
+    """Runs carrying all ``tags`` (oldest first), paging through every result."""
+    from mlflow.entities import ViewType
+
+    out: list = []
+    token = None
+    while True:
+        page = client.search_runs(experiment_ids, tag_filter(tags, statuses), ViewType.ACTIVE_ONLY,
+                                  max_results=min(max_results, 1000), order_by=["attributes.start_time ASC"],
+                                  page_token=token)
+        out += list(page)
+        token = page.token
+        if not token or len(out) >= max_results:
+            return out
+
+
+def all_experiment_ids(client: Any) -> List[str]:
+    return [e.experiment_id for e in client.search_experiments()]
+
+
+def log_text_to_run(client: Any, run_id: str, filename: str, text: str,
+                    artifact_path: Optional[str] = None) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / filename
+        p.write_text(text)
+        client.log_artifact(run_id, str(p), artifact_path)
+
+
+def sweep_child_env(tags: Dict[str, str]) -> Dict[str, str]:
+    """The environment entry that makes a child's run carry ``tags`` (read by run_tags)."""
+    import json
+
+    return {SWEEP_ENV: json.dumps({str(k): str(v) for k, v in tags.items()})}
