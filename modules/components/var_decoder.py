@@ -135,6 +135,8 @@ class FFN(nn.Module):
 
 # A KV slot for cached inference: (k_buf_BHLc, v_buf_BHLc, start). The chunk's keys/values are
 # written at [start, start + l) and attention reads [0, start + l): no re-allocation per scale.
+# A chunk that does not fit (the last scale: nothing attends to it later, so the cache need not
+# hold it) attends to cat(buffer[:start], chunk) without being stored.
 KVSlot = Tuple[torch.Tensor, torch.Tensor, int]
 
 
@@ -169,9 +171,13 @@ class SelfAttention(nn.Module):
         if kv is not None:
             k_buf, v_buf, start = kv
             end = start + L
-            k_buf[:, :, start:end] = k
-            v_buf[:, :, start:end] = v
-            k, v = k_buf[:, :, :end], v_buf[:, :, :end]
+            if end <= k_buf.shape[2]:
+                k_buf[:, :, start:end] = k
+                v_buf[:, :, start:end] = v
+                k, v = k_buf[:, :, :end], v_buf[:, :, :end]
+            else:
+                k = torch.cat((k_buf[:, :, :start], k), dim=2)
+                v = torch.cat((v_buf[:, :, :start], v), dim=2)
         o = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_bias, dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale
         )

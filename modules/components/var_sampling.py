@@ -27,7 +27,7 @@ StepHook = Callable[[int, torch.Tensor], torch.Tensor]
 
 
 def sample_top_k_top_p(logits_BlV: torch.Tensor, top_k: int = 0, top_p: float = 0.0,
-                       generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                       generator: Union[None, torch.Generator, Sequence[torch.Generator]] = None) -> torch.Tensor:
     """Draw one index per row; modifies logits in place. top-k keeps every logit tied with the
     k-th largest; top-p removes the smallest tokens whose ascending cumulative probability is
     <= 1 - top_p (the largest always stays). Same operations as the official sampler, so the same
@@ -53,8 +53,43 @@ def sample_top_k_top_p(logits_BlV: torch.Tensor, top_k: int = 0, top_p: float = 
     return torch.multinomial(probs_NV, num_samples=1, replacement=True, generator=generator).view(B, l)
 
 
+def sample_top_k_top_p_fast(logits_BlV: torch.Tensor, top_k: int = 0, top_p: float = 0.0,
+                            generator=None) -> torch.Tensor:
+    """The same distribution as `sample_top_k_top_p` (up to ties at the k-th logit, which are cut
+    here), several times cheaper for a large V: top-k candidates only, one uniform per row and an
+    inverse-CDF lookup, instead of torch.multinomial's V exponentials per row. Gives other draws
+    than the official sampler for the same seed. `generator` may be one per batch row, as above.
+    Returns idx (B, l)."""
+    B, l, V = logits_BlV.shape
+    if 0 < top_k < V:
+        vals, ids = logits_BlV.topk(top_k, dim=-1, largest=True, sorted=True)
+    else:
+        vals, ids = logits_BlV.sort(dim=-1, descending=True)
+    probs = vals.softmax(dim=-1)
+    if top_p > 0:
+        # official rule: drop tokens whose ascending cumulative mass is <= 1 - top_p, i.e. keep a
+        # token while the mass of the larger tokens before it is < top_p (the largest always stays)
+        mass_before = probs.cumsum(dim=-1) - probs
+        probs = probs.masked_fill(mass_before >= top_p, 0.0)
+    cdf = probs.cumsum(dim=-1)
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != B:
+            raise ValueError(f"{len(generator)} generators for a batch of {B}")
+        u = torch.stack([torch.rand(l, 1, generator=g, device=g.device) for g in generator]).to(cdf)
+    else:
+        u = torch.rand(B, l, 1, device=cdf.device, dtype=cdf.dtype, generator=generator)
+    j = torch.searchsorted(cdf, u * cdf[..., -1:], right=True).clamp_(max=cdf.shape[-1] - 1)
+    return ids.gather(-1, j).view(B, l)
+
+
+SAMPLERS = {"official": sample_top_k_top_p, "fast": sample_top_k_top_p_fast}
+
+
 class KVCache:
-    """Preallocated keys/values for every block: (depth, N, H, L, head_dim) each."""
+    """Preallocated keys/values for every block: (depth, N, H, L, head_dim) each. Pass L = the
+    positions that later steps attend to (all but the last scale): the last chunk attends to the
+    buffer plus itself without being stored (see SelfAttention), which saves pn_K^2 / L of the
+    cache (38% at 256 px)."""
 
     def __init__(self, depth: int, N: int, H: int, L: int, hd: int, device, dtype):
         self.k = torch.empty(depth, N, H, L, hd, device=device, dtype=dtype)
@@ -68,12 +103,15 @@ class KVCache:
         return 2 * self.k.numel() * self.k.element_size()
 
 
-def _conditions(var, B: int, cond, generator: Optional[torch.Generator], device) -> torch.Tensor:
+def _conditions(var, B: int, cond, generator, device) -> torch.Tensor:
     """Fused (2B,) condition indices: conditional first half, unconditional second half."""
     if var.cond_mode == "class":
         if cond is None:  # random classes, drawn from the generator first (as the official sampler)
             uniform = torch.full((1, var.num_classes), 1.0 / var.num_classes, device=device)
-            cond = torch.multinomial(uniform, num_samples=B, replacement=True, generator=generator).reshape(B)
+            if isinstance(generator, (list, tuple)):  # one generator per row: one label from each
+                cond = torch.cat([torch.multinomial(uniform, 1, replacement=True, generator=g).reshape(1) for g in generator])
+            else:
+                cond = torch.multinomial(uniform, num_samples=B, replacement=True, generator=generator).reshape(B)
         elif isinstance(cond, int):
             cond = torch.full((B,), var.num_classes if cond < 0 else cond, device=device, dtype=torch.long)
         cond = torch.as_tensor(cond, device=device).long().reshape(B)
@@ -91,13 +129,14 @@ def sample_next_scale(
     top_k: int = 0,
     top_p: float = 0.0,
     temperature: float = 1.0,
-    generator: Optional[torch.Generator] = None,
+    generator: Union[None, torch.Generator, Sequence[torch.Generator]] = None,
     step_hook: Optional[StepHook] = None,
     vqvae: Optional[nn.Module] = None,
     decode: bool = True,
     teacher_idx: Optional[Sequence[torch.Tensor]] = None,
     logits_out: Optional[List[torch.Tensor]] = None,
     use_cache: bool = True,
+    sampler: str = "official",
 ) -> Tuple[List[torch.Tensor], Optional[torch.Tensor]]:
     """Generate B images scale by scale. Returns (idx_list, img): idx_list[k] is (B, pn_k^2),
     img (B, 3, H, W) in [0, 1] (None with decode=False).
@@ -105,12 +144,16 @@ def sample_next_scale(
     cond: class mode: labels (B,) / one int for all (negative = null class) / None = random
           classes from `generator`. External mode: condition indices for the first half (default
           0 = conditional); the second half always uses the unconditional row.
+    generator: one torch.Generator, or one per sample (then a sample's draws do not depend on
+          its batch-mates).
     cfg: guidance strength at the last scale; t = cfg * k / (K-1). The 2B batch always runs.
     step_hook(k, x_chunk_2BlC) -> h_chunk_2BlC: replaces the block input of scale k (VARGPT:
           the LLM consumes the front-end chunk with its own KV cache and returns its projected
           states). Rows [:B] are conditional, [B:] unconditional. Called for every scale.
     teacher_idx: use these indices instead of sampling (teacher forcing through the cache);
           with logits_out (a list) the raw per-scale logits (2B, l, V) before guidance are appended.
+    sampler: "official" reproduces the official draws for a seed (torch.multinomial over all V);
+          "fast" draws from the same distribution far more cheaply (see sample_top_k_top_p_fast).
     use_cache=False: recompute the whole prefix every scale under the block-causal mask (a
           benchmark baseline; same results).
     """
@@ -119,6 +162,9 @@ def sample_next_scale(
         raise ValueError("sampling needs the VQVAE: build_var(cfg, vqvae) / var.attach_vqvae(vqvae) or sample(..., vqvae=)")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}")
+    draw = SAMPLERS[sampler]
     quant = vq.quantize
     device = var.pos_1LC.device
     dtype = var.pos_1LC.dtype
@@ -134,7 +180,8 @@ def sample_next_scale(
     x_chunk = (cond_BD.unsqueeze(1).expand(2 * B, first_l, -1) + var.pos_start.expand(2 * B, -1, -1)
                + lvl_pos_1LC[:, :first_l])
 
-    cache = KVCache(var.depth, 2 * B, var.num_heads, var.L, var.C // var.num_heads, device, dtype) if use_cache else None
+    cache_len = var.L - var.patch_nums[-1] ** 2 if K > 1 else var.L
+    cache = KVCache(var.depth, 2 * B, var.num_heads, cache_len, var.C // var.num_heads, device, dtype) if use_cache else None
     prefix: List[torch.Tensor] = []  # block inputs so far (use_cache=False only)
     f_hat = torch.zeros(B, var.Cvae, HW, HW, device=device)
     idx_list: List[torch.Tensor] = []
@@ -170,7 +217,7 @@ def sample_next_scale(
             logits_BlV = (1 + t) * logits_2BlV[:B] - t * logits_2BlV[B:]
             if temperature != 1.0:
                 logits_BlV = logits_BlV / temperature
-            idx_Bl = sample_top_k_top_p(logits_BlV, top_k=top_k, top_p=top_p, generator=generator)
+            idx_Bl = draw(logits_BlV, top_k=top_k, top_p=top_p, generator=generator)
         idx_list.append(idx_Bl)
 
         h_BChw = quant.embedding(idx_Bl).transpose(1, 2).reshape(B, var.Cvae, pn, pn)

@@ -21,7 +21,6 @@ nearest-neighbour search picks other codes than fp32 does (DESIGN.md section 1, 
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -395,11 +394,12 @@ class MultiScaleQuantizer(nn.Module):
         """Add scale si's tokens (embeddings h at pn x pn) to f_hat in place; return the next
         scale's input area_down(f_hat) (B, Cvae, pn', pn'), or None after the last scale."""
         HW, K = self.patch_nums[-1], len(self.patch_nums)
-        f_hat_BChw.add_(self._up(h_BChw, si, HW))
-        if si == K - 1:
-            return None
-        pn = self.patch_nums[si + 1]
-        return F.interpolate(f_hat_BChw, size=(pn, pn), mode="area")
+        with _fp32_region(f_hat_BChw):
+            f_hat_BChw.add_(self._up(h_BChw.float(), si, HW))
+            if si == K - 1:
+                return None
+            pn = self.patch_nums[si + 1]
+            return F.interpolate(f_hat_BChw, size=(pn, pn), mode="area")
 
     # -- training ---------------------------------------------------------------------------
     def forward(self, f_BChw: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]:

@@ -1,0 +1,69 @@
+"""Parity with the official FoundationVision/VAR code on the shared test vectors, and the
+`python -m benchmarks.var_parity DIR` command (its JSON line and exit status)."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import var_parity
+
+FIX = Path("/work/shared/fixtures/var_official")
+pytestmark = pytest.mark.skipif(not (FIX / "weights.pt").is_file(), reason="official VAR fixture not present")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: these are small ops, and on a busy 2-core machine two OpenMP threads
+    wait at every op's barrier for a descheduled partner (measured 20x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return var_parity.load_fixture(FIX)
+
+
+def test_teacher_forced_logits_and_loss(loaded):
+    c, vqvae, var, v = loaded
+    assert (var.C, var.num_heads, var.L) == (c["embed_dim"], c["num_heads"], c["L"])
+    with torch.no_grad():
+        logits = var(v["label"], v["x_BLCv_wo_first_l"])
+    assert logits.shape == v["logits"].shape
+    assert (logits - v["logits"]).abs().max() <= 1e-4
+    assert abs(float(var.loss(logits, v["gt_idx"]) - v["loss"])) <= 1e-4
+
+
+def test_sampled_indices_and_image(loaded):
+    c, vqvae, var, v = loaded
+    g = torch.Generator().manual_seed(c["g_seed"])
+    idx, img = var.sample(len(c["labels"]), torch.tensor(c["labels"]), cfg=c["cfg"], top_k=c["top_k"],
+                          top_p=c["top_p"], generator=g)
+    for si, (a, b) in enumerate(zip(idx, v["sample_idx"])):
+        assert torch.equal(a, b), f"scale {si}: {(a != b).sum()} sampled indices differ"
+    assert (img - v["sample_img"]).abs().max() <= 1e-4
+
+
+def test_cli_reports_and_passes(capsys):
+    assert var_parity.main([str(FIX)]) == 0
+    r = json.loads(capsys.readouterr().out.strip())
+    assert set(r) == {"indices_equal", "recon_max_abs", "logits_max_abs", "loss_abs", "sample_indices_equal"}
+    assert r["indices_equal"] and r["sample_indices_equal"]
+    assert max(r["recon_max_abs"], r["logits_max_abs"], r["loss_abs"]) <= 1e-4
+
+
+def test_cli_fails_on_a_perturbed_fixture(tmp_path, capsys):
+    for name in ("config.json", "weights.pt"):
+        shutil.copy(FIX / name, tmp_path / name)
+    v = torch.load(FIX / "vectors.pt", weights_only=True)
+    v["logits"] = v["logits"] + 1e-3
+    torch.save(v, tmp_path / "vectors.pt")
+    assert var_parity.main([str(tmp_path)]) == 1
+    r = json.loads(capsys.readouterr().out.strip())
+    assert r["logits_max_abs"] > 1e-4 and r["indices_equal"]
