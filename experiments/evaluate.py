@@ -26,11 +26,16 @@ def run_evaluation(ckpt: str, tasks: List[str], overrides: List[str], real_basel
                    out: Optional[Path] = None, log_mlflow: bool = True) -> Dict[str, Any]:
     import torch
 
+    with torch.no_grad():  # a context, not set_grad_enabled: callers (tests, pipelines) go on training
+        return _run_evaluation(ckpt, tasks, overrides, real_baseline, out, log_mlflow)
+
+
+def _run_evaluation(ckpt: str, tasks: List[str], overrides: List[str], real_baseline: str,
+                    out: Optional[Path], log_mlflow: bool) -> Dict[str, Any]:
     from experiments.config import resolve_path
     from experiments.infer import load_exported
     from modules import evaluation as ev
 
-    torch.set_grad_enabled(False)
     net, cfg = load_exported(ckpt, tuple(overrides))
     e = cfg.eval
     root = str(resolve_path(cfg.data.root)) if cfg.data.root else ""
