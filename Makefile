@@ -8,6 +8,8 @@ REQ_HASH := $(shell cat requirements.txt pyproject.toml 2>/dev/null | sha256sum 
 STAMP := .venv/.setup-$(REQ_HASH)
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
+# OpenMP threads spin-waiting for each other slow steps 10-80x when anything else shares the cores.
+export OMP_WAIT_POLICY ?= PASSIVE
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 ARGS ?=
 PYTEST_ARGS ?=
@@ -19,7 +21,7 @@ WORLD_STAMP := $(WORLD)/.done-$(shell echo '$(WORLD_ARGS)' | sha256sum | cut -c1
 BASES := assets/world/MANIFEST.json
 RUN := $(PY) -m experiments.run
 
-.PHONY: help setup test test-all smoke mlflow-ui clean world-data bases bases-train stage1 stage2 stage3 pipeline evaluate sweep compare
+.PHONY: help setup test test-all smoke mlflow-ui clean world-data bases stage1 stage2 stage3 pipeline evaluate sweep compare
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | sort | \

@@ -7,6 +7,13 @@ that pair is what ``init_from:``, evaluation and inference read.
 """
 from __future__ import annotations
 
+import os
+
+# OpenMP threads that spin-wait for each other make steps 10-80x slower whenever another process
+# shares the cores (measured: benchmarks/train_step.py notes). Passive waiting costs nothing when
+# the machine is idle. Must be set before torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import sys
 import time

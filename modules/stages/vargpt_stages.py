@@ -51,16 +51,33 @@ class VARGPTStage(StageModule):
         return self
 
     # -------------------------------------------------------------- steps
+    def transfer_batch_to_device(self, batch: Dict[str, Any], device: torch.device, dataloader_idx: int):
+        """Move only tensors (and lists of tensors): Lightning's default walks every record,
+        message and answer of the batch (~2.5 ms/step at batch 16, even on CPU)."""
+        if device.type == "cpu":
+            return batch
+
+        def move(v: Any) -> Any:
+            if torch.is_tensor(v):
+                return v.to(device, non_blocking=True)
+            if isinstance(v, (list, tuple)) and v and all(torch.is_tensor(t) for t in v):  # gen_indices
+                return type(v)(t.to(device, non_blocking=True) for t in v)
+            return v
+
+        return {k: move(v) for k, v in batch.items()}
+
     def training_step(self, batch: Dict[str, Any], batch_idx: int):
         out = self.net(batch)
         B = batch["input_ids"].shape[0]
+        # token count from the collated mask (CPU tensor: no device sync)
+        self.log_throughput(B, int(batch["attention_mask"].sum()) if batch["attention_mask"].device.type == "cpu" else 0)
+        if not self.logging_step():
+            return out["loss"]
         self.log("train/loss", out["loss"], prog_bar=True, batch_size=B)
         self.log("train/loss_text", out["loss_text"], batch_size=B)
         if int(out["n_img_tokens"]) > 0:
             self.log("train/loss_img", out["loss_img"], prog_bar=True, batch_size=B)
             self.log("train/acc_img", out["acc_img"], batch_size=B)
-        n_tok = int(batch["attention_mask"].sum())
-        self.log_throughput(B, n_tok)
         for key in ("num_clipped", "num_dropped", "num_unreadable"):
             if batch.get(key):
                 self.log(f"train/{key}", float(batch[key]), reduce_fx="sum", on_step=False, on_epoch=True, batch_size=B)
