@@ -37,7 +37,6 @@ import dataclasses
 import fnmatch
 import functools
 import hashlib
-import importlib.util
 import itertools
 import json
 import os
@@ -211,9 +210,6 @@ def read_sweep(path: str | Path) -> SweepConfig:
         raise ConfigError(f"{origin}: 'mode' must be one of {', '.join(MODES)}, got {cfg.mode!r}")
     if cfg.command not in COMMANDS:
         raise ConfigError(f"{origin}: 'command' must be one of {', '.join(COMMANDS)}, got {cfg.command!r}")
-    if importlib.util.find_spec(COMMANDS[cfg.command]) is None:
-        raise ConfigError(f"{origin}: command '{cfg.command}' needs the module {COMMANDS[cfg.command]}, "
-                          "which does not exist yet")
     if cfg.max_parallel < 1:
         raise ConfigError(f"{origin}: 'max_parallel' must be >= 1, got {cfg.max_parallel}")
     for key, values in cfg.grid.items():

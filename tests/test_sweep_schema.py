@@ -111,15 +111,12 @@ def test_bad_key_in_variant_seven_fails_before_anything_runs(tmp_path, capsys, m
     ("gird: {optim.lr: [1]}", ["unknown key 'gird'", "valid keys"]),
     ("grid: {optim.lr: 0.1}", ["grid.optim.lr"]),
     ("grid: {optim.lr: []}", ["no values"]),
-    ("command: evaluate", ["experiments.evaluate"]),
     ("overrides: {logging.experiment: x}", ["`experiment:`"]),
     ("variants: [{name: a}, {name: a}]", ["duplicate variant names"]),
     ("variants: [{overrides: {optim.lr: 1}}]", ["variants[0] needs a 'name'"]),
     ("grid: {optim.lr: [1]}\nvariants: [{name: a, overrides: {optim.lr: 2}}]", ["also sweeps"]),
 ])
 def test_sweep_file_errors_name_the_key(tmp_path, body, words):
-    if body == "command: evaluate" and sweep.importlib.util.find_spec("experiments.evaluate") is not None:
-        pytest.skip("experiments.evaluate exists now")
     p = _write(tmp_path, f"name: e\nbase: {DEBUG}\n{body}\n")
     with pytest.raises(ConfigError) as e:
         sweep.load_sweep(p, tmp_path)
