@@ -98,6 +98,18 @@ def describe_slots(what_P: Sequence[int], size_P: Sequence[int]) -> Dict[str, An
     return out
 
 
+def slot_loss(logits: Mapping[str, Tensor], targets: Mapping[str, Tensor], size_weight: float = 0.5) -> Dict[str, Tensor]:
+    """Per-slot cross-entropies: ``logits`` (what (B, 5, 25), size (B, 5, 2)); ``targets`` as
+    ``scene_targets`` stacked over the batch. Returns loss, what, size."""
+    what = F.cross_entropy(logits["what"].flatten(0, 1).float(), targets["what"].flatten())
+    size_t = targets["size"].flatten()
+    if bool((size_t != IGNORE_INDEX).any()):
+        size = F.cross_entropy(logits["size"].flatten(0, 1).float(), size_t, ignore_index=IGNORE_INDEX)
+    else:
+        size = logits["size"].sum() * 0.0
+    return {"loss": what + size_weight * size, "what": what, "size": size}
+
+
 class WorldCNN(nn.Module):
     """Small strided CNN with per-slot heads. ~0.6M parameters at the defaults.
 
@@ -176,14 +188,7 @@ class WorldCNN(nn.Module):
         return self.slot_logits(x_N3HW)
 
     def loss(self, logits: Mapping[str, Tensor], targets: Mapping[str, Tensor]) -> Dict[str, Tensor]:
-        """Per-slot cross-entropies; ``targets`` as ``scene_targets`` stacked over the batch."""
-        what = F.cross_entropy(logits["what"].flatten(0, 1).float(), targets["what"].flatten())
-        size_t = targets["size"].flatten()
-        if bool((size_t != IGNORE_INDEX).any()):
-            size = F.cross_entropy(logits["size"].flatten(0, 1).float(), size_t, ignore_index=IGNORE_INDEX)
-        else:
-            size = logits["size"].sum() * 0.0
-        return {"loss": what + 0.5 * size, "what": what, "size": size}
+        return slot_loss(logits, targets)
 
     @torch.no_grad()
     def predict_slots(self, x_N3HW: Tensor) -> Dict[str, Tensor]:
