@@ -21,7 +21,7 @@ WORLD_STAMP := $(WORLD)/.done-$(shell echo '$(WORLD_ARGS)' | sha256sum | cut -c1
 BASES := assets/world/MANIFEST.json
 RUN := $(PY) -m experiments.run
 
-.PHONY: help setup test test-all smoke mlflow-ui clean world-data bases stage1 stage2 stage3 pipeline evaluate sweep compare
+.PHONY: help setup test test-all smoke mlflow-ui clean world-data bases stage1 stage2 stage3 pipeline evaluate sweep compare clean-bases
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | sort | \
@@ -53,15 +53,31 @@ $(WORLD_STAMP):
 	rm -rf $(WORLD) && $(PY) -m datamodules.world --out $(WORLD) $(WORLD_ARGS) --workers 2
 	touch $@
 
-bases: setup world-data ## train every stage-0 world base (about N min, see README), then pack them into assets/world/
-	$(RUN) experiments/world/bases/llm.yaml $(ARGS)
-	$(RUN) experiments/world/bases/vision.yaml $(ARGS)
-	$(RUN) experiments/world/bases/vqvae.yaml $(ARGS)
-	$(RUN) experiments/world/bases/var.yaml $(ARGS)
-	$(RUN) experiments/world/bases/classifier.yaml $(ARGS)
-	$(RUN) experiments/world/llava_align.yaml $(ARGS)
-	$(RUN) experiments/world/llava_sft.yaml $(ARGS)
+# Stage 0: each base is a file target, so `make bases` reuses what runs/bases/ already has
+# (`make clean-bases` to retrain all). Order: text LLM (+ tokenizer), vision tower, VQVAE,
+# class-conditional VAR (needs the VQVAE), reference classifier, then the two LLaVA-1.5 steps.
+B := runs/bases
+BASE_FILES := $(B)/llm/model.safetensors $(B)/vision/model.safetensors $(B)/vqvae/model.safetensors \
+	$(B)/var/model.safetensors $(B)/classifier/model.safetensors $(B)/llava_sft/model.safetensors
+
+bases: setup world-data $(BASE_FILES) ## train the stage-0 world bases missing under runs/bases, then pack them into assets/world/
 	$(PY) -m experiments.bases pack
+
+$(B)/%/model.safetensors: | $(WORLD_STAMP)
+	$(RUN) experiments/world/bases/$*.yaml $(ARGS)
+
+$(B)/var/model.safetensors: $(B)/vqvae/model.safetensors | $(WORLD_STAMP)
+	$(RUN) experiments/world/bases/var.yaml $(ARGS)
+
+$(B)/llava_align/model.safetensors: $(B)/llm/model.safetensors $(B)/vision/model.safetensors \
+		$(B)/vqvae/model.safetensors $(B)/var/model.safetensors | $(WORLD_STAMP)
+	$(RUN) experiments/world/llava_align.yaml $(ARGS)
+
+$(B)/llava_sft/model.safetensors: $(B)/llava_align/model.safetensors
+	$(RUN) experiments/world/llava_sft.yaml $(ARGS)
+
+clean-bases: ## forget the trained stage-0 bases (runs/bases); `make bases` then retrains all
+	rm -rf $(B)
 
 $(BASES):
 	$(MAKE) bases

@@ -1,6 +1,6 @@
 """Parity of our VQVAE + VAR decoder with the official FoundationVision/VAR code.
 
-    python -m benchmarks.var_parity /work/shared/fixtures/var_official
+    python -m benchmarks.var_parity ../shared/fixtures/var_official
 
 DIR holds config.json (sizes and sampling settings), weights.pt ({"vae": sd, "var": sd} in the
 official key layout) and vectors.pt (inputs and the official outputs); see that folder's README.

@@ -10,7 +10,6 @@ the shipped files are complete and match MANIFEST.json (sha256); world configs r
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import sys
@@ -35,11 +34,9 @@ PARTS = {
 
 
 def _sha256(p: Path) -> str:
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    from modules.checkpoint import sha256_file
+
+    return sha256_file(p)
 
 
 def pack(src: Path = SRC, dst: Path = ASSETS, dtype: str = "float16") -> Dict[str, Dict]:

@@ -18,6 +18,17 @@ class StateDictMismatch(RuntimeError):
     pass
 
 
+def sha256_file(path: Path | str) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks (weights fingerprints, manifests)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def save_state_dict(sd: Mapping[str, torch.Tensor], path: Path, metadata: Optional[Dict[str, str]] = None) -> None:
     """Write ``sd`` as safetensors atomically. Tensors that share storage (tied embeddings)
     are cloned so each key is stored: safetensors refuses aliased tensors."""

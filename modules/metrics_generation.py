@@ -121,11 +121,9 @@ def _resize(x_N3HW: Tensor, resolution: int) -> Tensor:
 
 
 def _hash_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    from modules.checkpoint import sha256_file
+
+    return sha256_file(path)
 
 
 def hash_state_dict(module: nn.Module) -> str:

@@ -33,3 +33,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for tests of many small ops: on a busy 2-core machine two OpenMP
+    threads wait at every op's barrier for a descheduled partner (measured 20x slower)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

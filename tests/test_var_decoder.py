@@ -18,13 +18,8 @@ WORLD_VQ = dict(ch=32, ch_mult=[1, 1, 2, 2], num_res_blocks=1, z_channels=16, vo
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: these are small ops, and on a busy 2-core machine two OpenMP threads
-    wait at every op's barrier for a descheduled partner (measured 20x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):  # see tests/conftest.py
     yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

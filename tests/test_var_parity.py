@@ -11,18 +11,15 @@ import torch
 
 from benchmarks import var_parity
 
-FIX = Path("/work/shared/fixtures/var_official")
+from tests.conftest import FIXTURES
+
+FIX = FIXTURES / "var_official"
 pytestmark = pytest.mark.skipif(not (FIX / "weights.pt").is_file(), reason="official VAR fixture not present")
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: these are small ops, and on a busy 2-core machine two OpenMP threads
-    wait at every op's barrier for a descheduled partner (measured 20x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):  # see tests/conftest.py
     yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

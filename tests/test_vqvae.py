@@ -14,18 +14,15 @@ from modules.components.vqvae import (
     build_vqvae,
 )
 
-FIX = Path("/work/shared/fixtures/var_official")
+from tests.conftest import FIXTURES
+
+FIX = FIXTURES / "var_official"
 needs_fixture = pytest.mark.skipif(not (FIX / "weights.pt").is_file(), reason="official VAR fixture not present")
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: these are small ops, and on a busy 2-core machine two OpenMP threads
-    wait at every op's barrier for a descheduled partner (measured 20x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):  # see tests/conftest.py
     yield
-    torch.set_num_threads(n)
 
 # the embedded 64 px world (WORLD_NOTES.md): 8x down, 8x8x16 latent, 512 codes
 WORLD = dict(ch=32, ch_mult=[1, 1, 2, 2], num_res_blocks=1, z_channels=16, vocab_size=512, patch_nums=[1, 2, 3, 4, 6, 8])
