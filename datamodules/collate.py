@@ -83,8 +83,13 @@ def render_conversation(
             out.text += t.user_prefix + content + t.user_suffix
         elif m["role"] == "assistant":
             sep = "" if m["content"].startswith(IMAGE_GEN_PLACEHOLDER) else t.assistant_answer_sep
-            out.text += t.assistant_prefix + sep
+            out.text += t.assistant_prefix
+            # The separator belongs to the answer: inference prompts end at "ASSISTANT:", so the
+            # model must learn to emit it. With word tokens it is merged into the first answer
+            # token anyway ("Ġgreen"), but a tokenizer that splits digits gives " 1" -> "Ġ", "1",
+            # and an unsupervised "Ġ" would leave the model unable to start a numeric answer.
             start = len(out.text)
+            out.text += sep
             out.text += content + (eos if t.eos_after_answer else "")
             out.answers.append((start, len(out.text)))
         else:

@@ -46,8 +46,8 @@ class ChatTemplateConfig:
     user_prefix: str = "USER: "
     user_suffix: str = " "
     assistant_prefix: str = "ASSISTANT:"
-    # Between "ASSISTANT:" and the answer; part of the (unsupervised) prompt, so the model is
-    # asked to continue after "ASSISTANT: " exactly as at inference.
+    # Between "ASSISTANT:" and the answer. Supervised with the answer: inference prompts end at
+    # "ASSISTANT:" and the model emits the separator (usually merged into its first token).
     assistant_answer_sep: str = " "
     eos_after_answer: bool = True
     add_bos: bool = True  # prepend tokenizer.bos_token_id when the tokenizer has one

@@ -106,3 +106,15 @@ def test_cfg_uncond_noise_changes_sampling(tiny):
     assert any(not torch.equal(x, y) for x, y in zip(a[1:], b[1:]))
     _, c = tiny.generate_image(p, cfg=4.0, top_k=8, seed=[5, 6], return_indices=True)
     assert all(torch.equal(x, y) for x, y in zip(a, c))  # same seeds, same switch: same images
+
+
+def test_numeric_answer_first_token_is_supervised(tiny):
+    """The world tokenizer splits digits, so " 2" is "Ġ" + "2": the "Ġ" after "ASSISTANT:" must be
+    a label too, or greedy decoding from "ASSISTANT:" can never start a count answer."""
+    b = collator_for(tiny)([und_sample("u", q="How many squares?", a="2")])
+    ids, labels = b["input_ids"][0], b["labels"][0]
+    sup = [tiny.tokenizer.convert_ids_to_tokens(int(i)) for i, l in zip(ids, labels) if l != -100]
+    assert sup[:2] == ["Ġ", "2"] and sup[-1] == tiny.tokenizer.eos_token
+    prompt = tiny._prompt_encoder().encode_prompt([{"role": "user", "content": "<image>\nHow many squares?"}])
+    n = len(prompt)
+    assert ids[:n].tolist() == prompt and labels[n] != -100  # training continues exactly where inference starts
