@@ -74,6 +74,13 @@ def fit(loaded: LoadedConfig) -> Path | None:
     from modules.stages import build_stage
     from experiments import tracking
 
+    import warnings
+
+    # Known-harmless Lightning notices that would otherwise print on every run: our stage
+    # modules override transfer_batch_to_device on purpose (tensor-only moves), and Lightning's
+    # own pytree use trips a torch deprecation.
+    warnings.filterwarnings("ignore", message=".*overridden `transfer_batch_to_device`.*")
+    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
     cfg = loaded.cfg
     if cfg.trainer.num_threads > 0:
         torch.set_num_threads(cfg.trainer.num_threads)
