@@ -138,7 +138,7 @@ class VARGPT(nn.Module):
         return out
 
     # ------------------------------------------------------------------ training forward
-    def forward(self, batch: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+    def forward(self, batch: Dict[str, Any], return_logits: bool = False) -> Dict[str, torch.Tensor]:
         """Losses for a collated batch (see datamodules/collate.py for its keys).
 
         Returns loss, loss_text, loss_img, per-sample losses (loss_text_per_sample (B,),
@@ -172,6 +172,8 @@ class VARGPT(nn.Module):
             target = torch.cat(list(idx_list), dim=1)
             ce_img = F.cross_entropy(logits_img.float().reshape(-1, logits_img.shape[-1]), target.reshape(-1),
                                      reduction="none").view(n_gen, self.L)
+            if return_logits:
+                out["logits_img"] = logits_img
             out["loss_img_per_target"] = ce_img.mean(1)
             out["loss_img"] = ce_img.mean()
             with torch.no_grad():
@@ -285,7 +287,8 @@ class VARGPT(nn.Module):
     @torch.no_grad()
     def generate_image(self, prompts: Sequence[str], cfg: float = 3.0, top_k: int = 0, top_p: float = 0.0,
                        temperature: float = 1.0, seed: Union[int, Sequence[int]] = 0,
-                       return_indices: bool = False):
+                       return_indices: bool = False, teacher_idx: Optional[Sequence[torch.Tensor]] = None,
+                       logits_out: Optional[List[torch.Tensor]] = None):
         """Images (B, 3, H, W) in [0, 1] for text prompts.
 
         The prompt is the chat template up to "ASSISTANT:" followed by a forced
@@ -295,6 +298,8 @@ class VARGPT(nn.Module):
         Per scale k: the VAR front-end chunk -> gen_in -> LLM (KV cache) -> gen_out -> VAR blocks
         (KV cache) -> guided logits -> top-k / top-p -> indices. `seed` is one int for the batch
         or one per prompt; with per-prompt seeds a prompt's image does not depend on its batch.
+        `teacher_idx` (per-scale indices) replaces sampling and `logits_out` collects the raw
+        per-scale logits (2B, l, V): the check that inference computes what training trained.
         """
         from datamodules.collate import generation_prompt, null_generation_prompt
         from transformers import DynamicCache
@@ -337,5 +342,6 @@ class VARGPT(nn.Module):
                 raise ValueError(f"generate_image: {len(seed)} seeds for {B} prompts")
             generator = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seed]
         idx_list, img = self.var.sample(B, cond=None, cfg=cfg, top_k=top_k, top_p=top_p, temperature=temperature,
-                                        generator=generator, step_hook=step_hook, vqvae=self.vqvae)
+                                        generator=generator, step_hook=step_hook, vqvae=self.vqvae,
+                                        teacher_idx=teacher_idx, logits_out=logits_out)
         return (img, idx_list) if return_indices else img

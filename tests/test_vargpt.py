@@ -118,3 +118,16 @@ def test_numeric_answer_first_token_is_supervised(tiny):
     prompt = tiny._prompt_encoder().encode_prompt([{"role": "user", "content": "<image>\nHow many squares?"}])
     n = len(prompt)
     assert ids[:n].tolist() == prompt and labels[n] != -100  # training continues exactly where inference starts
+
+
+def test_generation_inference_computes_the_training_logits(tiny):
+    """Teacher-forced through generate_image's KV-cached LLM chunks + VAR steps, the conditional
+    rows' per-scale logits equal the training forward's logits for the same prompt and target."""
+    s = gen_sample("g0", instr="Draw a red circle on the left.")
+    with torch.no_grad():
+        out = tiny(collator_for(tiny)([s]), return_logits=True)
+        idx = tiny.encode_targets(collator_for(tiny)([s]))
+        per_scale = []
+        tiny.generate_image(["Draw a red circle on the left."], cfg=0.0, seed=[0], teacher_idx=idx, logits_out=per_scale)
+    got = torch.cat([l[:1] for l in per_scale], dim=1)  # conditional half, all scales
+    torch.testing.assert_close(got, out["logits_img"], atol=1e-4, rtol=1e-4)
