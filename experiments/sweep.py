@@ -55,7 +55,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from experiments.config import REPO_ROOT, ConfigError, LoadedConfig, _rel, load_config
+from experiments.config import REPO_ROOT, ConfigError, LoadedConfig, _rel, flatten, load_config
 
 ABLATIONS_DIR = REPO_ROOT / "experiments" / "ablations"
 SWEEPS_DIR = REPO_ROOT / "runs" / "sweeps"
@@ -162,14 +162,7 @@ def format_value(v: Any) -> str:
 
 def flatten_overrides(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
     """{"optim": {"lr": 1}, "trainer.max_steps": 3} -> {"optim.lr": 1, "trainer.max_steps": 3}."""
-    out: Dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        if isinstance(v, dict) and v:
-            out.update(flatten_overrides(v, key))
-        else:
-            out[key] = v
-    return out
+    return flatten(d, prefix)
 
 
 def safe_name(name: str) -> str:
