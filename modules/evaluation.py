@@ -10,14 +10,13 @@ VARGPT, no Lightning.
 """
 from __future__ import annotations
 
-import math
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import torch
 
-from datamodules.tokens import IMAGE_GEN_PLACEHOLDER, IMAGE_TOKEN
+from datamodules.tokens import IMAGE_TOKEN
 
 
 @dataclass

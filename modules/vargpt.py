@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from datamodules.config import ChatTemplateConfig
-from datamodules.tokens import GEN_END, GEN_PAD, GEN_START, IGNORE_INDEX, IMAGE_TOKEN
+from datamodules.tokens import GEN_PAD, IGNORE_INDEX, IMAGE_TOKEN
 from modules.components.llm import build_llm, llm_hidden_size
 from modules.components.projectors import build_projector
 from modules.components.text_tokenizer import build_tokenizer, special_token_ids

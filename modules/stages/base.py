@@ -9,8 +9,6 @@ import time
 from typing import Any, Dict, List, Tuple
 
 import lightning as L
-import torch
-import torch.nn as nn
 
 from modules.optim import build_optimizer, build_scheduler, param_counts
 
