@@ -138,11 +138,12 @@ def load_vqvae(config_path: str, checkpoint: str, key_prefix: str = "") -> torch
     """
     from omegaconf import OmegaConf
 
-    from modules.components.vqvae import VQVAEConfig, build_vqvae, load_checkpoint_file
+    from modules.checkpoint import read_state_dict
+    from modules.components.vqvae import VQVAEConfig, build_vqvae
 
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(VQVAEConfig), OmegaConf.load(config_path)))
     model = build_vqvae(cfg)
-    sd = load_checkpoint_file(checkpoint)
+    sd = read_state_dict(checkpoint)
     if key_prefix:
         sd = {k[len(key_prefix):]: v for k, v in sd.items() if k.startswith(key_prefix)}
         if not sd:

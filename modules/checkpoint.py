@@ -14,8 +14,11 @@ import torch
 import torch.nn as nn
 
 
-class StateDictMismatch(RuntimeError):
-    pass
+class StateDictMismatchError(ValueError):
+    """A checkpoint whose keys or shapes do not match the module (the message lists them all)."""
+
+
+StateDictMismatch = StateDictMismatchError  # older name
 
 
 def sha256_file(path: Path | str) -> str:
@@ -70,8 +73,11 @@ def read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
 
         return load_file(str(path))
     obj = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
+    for key in ("state_dict", "model"):  # training checkpoints wrap the weights
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a state dict, got {type(obj).__name__}")
     return obj
 
 
@@ -80,13 +86,15 @@ def _matches(key: str, patterns: Iterable[str]) -> bool:
 
 
 def load_strict(module: nn.Module, sd: Mapping[str, torch.Tensor], allow_missing: Sequence[str] = (),
-                allow_unexpected: Sequence[str] = (), source: str = "state dict") -> Dict[str, list]:
+                allow_unexpected: Sequence[str] = (), source: str = "state dict",
+                hint: str = "load the matching checkpoint, or allow the keys explicitly "
+                            "(e.g. init_allow_missing in the config)") -> Dict[str, list]:
     """Load ``sd`` into ``module``; missing/unexpected keys and shape mismatches are errors
     unless matched by the allow patterns (exact names, prefixes or fnmatch globs)."""
     own = module.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
-    shape = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+    shape = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
              for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
     bad_missing = [k for k in missing if not _matches(k, allow_missing)]
     bad_unexpected = [k for k in unexpected if not _matches(k, allow_unexpected)]
@@ -100,8 +108,7 @@ def load_strict(module: nn.Module, sd: Mapping[str, torch.Tensor], allow_missing
                          + (" ..." if len(bad_unexpected) > 20 else ""))
         if shape:
             lines.append(f"  shape mismatches ({len(shape)}): {'; '.join(shape[:10])}")
-        lines.append("  fix: load the matching checkpoint, or allow the keys explicitly "
-                     "(e.g. init_allow_missing in the config)")
-        raise StateDictMismatch("\n".join(lines))
+        lines.append(f"  fix: {hint}")
+        raise StateDictMismatchError("\n".join(lines))
     module.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
     return {"missing": missing, "unexpected": unexpected}

@@ -109,11 +109,12 @@ def vqvae_run(world, tmp_path_factory):
 
 
 def test_base_vqvae_export_loads_into_vqvae(vqvae_run):
-    from modules.components.vqvae import build_vqvae, strict_load
+    from modules.checkpoint import load_strict as strict_load
+    from modules.components.vqvae import build_vqvae
 
     _, loaded, sd = vqvae_run
     vq = build_vqvae(loaded.cfg.model.vqvae)
-    strict_load(vq, sd, what="VQVAE")  # raises on any missing/unexpected key
+    strict_load(vq, sd, source="VQVAE")  # raises on any missing/unexpected key
     # the export is the trained weights, not a fresh init
     fresh = build_vqvae(loaded.cfg.model.vqvae).state_dict()
     assert not torch.equal(fresh["encoder.conv_in.weight"], sd["encoder.conv_in.weight"])
@@ -129,7 +130,8 @@ def test_base_vqvae_overfits_one_batch(world, tmp_path):
 
 def test_base_var_trains_and_exports(vqvae_run, world):
     from modules.components.var_decoder import build_var
-    from modules.components.vqvae import build_vqvae, strict_load
+    from modules.checkpoint import load_strict as strict_load
+    from modules.components.vqvae import build_vqvae
 
     out, vq_loaded, vq_sd = vqvae_run
     load = [f"model.load=[{{path: {out / 'vqvae' / 'model.safetensors'}, into: vqvae}}]"]
@@ -137,7 +139,7 @@ def test_base_var_trains_and_exports(vqvae_run, world):
     vq = build_vqvae(vq_loaded.cfg.model.vqvae)
     strict_load(vq, vq_sd)
     var = build_var(loaded.cfg.model.var, vq)
-    strict_load(var, sd, what="VAR")
+    strict_load(var, sd, source="VAR")
     assert var.class_emb.weight.shape[0] == 25  # 24 world classes + the null class
     assert not any(k.startswith(("encoder.", "decoder.", "quantize.")) for k in sd)  # VQVAE not exported
     # the VQ indices were cached once per split and are reused by the next run

@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from modules.components.registry import ComponentConfig, Registry
-from modules.components.vqvae import StateDictMismatchError, strict_load
+from modules.components.vqvae import LOAD_HINT, StateDictMismatchError, load_strict
 
 VAR_DECODERS = Registry("var_decoder")
 
@@ -436,7 +436,7 @@ class VARDecoder(nn.Module):
                 f"VAR checkpoint buffer lvl_1L differs from the model's: the checkpoint was trained with "
                 f"other patch_nums than {list(self.patch_nums)}"
             )
-        strict_load(self, sd, allow_missing, allow_unexpected, what="VAR")
+        load_strict(self, sd, tuple(allow_missing), tuple(allow_unexpected), source="VAR checkpoint", hint=LOAD_HINT)
 
 
 @VAR_DECODERS.register("var")

@@ -304,20 +304,12 @@ def _hf_siglip(cfg: VisionEncoderConfig) -> VisionEncoder:
 
 
 def load_state_dict_file(path: str) -> Dict[str, torch.Tensor]:
-    """A state_dict from .safetensors or a torch file (weights_only); unwraps {'state_dict'|'model': ...}."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"vision_encoder.pretrained_path {path!r} is not a file")
-    if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    """A state dict from .safetensors or a torch file (weights_only; {'state_dict'|'model': ...} unwrapped)."""
+    from modules.checkpoint import read_state_dict
 
-        sd = load_file(str(p))
-    else:
-        sd = torch.load(str(p), map_location="cpu", weights_only=True)
-        for key in ("state_dict", "model"):
-            if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
-                sd = sd[key]
-    return sd
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"vision_encoder.pretrained_path {path!r} is not a file")
+    return read_state_dict(Path(path))
 
 
 def _load_timm_weights(model: nn.Module, path: str) -> None:

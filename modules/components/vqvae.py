@@ -32,7 +32,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from modules.checkpoint import StateDictMismatchError, load_strict  # noqa: F401 (re-exported)
 from modules.components.registry import ComponentConfig, Registry
+
+# What a VQVAE / VAR checkpoint mismatch usually means.
+LOAD_HINT = ("check the config (sizes, patch_nums, share_quant_resi, shared_aln, cond_mode) against the "
+             "checkpoint, or pass the keys you expect to differ in allow_missing= / allow_unexpected=")
 
 TOKENIZERS = Registry("tokenizer")
 
@@ -600,53 +605,9 @@ class MultiScaleVQVAE(nn.Module):
         key = "quantize.ema_vocab_hit_SV"
         if key in sd and sd[key].shape != self.quantize.ema_vocab_hit_SV.shape:
             sd[key] = self.quantize.ema_vocab_hit_SV.clone()
-        strict_load(self, sd, allow_missing, allow_unexpected, what="VQVAE")
+        load_strict(self, sd, tuple(allow_missing), tuple(allow_unexpected), source="VQVAE checkpoint", hint=LOAD_HINT)
 
 
-class StateDictMismatchError(ValueError):
-    """A checkpoint whose keys or shapes do not match the module; the message lists them all."""
-
-
-def strict_load(module: nn.Module, sd: Dict[str, torch.Tensor], allow_missing: Iterable[str] = (),
-                allow_unexpected: Iterable[str] = (), what: str = "model") -> None:
-    """Copy `sd` into `module` requiring an exact key and shape match, except the listed keys
-    (exact names or fnmatch patterns like "class_emb.*"). Lists every problem in one error."""
-    from fnmatch import fnmatchcase
-
-    allow_missing, allow_unexpected = tuple(allow_missing), tuple(allow_unexpected)
-    ours = module.state_dict()
-    missing = [k for k in ours if k not in sd and not any(fnmatchcase(k, p) for p in allow_missing)]
-    unexpected = [k for k in sd if k not in ours and not any(fnmatchcase(k, p) for p in allow_unexpected)]
-    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(ours[k].shape)}"
-              for k in ours if k in sd and tuple(sd[k].shape) != tuple(ours[k].shape)]
-    if missing or unexpected or shapes:
-        parts = [f"{what} checkpoint does not match the model:"]
-        if missing:
-            parts.append(f"  missing keys ({len(missing)}): {', '.join(missing)}")
-        if unexpected:
-            parts.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
-        if shapes:
-            parts.append(f"  shape mismatches ({len(shapes)}): {'; '.join(shapes)}")
-        parts.append("  Check the config (sizes, patch_nums, share_quant_resi, shared_aln, cond_mode) "
-                     "against the checkpoint, or pass the keys you expect to differ in "
-                     "allow_missing= / allow_unexpected=.")
-        raise StateDictMismatchError("\n".join(parts))
-    with torch.no_grad():
-        for k, t in ours.items():
-            if k in sd:
-                t.copy_(sd[k].to(dtype=t.dtype))
-
-
-def load_checkpoint_file(path: str) -> Dict[str, torch.Tensor]:
-    """Read a state dict from .pth/.pt (weights_only) or .safetensors."""
-    if str(path).endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    sd = torch.load(str(path), map_location="cpu", weights_only=True)
-    if not isinstance(sd, dict):
-        raise ValueError(f"{path}: expected a state dict, got {type(sd).__name__}")
-    return sd
 
 
 @TOKENIZERS.register("msvq")

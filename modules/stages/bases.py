@@ -316,7 +316,8 @@ def build_base_vqvae(cfg: Any) -> Tuple[L.LightningModule, L.LightningDataModule
 def load_frozen_vqvae(cfg: Any) -> nn.Module:
     """The VQVAE named by ``model.vqvae``, weights from the ``model.load`` entry with into: vqvae."""
     from modules.checkpoint import read_state_dict
-    from modules.components.vqvae import build_vqvae, strict_load
+    from modules.checkpoint import load_strict
+    from modules.components.vqvae import build_vqvae
 
     vqvae = build_vqvae(cfg.model.vqvae)
     specs = [s for s in cfg.model.load if s.into == "vqvae"]
@@ -332,7 +333,7 @@ def load_frozen_vqvae(cfg: Any) -> nn.Module:
         if not path.is_file():
             raise FileNotFoundError(f"model.load into vqvae: {path} not found; train it with "
                                     f"`python -m experiments.run experiments/world/bases/vqvae.yaml`")
-        strict_load(vqvae, read_state_dict(path), s.allow_missing, s.allow_unexpected, what="VQVAE")
+        load_strict(vqvae, read_state_dict(path), s.allow_missing, s.allow_unexpected, source=f"VQVAE {path}")
     return vqvae.eval().requires_grad_(False)
 
 
