@@ -39,7 +39,8 @@ from datamodules.collate import Collator
 from datamodules.config import SourceConfig
 from datamodules.stream import ShardStream
 from datamodules.testing import tiny_tokenizer
-from datamodules.transforms import GenTransform, ImageTransform
+from datamodules.transforms import GenTransform
+from modules.components.vision_encoders import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageTransform
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MIX = (("vqa", 0.35, "understanding"), ("conv", 0.35, "understanding"), ("caption", 0.2, "understanding"),
@@ -49,7 +50,7 @@ MIX = (("vqa", 0.35, "understanding"), ("conv", 0.35, "understanding"), ("captio
 def make_collator(args: argparse.Namespace) -> Collator:
     pns = [int(p) for p in args.patch_nums.split(",")]
     return Collator(tiny_tokenizer(), args.num_image_tokens, sum(p * p for p in pns),
-                    ImageTransform(args.image_size, mode="pad"), GenTransform(args.gen_resolution),
+                    ImageTransform(args.image_size, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, "pad"), GenTransform(args.gen_resolution),
                     max_length=args.max_length, prompt_dropout=0.1, seed=0, gen_patch_nums=pns)
 
 

@@ -11,7 +11,8 @@ from datamodules.collate import (
 from datamodules.config import ChatTemplateConfig
 from datamodules.testing import decoded_sample, tiny_tokenizer
 from datamodules.tokens import GEN_END, GEN_PAD, GEN_START, IGNORE_INDEX, IMAGE_TOKEN
-from datamodules.transforms import GenTransform, ImageTransform
+from datamodules.transforms import GenTransform
+from modules.components.vision_encoders import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageTransform
 
 N_IMG, L = 4, 14  # vision tokens per image; sum(pn^2) for patch_nums (1, 2, 3)
 
@@ -23,7 +24,7 @@ def tok():
 
 def make(tok, **kw):
     kw.setdefault("max_length", 512)
-    return Collator(tok, N_IMG, L, ImageTransform(16, mode="crop"), GenTransform(8), gen_patch_nums=(1, 2, 3), **kw)
+    return Collator(tok, N_IMG, L, ImageTransform(16, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, "crop"), GenTransform(8), gen_patch_nums=(1, 2, 3), **kw)
 
 
 UND = [

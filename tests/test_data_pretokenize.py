@@ -16,7 +16,8 @@ from datamodules.schema import iter_tar, read_manifest
 from datamodules.stream import ShardStream
 from datamodules.config import SourceConfig
 from datamodules.testing import tiny_tokenizer
-from datamodules.transforms import GenTransform, ImageTransform
+from datamodules.transforms import GenTransform
+from modules.components.vision_encoders import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageTransform
 
 PN = (1, 2, 4)
 L = sum(p * p for p in PN)
@@ -76,7 +77,7 @@ def test_fingerprint_depends_on_weights_and_scales():
 
 
 def _collator(fp, **kw):
-    return Collator(tiny_tokenizer(), 4, L, ImageTransform(16, mode="crop"), GenTransform(16), max_length=256,
+    return Collator(tiny_tokenizer(), 4, L, ImageTransform(16, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, "crop"), GenTransform(16), max_length=256,
                     gen_patch_nums=PN, vq_fingerprint=fp, **kw)
 
 

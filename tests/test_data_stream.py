@@ -131,11 +131,12 @@ def test_collated_stream_from_world_shards(tmp_path):
     from datamodules import world
     from datamodules.collate import Collator
     from datamodules.testing import tiny_tokenizer
-    from datamodules.transforms import GenTransform, ImageTransform
+    from datamodules.transforms import GenTransform
+    from modules.components.vision_encoders import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageTransform
 
     world.generate_split(str(tmp_path), "train", {"vqa": 40, "gen": 40}, size=32, shard_size=20)
     tok = tiny_tokenizer()
-    col = Collator(tok, 4, 14, ImageTransform(16, mode="crop"), GenTransform(32), max_length=256,
+    col = Collator(tok, 4, 14, ImageTransform(16, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, "crop"), GenTransform(32), max_length=256,
                    gen_patch_nums=(1, 2, 3), prompt_dropout=0.1)
     ds = ShardStream([SourceConfig("und", str(tmp_path / "vqa-*.tar"), 1.0),
                       SourceConfig("gen", str(tmp_path / "gen-*.tar"), 1.0, "generation")], "train", shuffle_buffer=8)
