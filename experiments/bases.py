@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from experiments.config import REPO_ROOT
+from modules.checkpoint import sha256_file
 
 ASSETS = REPO_ROOT / "assets" / "world"
 SRC = REPO_ROOT / "runs" / "bases"
@@ -31,12 +32,6 @@ PARTS = {
     # the LLaVA-1.5-world start of VARGPT: only what understanding training produced
     "llava": ("llava_sft/model.safetensors", ("llm.", "vision.", "und_proj.")),
 }
-
-
-def _sha256(p: Path) -> str:
-    from modules.checkpoint import sha256_file
-
-    return sha256_file(p)
 
 
 def pack(src: Path = SRC, dst: Path = ASSETS, dtype: str = "float16") -> Dict[str, Dict]:
@@ -59,13 +54,13 @@ def pack(src: Path = SRC, dst: Path = ASSETS, dtype: str = "float16") -> Dict[st
         sd = {k: (v.to(tdt) if v.is_floating_point() else v) for k, v in sd.items()}
         out = dst / f"{name}.safetensors"
         save_state_dict(sd, out, metadata={"source": rel, "dtype": dtype})
-        manifest[name] = {"file": out.name, "sha256": _sha256(out), "tensors": len(sd),
+        manifest[name] = {"file": out.name, "sha256": sha256_file(out), "tensors": len(sd),
                           "params": int(sum(v.numel() for v in sd.values())), "bytes": out.stat().st_size}
     tok_dst = dst / "tokenizer"
     if tok_dst.exists():
         shutil.rmtree(tok_dst)
     shutil.copytree(src / "tokenizer", tok_dst)
-    manifest["tokenizer"] = {"file": "tokenizer/", "sha256": _sha256(tok_dst / "tokenizer.json")}
+    manifest["tokenizer"] = {"file": "tokenizer/", "sha256": sha256_file(tok_dst / "tokenizer.json")}
     (dst / "MANIFEST.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
@@ -86,7 +81,7 @@ def check(dst: Path = ASSETS) -> List[str]:
         p = p / "tokenizer.json" if p.is_dir() else p
         if not p.is_file():
             problems.append(f"{name}: {p} missing")
-        elif _sha256(p) != entry["sha256"]:
+        elif sha256_file(p) != entry["sha256"]:
             problems.append(f"{name}: {p} differs from MANIFEST.json (re-run `python -m experiments.bases pack`)")
     return problems
 

@@ -18,8 +18,6 @@ class StateDictMismatchError(ValueError):
     """A checkpoint whose keys or shapes do not match the module (the message lists them all)."""
 
 
-StateDictMismatch = StateDictMismatchError  # older name
-
 
 def sha256_file(path: Path | str) -> str:
     """Hex sha256 of a file, read in 1 MiB chunks (weights fingerprints, manifests)."""

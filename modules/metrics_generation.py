@@ -38,6 +38,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from modules.checkpoint import sha256_file
+
 INCEPTION_WEIGHTS_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_WEIGHTS_URL = (
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
@@ -118,12 +120,6 @@ def _resize(x_N3HW: Tensor, resolution: int) -> Tensor:
     return F.interpolate(
         x_N3HW, size=(resolution, resolution), mode="bilinear", align_corners=False, antialias=True
     )
-
-
-def _hash_file(path: str) -> str:
-    from modules.checkpoint import sha256_file
-
-    return sha256_file(path)
 
 
 def hash_state_dict(module: nn.Module) -> str:
@@ -241,7 +237,7 @@ class InceptionExtractor(GenFeatureExtractor):
         self.resolution = resolution
         self.num_features = 2048
         self.fingerprint = json.dumps(
-            {"kind": self.kind, "weights_sha256": _hash_file(weights_path), "feature": "2048",
+            {"kind": self.kind, "weights_sha256": sha256_file(weights_path), "feature": "2048",
              "logits": "logits_unbiased", "antialias": antialias, "uint8": "truncate"},
             sort_keys=True,
         )
