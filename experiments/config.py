@@ -152,6 +152,8 @@ def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
     for o in overrides:
         if "=" not in o:
             raise ConfigError(f"command line: override {o!r} must look like key=value (e.g. optim.lr=1e-4)")
+    # `key=` means the empty string (OmegaConf would read None, which a str field rejects)
+    overrides = [o + "''" if o.endswith("=") else o for o in overrides]
     try:
         return OmegaConf.from_dotlist(list(overrides))
     except OmegaConfBaseException as e:

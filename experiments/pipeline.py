@@ -53,7 +53,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                         common + ["eval.vqa_shards=test/vqa-*.tar", "eval.gen_shards=test/gen-*.tar"],
                         real_baseline="val/gen-*.tar", out=ev / "stage3_test.json")
     rep["stage3"] = {k: s3.get(k) for k in ("vqa_accuracy", "gen_attribute_accuracy", "gen_attr_all", "gen_attr_object",
-                                            "gen_attr_count", "gen_attr_position", "fid", "inception_score", "gen_n")}
+                                            "gen_attr_count", "gen_attr_position", "fid", "inception_score", "gen_n",
+                                            "gen_loss_img", "gen_loss_img_rolled_prompts", "gen_prompt_gain")}
     rep["real_vs_real"] = s3.get("real_vs_real")
     rep["protocol"] = s3["protocol"]
     # the flat keys the issue asks for

@@ -45,6 +45,9 @@ class EvalConfig:
     cache_dir: str = "runs/cache/gen_metrics"
     grid_images: int = 16  # generated images in the logged grid
     table_rows: int = 8  # (image, question, answer, prediction) rows logged
+    # generation samples for the prompt-use diagnostic (teacher-forced image CE with the right
+    # vs rolled prompts, see prompt_gain); 0 = skip
+    prompt_gain_samples: int = 64
 
 
 # ------------------------------------------------------------------------------------ data
@@ -210,6 +213,11 @@ def evaluate_generation(net, samples: Sequence[Dict[str, Any]], cfg: EvalConfig,
     prompts = [_user_text(s["record"]) for s in samples]
     images = generate_for(net, prompts, cfg)
     out: Dict[str, Any] = {"gen_n": len(prompts), "gen_images": images, "gen_prompts": prompts}
+    if cfg.prompt_gain_samples > 0:
+        was = net.training
+        net.eval()
+        out.update(prompt_gain(net, samples[:cfg.prompt_gain_samples], cfg.batch_size))
+        net.train(was)
     if classifier is not None and all("scene" in s["record"] for s in samples):
         scores = attribute_scores(classifier, images, [requested_groups(s["record"]) for s in samples])
         out.update({f"gen_attr_{k}": v for k, v in scores.items()})
@@ -219,6 +227,39 @@ def evaluate_generation(net, samples: Sequence[Dict[str, Any]], cfg: EvalConfig,
             reals = target_images(samples, images.shape[-1])
         out.update(fid_is(images, reals, cfg, classifier, real_key or "prompts"))
     return out
+
+
+@torch.no_grad()
+def prompt_gain(net, samples: Sequence[Dict[str, Any]], batch_size: int = 16) -> Dict[str, float]:
+    """How much the generator uses its prompt: teacher-forced image CE (nats per token, mean
+    over the samples' L tokens) with each sample's own prompt and with the prompts rolled by one
+    (every target paired with another sample's instruction). gen_prompt_gain = wrong - right;
+    near 0 means the LLM states reaching the VAR blocks carry almost nothing of the prompt,
+    whatever the sampling settings."""
+    from datamodules.collate import Collator
+    from datamodules.transforms import GenTransform
+
+    if len(samples) < 2:
+        raise ValueError("prompt_gain needs at least 2 generation samples (prompts are rolled by one)")
+    col = Collator(net.tokenizer, net.num_image_tokens, net.L, net.vision.image_transform(),
+                   GenTransform(int(net.vqvae.cfg.resolution)), template=net.template)
+
+    def ce(recs: Sequence[Dict[str, Any]]) -> float:
+        out = []
+        for chunk in _batches(recs, batch_size):
+            out.append(net(col([dict(s, task="generation") for s in chunk]))["loss_img_per_target"])
+        return float(torch.cat(out).mean())
+
+    def with_prompt(s: Dict[str, Any], other: Dict[str, Any]) -> Dict[str, Any]:
+        rec = dict(s["record"])
+        msgs = [dict(m) for m in rec["messages"]]
+        msgs[0]["content"] = _user_text(other["record"])
+        rec["messages"] = msgs
+        return dict(s, record=rec)
+
+    right = ce(samples)
+    wrong = ce([with_prompt(s, o) for s, o in zip(samples, list(samples[1:]) + list(samples[:1]))])
+    return {"gen_loss_img": right, "gen_loss_img_rolled_prompts": wrong, "gen_prompt_gain": wrong - right}
 
 
 def attribute_scores(classifier, images: torch.Tensor, groups: Sequence[Sequence[Dict[str, Any]]]) -> Dict[str, float]:

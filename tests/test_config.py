@@ -83,6 +83,12 @@ def test_bad_override_syntax_and_missing_file(exp_tree):
         load_config(exp_tree / "nope.yaml")
 
 
+def test_empty_override_is_empty_string(exp_tree):
+    # `output_dir=` on a shell means "": OmegaConf alone reads None, which a str field rejects
+    got = load_config(exp_tree / "parent.yaml", ["output_dir=", "name=x"]).cfg
+    assert got.output_dir == "" and got.name == "x"
+
+
 def test_inherit_cycle(exp_tree):
     (exp_tree / "a.yaml").write_text("inherits: b.yaml\n")
     (exp_tree / "b.yaml").write_text("inherits: a.yaml\n")

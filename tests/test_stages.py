@@ -169,6 +169,7 @@ def test_evaluate_cli_writes_report_with_protocol(tiny_world, tmp_path, tracking
               "inception_score"):
         assert k in rep, k
     assert rep["real_vs_real"]["n"] == 4 and rep["real_vs_real"]["fid"] >= 0
+    assert rep["gen_prompt_gain"] == pytest.approx(rep["gen_loss_img_rolled_prompts"] - rep["gen_loss_img"])
     p = rep["protocol"]
     assert p["num_gen"] == 4 and p["seed"] == 0 and p["extractor"] == "world" and p["resolution"] == 16
     gp = rep["gen_metrics_protocol"]

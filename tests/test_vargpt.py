@@ -131,3 +131,26 @@ def test_generation_inference_computes_the_training_logits(tiny):
         tiny.generate_image(["Draw a red circle on the left."], cfg=0.0, seed=[0], teacher_idx=idx, logits_out=per_scale)
     got = torch.cat([l[:1] for l in per_scale], dim=1)  # conditional half, all scales
     torch.testing.assert_close(got, out["logits_img"], atol=1e-4, rtol=1e-4)
+
+
+def test_prompt_gain_compares_right_and_rolled_prompts(tiny):
+    from modules.evaluation import prompt_gain
+
+    import copy
+
+    net = copy.deepcopy(tiny).eval()
+    with torch.no_grad():  # the VAR head starts at zero (uniform logits): give it weights
+        for p in net.var.head.parameters():
+            p.normal_(0, 0.5)
+    same = [gen_sample(f"s{i}", "Draw a red circle.", colour=(30, 30, 30 + 60 * i)) for i in range(3)]
+    r = prompt_gain(net, same, batch_size=2)
+    # identical instructions: rolling them changes nothing
+    assert r["gen_prompt_gain"] == 0.0 and r["gen_loss_img"] == r["gen_loss_img_rolled_prompts"] > 0
+    diff = [gen_sample("a", "Draw a red circle.", colour=(200, 30, 30)),
+            gen_sample("b", "two blue squares at the top please", colour=(30, 30, 200)),
+            gen_sample("c", "Create an image of a small black cross.", colour=(20, 20, 20))]
+    r = prompt_gain(net, diff, batch_size=2)
+    assert r["gen_loss_img"] != r["gen_loss_img_rolled_prompts"]  # the random model does see the prompt
+    assert r["gen_prompt_gain"] == pytest.approx(r["gen_loss_img_rolled_prompts"] - r["gen_loss_img"])
+    with pytest.raises(ValueError, match="at least 2"):
+        prompt_gain(net, diff[:1])

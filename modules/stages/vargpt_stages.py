@@ -125,7 +125,7 @@ class VARGPTStage(StageModule):
                 r = ev.evaluate_generation(self.net, self._gen_set, e, self._classifier,
                                            real_key=f"{e.gen_shards}@{root}")
                 self._log_scalars({f"val/{k}": v for k, v in r.items()
-                                   if isinstance(v, float) and (k.startswith("gen_attr") or k in ("fid", "inception_score"))})
+                                   if isinstance(v, float) and (k.startswith(("gen_attr", "gen_prompt")) or k in ("fid", "inception_score"))})
                 self._log_grid(f"eval/samples_step{step:06d}.png", r["gen_images"][: e.grid_images], r["gen_prompts"])
         finally:
             self.net.train(was_training)
