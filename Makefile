@@ -99,6 +99,7 @@ stage3: setup world-data ## VARGPT stage 3 from stage 2's weights (runs stage 2 
 # matmuls gain little from a second one, so the two together take about the chain's time).
 # Its lines are prefixed [und-only]; the scoreboard waits for it.
 pipeline: setup world-data $(BASES) ## stages 1-3 + the understanding-only baseline, then the scoreboard (runs/pipeline/report.json)
+	@$(PY) -m experiments.tracking init  # make runs/mlflow.db now: two runs start together below
 	@bg=; if [ ! -f runs/world/stage2_und_only/model.safetensors ]; then \
 	  ( set -o pipefail; $(RUN) experiments/world/stage2_und_only.yaml trainer.num_threads=1 $(ARGS) 2>&1 | sed -u 's/^/[und-only] /' ) & bg=$$!; fi; \
 	rc=0; for s in stage1 stage2 stage3; do \

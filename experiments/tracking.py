@@ -86,7 +86,9 @@ def make_logger(loaded: LoadedConfig, extra_tags: Optional[Dict[str, str]] = Non
     cfg = loaded.cfg
     name = experiment_name(cfg)
     root = artifact_root(cfg)
-    root.mkdir(parents=True, exist_ok=True)
+    # Create the experiment here, race-safe: Lightning's logger would create it on first use, and
+    # two runs starting together (make pipeline, sweeps) can both try (UNIQUE constraint failed).
+    ensure_experiment(get_client(tracking_uri(cfg)), name, root)
     return MLFlowLogger(
         experiment_name=name,
         run_name=cfg.logging.run_name or cfg.name,
@@ -139,6 +141,12 @@ def get_client(uri: Optional[str] = None):
     return mlflow.MlflowClient(uri or default_tracking_uri())
 
 
+def init_store(uri: Optional[str] = None) -> None:
+    """Create the store's tables now (a no-op when they exist), so runs started in parallel
+    do not race to migrate a new SQLite file."""
+    get_client(uri).search_experiments(max_results=1)
+
+
 def ensure_experiment(client: Any, name: str, root: Path) -> str:
     """The experiment's id, creating it with artifacts under ``root/name`` as make_logger does."""
     exp = client.get_experiment_by_name(name)
@@ -147,7 +155,16 @@ def ensure_experiment(client: Any, name: str, root: Path) -> str:
             client.restore_experiment(exp.experiment_id)
         return exp.experiment_id
     root.mkdir(parents=True, exist_ok=True)
-    return client.create_experiment(name, artifact_location=(root / name).as_uri())
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.create_experiment(name, artifact_location=(root / name).as_uri())
+    except MlflowException:
+        # another process (a parallel pipeline job or sweep variant) created it first
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
 
 
 def _quote(value: str) -> str:
@@ -203,3 +220,11 @@ def sweep_child_env(tags: Dict[str, str]) -> Dict[str, str]:
     import json
 
     return {SWEEP_ENV: json.dumps({str(k): str(v) for k, v in tags.items()})}
+
+
+if __name__ == "__main__":  # python -m experiments.tracking init [URI]
+    import sys
+
+    if sys.argv[1:2] != ["init"]:
+        sys.exit("usage: python -m experiments.tracking init [TRACKING_URI]")
+    init_store(sys.argv[2] if len(sys.argv) > 2 else None)

@@ -50,6 +50,29 @@ def _get(url, timeout=5):
         return r.status, r.read().decode()
 
 
+def test_two_runs_creating_one_experiment_both_get_it(tmp_path, tracking_uri):
+    # make pipeline starts stage 1 and the understanding-only run together: both may find no
+    # experiment and try to create it; the loser must take the winner's id, not crash
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    first = tracking.ensure_experiment(client, "vargpt-race", tmp_path / "art")
+
+    class Late(mlflow.MlflowClient):  # saw "no experiment" just before the other process made it
+        def get_experiment_by_name(self, name):
+            self._seen = getattr(self, "_seen", 0) + 1
+            return None if self._seen == 1 else super().get_experiment_by_name(name)
+
+    assert tracking.ensure_experiment(Late(tracking_uri), "vargpt-race", tmp_path / "art") == first
+
+
+def test_init_store_creates_the_tables_once(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'new.db'}"
+    tracking.init_store(uri)
+    assert (tmp_path / "new.db").is_file()
+    tracking.init_store(uri)  # idempotent
+
+
 def test_tiny_run_logs_everything_and_server_serves_it(tmp_path, tracking_uri):
     from experiments.run import fit
 
