@@ -122,12 +122,6 @@ def test_base_vqvae_export_loads_into_vqvae(vqvae_run):
     assert [t.shape[1] for t in idx] == [1, 4, 16, 64]
 
 
-def test_base_vqvae_overfits_one_batch(world, tmp_path):
-    _, module, dm = _stage("vqvae", world, tmp_path)
-    first, last = _overfit(module, dm, steps=15)
-    assert last < 0.8 * first, (first, last)
-
-
 def test_base_var_trains_and_exports(vqvae_run, world):
     from modules.components.var_decoder import build_var
     from modules.checkpoint import load_strict as strict_load
@@ -179,12 +173,6 @@ def test_base_classifier_trains_and_exports(world, tmp_path):
     assert len(preds) == 3 and all("objects" in p and "count" in p for p in preds)
 
 
-def test_base_classifier_overfits_one_batch(world, tmp_path):
-    _, module, dm = _stage("classifier", world, tmp_path)
-    first, last = _overfit(module, dm, steps=15)
-    assert last < 0.7 * first, (first, last)
-
-
 # ----------------------------------------------------------------------------------- vision
 
 
@@ -202,12 +190,6 @@ def test_base_vision_exports_tower_only(world, tmp_path):
     enc2 = build_vision_encoder(replace(loaded.cfg.model.vision, pretrained_path=str(tower)))
     x = torch.randn(2, 3, 64, 64)
     torch.testing.assert_close(enc.eval()(x), enc2.eval()(x))
-
-
-def test_base_vision_overfits_one_batch(world, tmp_path):
-    _, module, dm = _stage("vision", world, tmp_path)
-    first, last = _overfit(module, dm, steps=15)
-    assert last < 0.7 * first, (first, last)
 
 
 # ----------------------------------------------------------------------------------- llm
@@ -230,10 +212,6 @@ def test_base_llm_trains_tokenizer_and_exports(world, tmp_path):
     assert (tok_dir / "tokenizer.json").stat().st_mtime_ns == mtime
 
 
-def test_base_llm_overfits_one_batch(world, tmp_path):
-    _, module, dm = _stage("llm", world, tmp_path)
-    first, last = _overfit(module, dm, steps=12)
-    assert last < 0.8 * first, (first, last)
 
 
 def test_world_texts_use_chat_template_without_image_token():
@@ -244,3 +222,12 @@ def test_world_texts_use_chat_template_without_image_token():
     (text,) = world_texts([rec], eos="</s>")
     assert "<image>" not in text
     assert text.endswith("USER: What colour is the circle? ASSISTANT: red</s>")
+
+
+@pytest.mark.parametrize("base, steps, ratio", [("vqvae", 15, 0.8), ("classifier", 15, 0.7), ("vision", 15, 0.7),
+                                                ("llm", 12, 0.8)])
+def test_base_overfits_one_batch(base, steps, ratio, world, tmp_path):
+    # the VAR base needs the VQVAE run first: test_base_var_overfits_one_batch
+    _, module, dm = _stage(base, world, tmp_path)
+    first, last = _overfit(module, dm, steps=steps)
+    assert last < ratio * first, (first, last)
