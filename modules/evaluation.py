@@ -213,11 +213,8 @@ def evaluate_generation(net, samples: Sequence[Dict[str, Any]], cfg: EvalConfig,
     prompts = [_user_text(s["record"]) for s in samples]
     images = generate_for(net, prompts, cfg)
     out: Dict[str, Any] = {"gen_n": len(prompts), "gen_images": images, "gen_prompts": prompts}
-    if cfg.prompt_gain_samples > 0:
-        was = net.training
-        net.eval()
+    if cfg.prompt_gain_samples > 0:  # callers evaluate in eval mode (no dropout), as for sampling
         out.update(prompt_gain(net, samples[:cfg.prompt_gain_samples], cfg.batch_size))
-        net.train(was)
     if classifier is not None and all("scene" in s["record"] for s in samples):
         scores = attribute_scores(classifier, images, [requested_groups(s["record"]) for s in samples])
         out.update({f"gen_attr_{k}": v for k, v in scores.items()})
@@ -236,13 +233,9 @@ def prompt_gain(net, samples: Sequence[Dict[str, Any]], batch_size: int = 16) ->
     (every target paired with another sample's instruction). gen_prompt_gain = wrong - right;
     near 0 means the LLM states reaching the VAR blocks carry almost nothing of the prompt,
     whatever the sampling settings."""
-    from datamodules.collate import Collator
-    from datamodules.transforms import GenTransform
-
     if len(samples) < 2:
         raise ValueError("prompt_gain needs at least 2 generation samples (prompts are rolled by one)")
-    col = Collator(net.tokenizer, net.num_image_tokens, net.L, net.vision.image_transform(),
-                   GenTransform(int(net.vqvae.cfg.resolution)), template=net.template)
+    col = net.collator()
 
     def ce(recs: Sequence[Dict[str, Any]]) -> float:
         out = []

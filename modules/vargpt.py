@@ -79,6 +79,17 @@ class VARGPT(nn.Module):
         return {"num_image_tokens": self.num_image_tokens, "gen_num_tokens": self.L,
                 "gen_patch_nums": list(self.patch_nums), "vq_fingerprint": self.vqvae.fingerprint()}
 
+    def collator(self, **kw: Any):
+        """A Collator in the training layout for this model: sizes from collator_sizes(), the
+        vision tower's input transform and the VQVAE's target transform (kw: Collator options)."""
+        from datamodules.collate import Collator
+        from datamodules.transforms import GenTransform
+
+        s = self.collator_sizes()
+        return Collator(self.tokenizer, s["num_image_tokens"], s["gen_num_tokens"], self.vision.image_transform(),
+                        GenTransform(self.vqvae.cfg.resolution), template=self.template,
+                        gen_patch_nums=s["gen_patch_nums"], vq_fingerprint=s["vq_fingerprint"], **kw)
+
     def train(self, mode: bool = True):
         super().train(mode)
         self.vqvae.eval()  # frozen tokenizer: no dropout, no codebook bookkeeping

@@ -212,8 +212,6 @@ def test_base_llm_trains_tokenizer_and_exports(world, tmp_path):
     assert (tok_dir / "tokenizer.json").stat().st_mtime_ns == mtime
 
 
-
-
 def test_world_texts_use_chat_template_without_image_token():
     from modules.stages.bases import world_texts
 

@@ -63,10 +63,4 @@ def _sample(key: str, messages: List[Dict[str, str]], images: List[Image.Image],
 
 
 def collator_for(net, **kw):
-    from datamodules.collate import Collator
-    from datamodules.transforms import GenTransform
-
-    s = net.collator_sizes()
-    return Collator(net.tokenizer, s["num_image_tokens"], s["gen_num_tokens"], net.vision.image_transform(),
-                    GenTransform(net.vqvae.cfg.resolution), template=net.template,
-                    gen_patch_nums=s["gen_patch_nums"], vq_fingerprint=s["vq_fingerprint"], **kw)
+    return net.collator(**kw)
