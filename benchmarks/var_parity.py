@@ -1,9 +1,17 @@
 """Parity of our VQVAE + VAR decoder with the official FoundationVision/VAR code.
 
-    python -m benchmarks.var_parity ../shared/fixtures/var_official
+    python -m benchmarks.var_parity tests/fixtures/var_official
 
-DIR holds config.json (sizes and sampling settings), weights.pt ({"vae": sd, "var": sd} in the
-official key layout) and vectors.pt (inputs and the official outputs); see that folder's README.
+DIR holds config.json (sizes and sampling settings), the weights in the official key layout and
+vectors.pt (inputs and the official outputs); see that folder's README. The weights are either
+weights.pt ({"vae": sd, "var": sd}, the layout the fixture was first made in) or safetensors files
+named in config.json:
+
+    "weights": {"var": {"file": "var.safetensors", "prefix": ""},
+                "vae": {"file": "../vargpt_official/model-00002-of-00002.safetensors", "prefix": "vae_local."}}
+
+(paths relative to DIR; the keys under `prefix` are taken with it stripped; a file may also be a
+`*.safetensors.index.json` of a sharded checkpoint). A part in weights.pt wins over config.json.
 Loads both state dicts strictly, runs our implementation on the inputs and prints one JSON line:
 
     {"indices_equal": bool, "recon_max_abs": float, "logits_max_abs": float, "loss_abs": float,
@@ -44,13 +52,54 @@ def configs_from_official(c: Dict[str, Any]) -> Tuple[VQVAEConfig, VARConfig]:
     return vq, var
 
 
+def load_safetensors(path: str | Path, prefix: str = "") -> Dict[str, torch.Tensor]:
+    """The tensors under `prefix` (stripped) of one .safetensors file or of a sharded checkpoint's
+    *.safetensors.index.json ({"weight_map": {key: shard file}}, shards beside it)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if path.name.endswith(".index.json"):
+        weight_map = json.loads(path.read_text())["weight_map"]
+        files = [path.parent / f for f in sorted({f for k, f in weight_map.items() if k.startswith(prefix)})]
+    else:
+        files = [path]
+    out: Dict[str, torch.Tensor] = {}
+    for f in files:
+        if not f.is_file():
+            raise FileNotFoundError(f"{f} is missing")
+        out.update({k[len(prefix):]: t for k, t in load_file(f).items() if k.startswith(prefix)})
+    if not out:
+        raise ValueError(f"no tensor under prefix {prefix!r} in {path}")
+    return out
+
+
+def load_weights(d: str | Path, c: Dict[str, Any]) -> Dict[str, Dict[str, torch.Tensor]]:
+    """{"vae": sd, "var": sd}: from DIR/weights.pt where it holds the part, else from the file
+    config.json's "weights" names for it."""
+    d = Path(d)
+    pt = d / "weights.pt"
+    w = torch.load(pt, map_location="cpu", weights_only=True) if pt.is_file() else {}
+    spec = c.get("weights", {})
+    out = {}
+    for part in ("vae", "var"):
+        if part in w:
+            out[part] = w[part]
+        elif part in spec:
+            out[part] = load_safetensors(d / spec[part]["file"], spec[part].get("prefix", ""))
+        else:
+            raise FileNotFoundError(f"no {part!r} weights for {d}: {pt} does not hold them and config.json "
+                                    f"names no file for them (weights.{part}.file)")
+    return out
+
+
 def load_fixture(d: str | Path) -> Tuple[Dict[str, Any], MultiScaleVQVAE, VARDecoder, Dict[str, Any]]:
     d = Path(d)
-    for name in ("config.json", "weights.pt", "vectors.pt"):
+    for name in ("config.json", "vectors.pt"):
         if not (d / name).is_file():
-            raise FileNotFoundError(f"{d / name} is missing: DIR must hold config.json, weights.pt and vectors.pt")
+            raise FileNotFoundError(f"{d / name} is missing: DIR must hold config.json, vectors.pt and the "
+                                    "weights (weights.pt or the files config.json names)")
     c = json.loads((d / "config.json").read_text())
-    weights = torch.load(d / "weights.pt", map_location="cpu", weights_only=True)
+    weights = load_weights(d, c)
     vectors = torch.load(d / "vectors.pt", map_location="cpu", weights_only=True)
     vq_cfg, var_cfg = configs_from_official(c)
     vqvae = build_vqvae(vq_cfg).eval()
@@ -90,7 +139,8 @@ def passed(r: Dict[str, Any]) -> bool:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        print("usage: python -m benchmarks.var_parity DIR   (DIR: config.json, weights.pt, vectors.pt)", file=sys.stderr)
+        print("usage: python -m benchmarks.var_parity DIR   (DIR: config.json, vectors.pt, weights; see the docstring)",
+              file=sys.stderr)
         return 2
     r = run_parity(argv[0])
     print(json.dumps(r))

@@ -12,15 +12,46 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SHARED = REPO_ROOT.parent / "shared"
-FIXTURES = SHARED / "fixtures"
+# test vectors and real-format samples, vendored with the repository (see tests/fixtures/README.md)
+FIXTURES = REPO_ROOT / "tests" / "fixtures"
+
+
+def require_fixture(*parts: str | Path) -> Path:
+    """tests/fixtures/<parts> (an absolute first part is kept as it is). A missing fixture fails
+    the calling test (never skips it): the fixtures are part of the repository, so their absence
+    is a broken checkout."""
+    p = FIXTURES.joinpath(*parts)
+    if not p.exists():
+        pytest.fail(f"test fixture missing: {p} (the fixtures are vendored in the repository under "
+                    f"tests/fixtures/; see tests/fixtures/README.md)", pytrace=False)
+    return p
+
+
+def load_sharded_safetensors(d: Path | str, prefix: str = "", index: str = "model.safetensors.index.json"):
+    """The state dict of a sharded Hugging Face checkpoint directory `d` (relative to
+    tests/fixtures or absolute; `index` maps {"weight_map": {key: shard file}}): the keys under
+    `prefix` (kept whole), in the stored dtypes. Fails the test if the index or a shard is
+    missing or a shard's keys differ from what the index lists for it."""
+    import json
+
+    from safetensors.torch import load_file
+
+    weight_map = json.loads(require_fixture(d, index).read_text())["weight_map"]
+    sd = {}
+    for shard in sorted(set(weight_map.values())):
+        path = require_fixture(d, shard)
+        tensors = load_file(path)
+        listed = {k for k, f in weight_map.items() if f == shard}
+        if set(tensors) != listed:
+            pytest.fail(f"{path}: holds {len(tensors)} tensors, the index lists {len(listed)} for it "
+                        f"(first difference: {sorted(set(tensors) ^ listed)[:3]})", pytrace=False)
+        sd.update((k, t) for k, t in tensors.items() if k.startswith(prefix))
+    return sd
 
 
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
-    if not FIXTURES.is_dir():
-        pytest.skip(f"shared fixtures not found at {FIXTURES}")
-    return FIXTURES
+    return require_fixture()
 
 
 @pytest.fixture

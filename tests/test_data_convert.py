@@ -8,11 +8,14 @@ import pytest
 from datamodules import convert
 from datamodules.schema import iter_tar, read_manifest, validate_record
 
-from pathlib import Path
+from tests.conftest import FIXTURES, require_fixture
 
-F = str(Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "formats")
-if not os.path.isdir(F):
-    pytest.skip(f"format fixtures not found at {F}", allow_module_level=True)
+F = str(FIXTURES / "formats")
+
+
+@pytest.fixture(autouse=True)
+def _formats_present():
+    require_fixture("formats")
 
 
 def run(fmt, out, *args):

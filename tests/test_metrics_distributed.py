@@ -2,7 +2,7 @@
 
 One spawn serves every metric (each child pays the torch + torchmetrics import, ~5 s). Plain
 torch.multiprocessing spawn with a fresh port and a timeout, not Lightning DDP (which relaunches
-pytest for rank 1; see ../shared/ENVIRONMENT.md).
+pytest for rank 1).
 """
 import json
 import socket

@@ -1,10 +1,9 @@
-"""VQA accuracy equals the lmms-eval VQAv2 scorer (shared test vectors) and EvalAI's rules.
+"""VQA accuracy equals the lmms-eval VQAv2 scorer (its test vectors in tests/fixtures/) and EvalAI's rules.
 
 The 2-process gather test lives in test_metrics_distributed.py (one spawn for all metrics).
 """
 import json
 import statistics
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,13 +16,13 @@ from modules.metrics import (
     vqa_accuracy,
 )
 
-VECTORS = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "vqav2_scoring_vectors.json"
+from tests.conftest import FIXTURES, require_fixture
+
+VECTORS = FIXTURES / "vqav2_scoring_vectors.json"
 
 
 def load_cases():
-    if not VECTORS.is_file():
-        pytest.skip(f"shared test vectors not found at {VECTORS}")
-    return json.loads(VECTORS.read_text())["cases"]
+    return json.loads(require_fixture(VECTORS).read_text())["cases"]
 
 
 def test_every_shared_vector_matches_exactly():

@@ -1,5 +1,6 @@
-"""Parity with the official FoundationVision/VAR code on the shared test vectors, and the
-`python -m benchmarks.var_parity DIR` command (its JSON line and exit status)."""
+"""Parity with the official FoundationVision/VAR code on its test vectors
+(tests/fixtures/var_official), and the `python -m benchmarks.var_parity DIR` command (its JSON
+line and exit status, on the vendored layout and on the layout the fixture was first made in)."""
 from __future__ import annotations
 
 import json
@@ -11,10 +12,16 @@ import torch
 
 from benchmarks import var_parity
 
-from tests.conftest import FIXTURES
+from tests.conftest import FIXTURES, require_fixture
 
 FIX = FIXTURES / "var_official"
-pytestmark = pytest.mark.skipif(not (FIX / "weights.pt").is_file(), reason="official VAR fixture not present")
+
+
+@pytest.fixture(autouse=True)
+def _fixture_present():
+    for name in ("config.json", "var.safetensors", "vectors.pt"):
+        require_fixture("var_official", name)
+    require_fixture("vargpt_official", "model-00002-of-00002.safetensors")  # the VQVAE, stored once
 
 
 @pytest.fixture(autouse=True)
@@ -56,11 +63,30 @@ def test_cli_reports_and_passes(capsys):
 
 
 def test_cli_fails_on_a_perturbed_fixture(tmp_path, capsys):
-    for name in ("config.json", "weights.pt"):
-        shutil.copy(FIX / name, tmp_path / name)
+    # the same config, its weight files named by absolute path, and perturbed vectors
+    c = json.loads((FIX / "config.json").read_text())
+    for part in c["weights"].values():
+        part["file"] = str((FIX / part["file"]).resolve())
+    (tmp_path / "config.json").write_text(json.dumps(c))
     v = torch.load(FIX / "vectors.pt", weights_only=True)
     v["logits"] = v["logits"] + 1e-3
     torch.save(v, tmp_path / "vectors.pt")
     assert var_parity.main([str(tmp_path)]) == 1
     r = json.loads(capsys.readouterr().out.strip())
     assert r["logits_max_abs"] > 1e-4 and r["indices_equal"]
+
+
+def test_cli_reads_the_original_layout(tmp_path, capsys):
+    """A directory as the fixture was first made: weights.pt = {"vae": sd, "var": sd} (the VQVAE
+    with its own 10 x 512 zero `quantize.ema_vocab_hit_SV`) and a config.json without "weights"."""
+    c = json.loads((FIX / "config.json").read_text())
+    w = var_parity.load_weights(FIX, c)
+    w["vae"]["quantize.ema_vocab_hit_SV"] = torch.zeros(len(c["patch_nums"]), c["V"])
+    del c["weights"]
+    (tmp_path / "config.json").write_text(json.dumps(c))
+    torch.save(w, tmp_path / "weights.pt")
+    shutil.copy(FIX / "vectors.pt", tmp_path / "vectors.pt")
+    assert var_parity.main([str(tmp_path)]) == 0
+    r = json.loads(capsys.readouterr().out.strip())
+    assert r["indices_equal"] and r["sample_indices_equal"]
+    assert max(r["recon_max_abs"], r["logits_max_abs"], r["loss_abs"]) <= 1e-4

@@ -14,34 +14,32 @@ from modules.components.vqvae import (
     build_vqvae,
 )
 
-from tests.conftest import FIXTURES
+from tests.conftest import FIXTURES, require_fixture
 
 FIX = FIXTURES / "var_official"
-needs_fixture = pytest.mark.skipif(not (FIX / "weights.pt").is_file(), reason="official VAR fixture not present")
 
 
 @pytest.fixture(autouse=True)
 def _one_thread(one_thread):  # see tests/conftest.py
     yield
 
-# the embedded 64 px world (WORLD_NOTES.md): 8x down, 8x8x16 latent, 512 codes
+# the embedded 64 px world: 8x down, 8x8x16 latent, 512 codes
 WORLD = dict(ch=32, ch_mult=[1, 1, 2, 2], num_res_blocks=1, z_channels=16, vocab_size=512, patch_nums=[1, 2, 3, 4, 6, 8])
 
 
 @pytest.fixture(scope="module")
 def official():
-    from benchmarks.var_parity import configs_from_official
+    from benchmarks.var_parity import configs_from_official, load_weights
 
-    c = json.loads((FIX / "config.json").read_text())
-    w = torch.load(FIX / "weights.pt", weights_only=True)
-    v = torch.load(FIX / "vectors.pt", weights_only=True)
+    c = json.loads(require_fixture("var_official", "config.json").read_text())
+    w = load_weights(FIX, c)  # the VQVAE from the vargpt_official shard (see tests/fixtures/README.md)
+    v = torch.load(require_fixture("var_official", "vectors.pt"), weights_only=True)
     vq_cfg, _ = configs_from_official(c)
     m = build_vqvae(vq_cfg).eval()
     m.load_official_state_dict(w["vae"])
     return m, w, v
 
 
-@needs_fixture
 def test_official_indices_teacher_input_and_recon(official):
     m, _, v = official
     idx = m.img_to_idx(v["images"])
@@ -55,7 +53,6 @@ def test_official_indices_teacher_input_and_recon(official):
     assert (m.img_to_recon(v["images"]) - v["recon"]).abs().max() <= 1e-4
 
 
-@needs_fixture
 def test_fp32_inside_autocast(official):
     m, _, v = official
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -65,7 +62,6 @@ def test_fp32_inside_autocast(official):
     assert img.dtype == torch.float32 and (img - v["recon"]).abs().max() <= 1e-4
 
 
-@needs_fixture
 def test_strict_loading_lists_keys(official):
     m, w, _ = official
     sd = dict(w["vae"])
