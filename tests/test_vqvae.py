@@ -32,7 +32,9 @@ def official():
     from benchmarks.var_parity import configs_from_official, load_weights
 
     c = json.loads(require_fixture("var_official", "config.json").read_text())
-    w = load_weights(FIX, c)  # the VQVAE from the vargpt_official shard (see tests/fixtures/README.md)
+    for part in c["weights"].values():  # the VQVAE is in the vargpt_official shard (tests/fixtures/README.md)
+        require_fixture(FIX / part["file"])
+    w = load_weights(FIX, c)
     v = torch.load(require_fixture("var_official", "vectors.pt"), weights_only=True)
     vq_cfg, _ = configs_from_official(c)
     m = build_vqvae(vq_cfg).eval()
