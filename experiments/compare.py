@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from experiments.config import REPO_ROOT
+from experiments import tracking
+from experiments.sweep_schema import SWEEPS_DIR, read_sweep
 
-SWEEPS_DIR = REPO_ROOT / "runs" / "sweeps"
 # Params that differ between runs without being an experimental choice.
 _NOT_SWEPT = ("name", "output_dir", "logging.", "trainer.enable_progress_bar", "trainer.num_threads", "params/")
 # Bookkeeping metrics: their "best" means nothing (final value only) and they sort last.
@@ -104,22 +104,21 @@ def _parse_json(text: str) -> Dict[str, Any]:
 
 def find_target(client: Any, name: str):
     """(kind, experiment, runs, parent run or None, sweep tags) for a sweep id or experiment name."""
-    from experiments import tracking as t
-
-    ids = t.all_experiment_ids(client)
-    parents = t.find_runs(client, ids, {t.SWEEP_ID: name, t.SWEEP_ROLE: "parent"}) if ids else []
+    ids = tracking.all_experiment_ids(client)
+    role = tracking.SWEEP_ROLE
+    parents = tracking.find_runs(client, ids, {tracking.SWEEP_ID: name, role: "parent"}) if ids else []
     if parents:
         parent = parents[0]
         exp = client.get_experiment(parent.info.experiment_id)
-        children = t.find_runs(client, [exp.experiment_id], {t.SWEEP_ID: name, t.SWEEP_ROLE: "child"})
+        children = tracking.find_runs(client, [exp.experiment_id], {tracking.SWEEP_ID: name, role: "child"})
         latest: Dict[str, Any] = {}  # oldest first, so the last attempt of a variant wins
         for r in children:
-            latest[r.data.tags.get(t.SWEEP_VARIANT, r.info.run_name)] = r
+            latest[r.data.tags.get(tracking.SWEEP_VARIANT, r.info.run_name)] = r
         return "sweep", exp, list(latest.values()), parent
     exp = client.get_experiment_by_name(name)
     if exp is None:
-        sweeps = sorted({r.data.tags.get(t.SWEEP_ID, "") for r in t.find_runs(client, ids, {t.SWEEP_ROLE: "parent"})}) \
-            if ids else []
+        all_parents = tracking.find_runs(client, ids, {role: "parent"}) if ids else []
+        sweeps = sorted({r.data.tags.get(tracking.SWEEP_ID, "") for r in all_parents})
         names = sorted(e.name for e in client.search_experiments())
         raise CompareError(f"no sweep or MLflow experiment named '{name}'; sweeps: {', '.join(sweeps) or 'none'}; "
                            f"experiments: {', '.join(names) or 'none'}")
@@ -130,7 +129,7 @@ def find_target(client: Any, name: str):
     while True:
         page = client.search_runs([exp.experiment_id], "", ViewType.ACTIVE_ONLY, max_results=1000,
                                   order_by=["attributes.start_time ASC"], page_token=token)
-        runs += [r for r in page if r.data.tags.get(t.SWEEP_ROLE) not in ("parent", "compare")]
+        runs += [r for r in page if r.data.tags.get(role) not in ("parent", "compare")]
         token = page.token
         if not token:
             break
@@ -163,15 +162,13 @@ def _swept_keys_from_params(runs: Sequence[Any]) -> List[str]:
 def collect(client: Any, name: str, metric: Optional[str] = None, mode: Optional[str] = None,
             rank: str = "best", out_dir: Optional[Path] = None):
     """Everything a report needs, ranked; returns (Report, parent run or None, experiment)."""
-    from experiments import tracking as t
-
     kind, exp, runs, parent = find_target(client, name)
     if not runs:
         raise CompareError(f"'{name}' ({kind}, experiment '{exp.name}') has no runs to compare yet")
     if kind == "sweep":
         keys: List[str] = []
         for r in runs:
-            for k in _parse_json(r.data.tags.get(t.SWEEP_OVERRIDES, "")):
+            for k in _parse_json(r.data.tags.get(tracking.SWEEP_OVERRIDES, "")):
                 if k not in keys:
                     keys.append(k)
         metric = metric or parent.data.tags.get("sweep_metric") or "val/loss"
@@ -181,12 +178,12 @@ def collect(client: Any, name: str, metric: Optional[str] = None, mode: Optional
     rows: List[Row] = []
     seen_names: Dict[str, int] = {}
     for r in runs:
-        label = r.data.tags.get(t.SWEEP_VARIANT) if kind == "sweep" else None
+        label = r.data.tags.get(tracking.SWEEP_VARIANT) if kind == "sweep" else None
         label = label or r.info.run_name or r.info.run_id[:8]
         seen_names[label] = seen_names.get(label, 0) + 1
         if seen_names[label] > 1:
             label = f"{label} ({r.info.run_id[:8]})"
-        over = _parse_json(r.data.tags.get(t.SWEEP_OVERRIDES, ""))
+        over = _parse_json(r.data.tags.get(tracking.SWEEP_OVERRIDES, ""))
         values = {k: over[k] if k in over else r.data.params.get(k, "") for k in keys}
         rows.append(Row(label, r.info.run_id, r.info.status, values, _history(client, r)))
     all_metrics = sorted({m for row in rows for m in row.history})
@@ -389,8 +386,6 @@ def write(report: Report) -> List[Path]:
 
 def attach(client: Any, report: Report, parent: Any, exp: Any) -> str:
     """Log the report under ``compare/`` of the sweep's parent run (or of a ``compare`` run)."""
-    from experiments import tracking as t
-
     if parent is not None:
         run_id = parent.info.run_id
         best = report.rows[0] if report.rows and report.metric in report.rows[0].best else None
@@ -399,12 +394,12 @@ def attach(client: Any, report: Report, parent: Any, exp: Any) -> str:
             client.set_tag(run_id, "sweep_best_run_id", best.run_id)
             client.log_metric(run_id, f"best/{report.metric}", best.best[report.metric])
     else:
-        runs = t.find_runs(client, [exp.experiment_id], {t.SWEEP_ROLE: "compare"})
+        runs = tracking.find_runs(client, [exp.experiment_id], {tracking.SWEEP_ROLE: "compare"})
         if runs:
             run_id = runs[0].info.run_id
         else:
             run_id = client.create_run(exp.experiment_id, run_name="compare",
-                                       tags={t.SWEEP_ROLE: "compare"}).info.run_id
+                                       tags={tracking.SWEEP_ROLE: "compare"}).info.run_id
             client.set_terminated(run_id, "FINISHED")
     client.log_artifacts(run_id, str(report.out_dir), "compare")
     report.logged_to = run_id
@@ -415,13 +410,9 @@ def compare(name: str, tracking_uri: Optional[str] = None, out_dir: Optional[Pat
             metric: Optional[str] = None, mode: Optional[str] = None, rank: str = "best",
             log: bool = True, quiet: bool = False) -> Report:
     """Build, write, print and (``log``) attach the comparison for a sweep or experiment."""
-    from experiments import tracking as t
-
     if name.endswith((".yaml", ".yml")) and Path(name).is_file():
-        from experiments.sweep import read_sweep
-
         name = read_sweep(name).name
-    client = t.get_client(tracking_uri)
+    client = tracking.get_client(tracking_uri)
     report, parent, exp = collect(client, name, metric, mode, rank, out_dir)
     if report.metric not in report.metrics:
         print(f"[compare] warning: no run logged '{report.metric}' (rows are not ranked); metrics: "

@@ -122,7 +122,7 @@ def log_file(logger: Any, path: Path, artifact_path: Optional[str] = None) -> No
 
 
 # ----------------------------------------------------------------------------------------
-# sweeps: parent/child runs (experiments/sweep.py, experiments/compare.py)
+# sweeps: parent/child runs (experiments/sweep_tracking.py, experiments/compare.py)
 # ----------------------------------------------------------------------------------------
 # Tag keys a sweep writes. Children carry all of them; the parent carries SWEEP_ID and
 # SWEEP_ROLE="parent". `mlflow.parentRunId` is what makes the MLflow UI nest a child.
@@ -220,6 +220,24 @@ def sweep_child_env(tags: Dict[str, str]) -> Dict[str, str]:
     import json
 
     return {SWEEP_ENV: json.dumps({str(k): str(v) for k, v in tags.items()})}
+
+
+def eval_report_metrics(report: Dict[str, Any]) -> Dict[str, float]:
+    """An evaluation report (experiments.evaluate's JSON) as MLflow metrics: ``eval/<k>`` for each
+    numeric top-level value (bools are not metrics), ``eval/vqa_<type>`` for each numeric value of
+    ``vqa_per_type`` and ``eval/real_vs_real_<k>`` for each numeric value of ``real_vs_real``.
+    Everything else (protocol, names, paths) is left out."""
+    def numeric(v: Any) -> bool:
+        return isinstance(v, (int, float))
+
+    out = {f"eval/{k}": float(v) for k, v in report.items() if numeric(v) and not isinstance(v, bool)}
+    for k, v in (report.get("vqa_per_type") or {}).items():
+        if numeric(v):
+            out[f"eval/vqa_{k}"] = float(v)
+    for k, v in (report.get("real_vs_real") or {}).items():
+        if numeric(v):
+            out[f"eval/real_vs_real_{k}"] = float(v)
+    return out
 
 
 if __name__ == "__main__":  # python -m experiments.tracking init [URI]

@@ -1,8 +1,8 @@
 """The sweep launcher end to end on the debug stage (a few steps per variant), in a temporary
 MLflow store: a four-variant sweep with one variant that crashes in its process, two at a time;
 a relaunch that reruns only the failed variant; the comparison attached to the parent run.
-Then, with stand-in children that cost no imports: Ctrl-C marking running variants KILLED, an
-evaluate sweep, and compare on a plain experiment. The launcher runs in the test process (its
+Then, with stand-in children that cost no imports: Ctrl-C and SIGTERM marking running variants
+KILLED, an evaluate sweep, and compare on a plain experiment. The launcher runs in the test process (its
 imports are paid already); every variant runs in its own process as in real use."""
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments import compare, sweep, tracking
+from experiments import compare, sweep, sweep_launcher, sweep_schema, tracking
 from experiments.config import REPO_ROOT
 
 DEBUG = REPO_ROOT / "experiments" / "debug.yaml"
@@ -96,7 +96,7 @@ def test_micro_sweep_failure_rerun_parallel_and_compare(tmp_path, store, capsys)
     a, b = by_variant["lr_low"].data.tags, by_variant["lr_high"].data.tags
     assert float(b["sweep_proc_start"]) < float(a["sweep_proc_end"]) and \
         float(a["sweep_proc_start"]) < float(b["sweep_proc_end"])
-    assert by_variant["lr_low"].data.params["trainer.num_threads"] == str(sweep.thread_budget(2))
+    assert by_variant["lr_low"].data.params["trainer.num_threads"] == str(sweep_launcher.thread_budget(2))
     # The crash: FAILED with its traceback and the process log as artifacts.
     broken = by_variant["broken"].info.run_id
     arts = {a.path for a in client.list_artifacts(broken)} | {a.path for a in client.list_artifacts(broken, "sweep")}
@@ -137,60 +137,131 @@ def test_micro_sweep_failure_rerun_parallel_and_compare(tmp_path, store, capsys)
         print(f"\n[timing] first launch (4 variants, 2 at a time) {t_first:.1f}s, relaunch {t_second:.1f}s")
 
 
-def test_ctrl_c_stops_children_and_marks_them_killed(tmp_path, store, monkeypatch, capsys):
-    """The launcher's side of Ctrl-C, with stand-in children that just sleep (no imports): the
-    running ones are stopped by process group, marked KILLED, the parent too, and the exit is 130."""
+# A stand-in variant: no imports, reports the dispositions it started with and every stop signal
+# it gets; a stubborn one ignores them (the launcher must escalate to SIGKILL).
+_CHILD = textwrap.dedent("""\
+    import signal, sys, time
+    ignored = [s.name for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) == signal.SIG_IGN]
+    def on_signal(signum, frame):
+        print("GOT " + signal.Signals(signum).name, flush=True)
+        if not STUBBORN:
+            sys.exit(1)
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    print("READY; ignored at start: %s" % ignored, flush=True)
+    while True:
+        time.sleep(120)
+    """)
+
+
+def _stop_a_running_sweep(tmp_path, store, monkeypatch, capsys, name: str, signum: int):
+    """Launch a three-variant sweep two at a time in this process with stand-in children, send
+    ``signum`` to this process once both children are up, and return (exit status, stdout,
+    child pids, the children's log lines by variant). This process ignores SIGINT and SIGTERM
+    meanwhile, as a job started by a scheduler may: the launcher must install its own handlers.
+    Variant optim.lr=0.2 is stubborn; the stop sequences get short graces."""
     import threading
 
-    tracking_uri = store
-    path = _sweep_file(tmp_path, tracking_uri, "stopfast", """\
+    path = _sweep_file(tmp_path, store, name, """\
         grid:
           optim.lr: [0.1, 0.2, 0.3]
         """)
+    out_dir = tmp_path / "o"
     pids = []
     real_popen = subprocess.Popen
 
     def fake_argv(s, v, out_dir, threads):
-        return [sys.executable, "-c", "import time; print('child up', flush=True); time.sleep(120)"]
+        return [sys.executable, "-c", f"STUBBORN = {v.name == 'optim.lr=0.2'}\n" + _CHILD]
 
     def spy_popen(argv, *a, **k):  # (git_info's subprocess.run goes through Popen too)
         p = real_popen(argv, *a, **k)
-        if "child up" in " ".join(map(str, argv)):
+        if "STUBBORN" in " ".join(map(str, argv)):
             pids.append(p.pid)
         return p
 
-    monkeypatch.setattr(sweep, "child_argv", fake_argv)
-    monkeypatch.setattr(sweep.subprocess, "Popen", spy_popen)
-    # Ctrl-C arrives once both slots are busy.
-    def interrupt_when_running():
-        deadline = time.time() + 60
-        while len(pids) < 2 and time.time() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.5)
-        os.kill(os.getpid(), signal.SIGINT)
+    def lines(log: Path):  # the child's own output (the "$ python ..." lines that quote the script start otherwise)
+        return [l for l in log.read_text().splitlines() if l.startswith(("READY", "GOT "))] if log.is_file() else []
 
-    timer = threading.Thread(target=interrupt_when_running, daemon=True)
-    timer.start()
-    rc = sweep.main([str(path), "--max-parallel", "2", "--out-dir", str(tmp_path / "o"), "--no-compare"])
-    timer.join(5)
+    monkeypatch.setattr(sweep_launcher, "child_argv", fake_argv)
+    monkeypatch.setattr(sweep_launcher.subprocess, "Popen", spy_popen)
+    monkeypatch.setitem(sweep_launcher.STOP_SEQUENCE, signal.SIGINT,
+                        ((signal.SIGINT, 2.0), (signal.SIGTERM, 2.0), (signal.SIGKILL, 10.0)))
+    monkeypatch.setitem(sweep_launcher.STOP_SEQUENCE, signal.SIGTERM, ((signal.SIGTERM, 2.0), (signal.SIGKILL, 10.0)))
+    finished = threading.Event()
+
+    def signal_when_running():
+        deadline = time.time() + 60
+        while time.time() < deadline and not finished.is_set():
+            if sum(any(l.startswith("READY") for l in lines(f)) for f in out_dir.glob("*.log")) >= 2:
+                break
+            time.sleep(0.05)
+        os.kill(os.getpid(), signum)
+        # Watchdog: if the launcher missed the signal, end its children so the test fails fast.
+        deadline = time.time() + 90
+        while not finished.wait(0.5):
+            if time.time() > deadline:
+                for pid in list(pids):
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    timer = threading.Thread(target=signal_when_running, daemon=True)
+    try:
+        timer.start()
+        rc = sweep.main([str(path), "--max-parallel", "2", "--out-dir", str(out_dir), "--no-compare"])
+    finally:
+        finished.set()
+        timer.join(5)
+        for s, h in previous.items():
+            signal.signal(s, h)
     out = capsys.readouterr().out
-    assert rc == 130, out
-    assert len(pids) == 2  # the third variant never started
+    logs = {v: lines(out_dir / f"{v}.log") for v in ("optim.lr=0.1", "optim.lr=0.2", "optim.lr=0.3")}
+    return rc, out, pids, logs
+
+
+def _check_killed(store, name, out, pids):
+    """The running variants were reaped and are KILLED (with their logs), the parent too."""
+    assert len(pids) == 2, out  # the third variant never started
     for pid in pids:  # the children are gone (reaped by the launcher)
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
     import mlflow
 
-    client = mlflow.MlflowClient(tracking_uri)
-    runs = _children(client, "stopfast")
+    client = mlflow.MlflowClient(store)
+    runs = _children(client, name)
     assert sorted((r.data.tags[tracking.SWEEP_VARIANT], r.info.status) for r in runs) == \
         [("optim.lr=0.1", "KILLED"), ("optim.lr=0.2", "KILLED")], out
     assert all(r.data.tags[tracking.PARENT_RUN_ID] for r in runs)
     (parent,) = tracking.find_runs(client, [runs[0].info.experiment_id],
-                                   {tracking.SWEEP_ID: "stopfast", tracking.SWEEP_ROLE: "parent"})
+                                   {tracking.SWEEP_ID: name, tracking.SWEEP_ROLE: "parent"})
     assert parent.info.status == "KILLED"
     log_art = {a.path for a in client.list_artifacts(runs[0].info.run_id, "sweep")}
     assert log_art == {f"sweep/{runs[0].data.tags[tracking.SWEEP_VARIANT]}.log"}
+
+
+def test_ctrl_c_stops_children_and_marks_them_killed(tmp_path, store, monkeypatch, capsys):
+    """The launcher's side of Ctrl-C, with stand-in children: the running ones get SIGINT by
+    process group (then SIGTERM, SIGKILL if they ignore it), are marked KILLED, the parent too,
+    and the exit is 130; also when the launcher's process started with SIGINT ignored."""
+    rc, out, pids, logs = _stop_a_running_sweep(tmp_path, store, monkeypatch, capsys, "stopfast", signal.SIGINT)
+    assert rc == 130, out
+    _check_killed(store, "stopfast", out, pids)
+    # Children start with default dispositions (not the launcher's inherited ignore).
+    assert logs["optim.lr=0.1"] == ["READY; ignored at start: []", "GOT SIGINT"], logs
+    assert logs["optim.lr=0.2"] == ["READY; ignored at start: []", "GOT SIGINT", "GOT SIGTERM"], logs
+    assert logs["optim.lr=0.3"] == []
+
+
+def test_sigterm_forwards_sigterm_then_kills(tmp_path, store, monkeypatch, capsys):
+    """SIGTERM to the launcher (a scheduler's stop): the children get SIGTERM, SIGKILL after the
+    grace period, are marked KILLED, and the exit is 143."""
+    rc, out, pids, logs = _stop_a_running_sweep(tmp_path, store, monkeypatch, capsys, "stopterm", signal.SIGTERM)
+    assert rc == 143, out
+    _check_killed(store, "stopterm", out, pids)
+    assert logs["optim.lr=0.1"] == ["READY; ignored at start: []", "GOT SIGTERM"], logs
+    assert logs["optim.lr=0.2"] == ["READY; ignored at start: []", "GOT SIGTERM"], logs  # then SIGKILL
 
 
 @pytest.mark.slow
@@ -291,17 +362,17 @@ def test_evaluate_sweep_logs_each_report_as_a_child_run(tmp_path, store, monkeyp
     seen = []
 
     def fake_argv(s, v, out_dir, threads):
-        real = sweep.child_argv.__wrapped__(s, v, out_dir, threads)
+        real = sweep_launcher.child_argv.__wrapped__(s, v, out_dir, threads)
         seen.append(real)
         g = v.loaded.cfg.eval.cfg
         report = {"fid": 10.0 - g, "inception_score": g, "vqa_per_type": {"color": 0.5}, "protocol": {"cfg": g}}
-        out = sweep.eval_report_path(out_dir, v)
+        out = sweep_schema.eval_report_path(out_dir, v)
         code = (f"import json, pathlib; p = pathlib.Path({str(out)!r}); p.parent.mkdir(parents=True, exist_ok=True); "
                 f"p.write_text(json.dumps({report!r}))")
         return [sys.executable, "-c", code]
 
-    fake_argv.__wrapped__ = sweep.child_argv  # type: ignore[attr-defined]
-    monkeypatch.setattr(sweep, "child_argv", fake_argv)
+    fake_argv.__wrapped__ = sweep_launcher.child_argv  # type: ignore[attr-defined]
+    monkeypatch.setattr(sweep_launcher, "child_argv", fake_argv)
     rc = sweep.main([str(path), "--out-dir", str(tmp_path / "o")])
     out = capsys.readouterr().out
     assert rc == 0, out
