@@ -83,31 +83,41 @@ clean-bases: ## forget the trained stage-0 bases (runs/bases); `make bases` then
 $(BASES):
 	$(MAKE) bases
 
+# The world stages. Each export is a file target whose prerequisite is the export it starts from,
+# so make's own rule is the one skip rule: a stage reruns when its export is missing or older than
+# its input (stage 1 retrained -> stages 2 and 3 rerun). `make stage1/2/3` always run their stage.
+W := runs/world
+STAGE_ARGS ?=
+
 stage1: setup world-data $(BASES) ## VARGPT stage 1 on the embedded CPU world (the main job)
 	$(RUN) experiments/world/stage1.yaml $(ARGS)
 
-stage2: setup world-data ## VARGPT stage 2 from stage 1's weights (runs stage 1 first if missing)
-	@[ -f runs/world/stage1/model.safetensors ] || $(MAKE) stage1
+stage2: setup world-data $(W)/stage1/model.safetensors ## VARGPT stage 2 from stage 1's export (runs stage 1 first if missing)
 	$(RUN) experiments/world/stage2.yaml $(ARGS)
 
-stage3: setup world-data ## VARGPT stage 3 from stage 2's weights (runs stage 2 first if missing)
-	@[ -f runs/world/stage2/model.safetensors ] || $(MAKE) stage2
+stage3: setup world-data $(W)/stage2/model.safetensors ## VARGPT stage 3 from stage 2's export (runs stages 1-2 first if missing)
 	$(RUN) experiments/world/stage3.yaml $(ARGS)
 
-# The understanding-only baseline (from the LLaVA start) depends on no stage: it runs in the
-# background, one thread, beside the chain stage 1 -> 2 -> 3 (also one thread: the world's small
-# matmuls gain little from a second one, so the two together take about the chain's time).
-# Its lines are prefixed [und-only]; the scoreboard waits for it.
+$(W)/stage1/model.safetensors: $(BASES) | $(WORLD_STAMP)
+	$(RUN) experiments/world/stage1.yaml $(STAGE_ARGS) $(ARGS)
+
+$(W)/stage2/model.safetensors: $(W)/stage1/model.safetensors
+	$(RUN) experiments/world/stage2.yaml $(STAGE_ARGS) $(ARGS)
+
+$(W)/stage3/model.safetensors: $(W)/stage2/model.safetensors
+	$(RUN) experiments/world/stage3.yaml $(STAGE_ARGS) $(ARGS)
+
+# The understanding-only baseline (from the LLaVA start) depends on no stage; its lines are
+# prefixed [und-only].
+$(W)/stage2_und_only/model.safetensors: $(BASES) | $(WORLD_STAMP)
+	set -o pipefail; $(RUN) experiments/world/stage2_und_only.yaml $(STAGE_ARGS) $(ARGS) 2>&1 | sed -u 's/^/[und-only] /'
+
+# The chain stage 1 -> 2 -> 3 and the baseline run as two jobs side by side, one thread each (the
+# world's small matmuls gain little from a second thread, so together they take about the chain's
+# time); make waits for both, then the scoreboard reads the four exports.
 pipeline: setup world-data $(BASES) ## stages 1-3 + the understanding-only baseline, then the scoreboard (runs/pipeline/report.json)
 	@$(PY) -m experiments.tracking init  # make runs/mlflow.db now: two runs start together below
-	@bg=; if [ ! -f runs/world/stage2_und_only/model.safetensors ]; then \
-	  ( set -o pipefail; $(RUN) experiments/world/stage2_und_only.yaml trainer.num_threads=1 $(ARGS) 2>&1 | sed -u 's/^/[und-only] /' ) & bg=$$!; fi; \
-	rc=0; for s in stage1 stage2 stage3; do \
-	  [ -f runs/world/$$s/model.safetensors ] && continue; \
-	  $(RUN) experiments/world/$$s.yaml trainer.num_threads=1 $(ARGS) || { rc=1; break; }; done; \
-	[ $$rc = 0 ] || [ -z "$$bg" ] || pkill -TERM -P $$bg 2>/dev/null; \
-	[ -z "$$bg" ] || wait $$bg || { echo "pipeline: the understanding-only baseline failed (its lines start with [und-only])"; rc=1; }; \
-	exit $$rc
+	$(MAKE) --no-print-directory -j2 STAGE_ARGS="trainer.num_threads=1" $(W)/stage3/model.safetensors $(W)/stage2_und_only/model.safetensors
 	$(PY) -m experiments.pipeline
 
 evaluate: setup ## evaluate a checkpoint: make evaluate CKPT=runs/world/stage3 [ARGS="eval.cfg=2"]

@@ -18,4 +18,4 @@ else
   .venv/bin/python -m pip install -q -r requirements.txt
 fi
 .venv/bin/python -c "import torch, torchvision, lightning, torchmetrics, timm, transformers, webdataset, omegaconf, mlflow, pycocotools" \
-  || { echo "[setup] the installed packages do not import together; see ../shared/ENVIRONMENT.md" >&2; exit 1; }
+  || { echo "[setup] the installed packages do not import together; torch and torchvision must be the pinned pair" >&2; exit 1; }

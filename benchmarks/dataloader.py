@@ -36,10 +36,10 @@ from torch.utils.data import DataLoader
 
 from datamodules import world
 from datamodules.collate import Collator
-from datamodules.config import SourceConfig
+from datamodules.config import ChatTemplateConfig, SourceConfig
 from datamodules.stream import ShardStream
-from datamodules.testing import tiny_tokenizer
 from datamodules.transforms import GenTransform
+from modules.components.text_tokenizer import train_world_tokenizer
 from modules.components.vision_encoders import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageTransform
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -47,9 +47,17 @@ MIX = (("vqa", 0.35, "understanding"), ("conv", 0.35, "understanding"), ("captio
        ("gen", 0.1, "generation"))
 
 
+def bench_tokenizer():
+    """A small real tokenizer (the world tokenizer trainer on the world's words and the chat template)."""
+    corpus = [ChatTemplateConfig().system, "USER: ASSISTANT: What colour is the circle? How many objects are there?",
+              " ".join(world.SHAPES + world.COLOURS + world.SIZES + world.POSITIONS)]
+    with tempfile.TemporaryDirectory() as d:
+        return train_world_tokenizer(corpus * 3, d, vocab_size=400)
+
+
 def make_collator(args: argparse.Namespace) -> Collator:
     pns = [int(p) for p in args.patch_nums.split(",")]
-    return Collator(tiny_tokenizer(), args.num_image_tokens, sum(p * p for p in pns),
+    return Collator(bench_tokenizer(), args.num_image_tokens, sum(p * p for p in pns),
                     ImageTransform(args.image_size, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, "pad"), GenTransform(args.gen_resolution),
                     max_length=args.max_length, prompt_dropout=0.1, seed=0, gen_patch_nums=pns)
 

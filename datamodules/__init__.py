@@ -3,8 +3,9 @@ and `datamodules.tokens` stay cheap to import.
 
   tokens       special tokens              config      DataConfig / SourceConfig / ChatTemplateConfig
   schema       shard format, writer        world       the embedded shape world (+ CLI)
-  convert      converters (+ CLI)          pretokenize VQ indices beside images (+ CLI)
+  convert      converters (+ CLI)          pretokenize VQ indices beside images
   stream       shard streams, mixing       collate     Collator, prompt helpers
   transforms   image transforms            datamodule  the LightningDataModule
-  testing      tiny tokenizer, hand-built samples for tests and benchmarks
+  testing      hand-built samples for tests and benchmarks
+  paths        the one path resolver (relative to the repo root)
 """

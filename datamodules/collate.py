@@ -397,7 +397,7 @@ class Collator:
         if fp != self.vq_fingerprint:
             raise ValueError(
                 f"sample {s.get('key')} ({s.get('url', '?')}): stored VQ indices were made by tokenizer "
-                f"{fp}, the model's VQVAE is {self.vq_fingerprint}; re-run datamodules.pretokenize with this "
+                f"{fp}, the model's VQVAE is {self.vq_fingerprint}; re-run experiments.pretokenize with this "
                 "VQVAE or set data.use_pretokenized=false"
             )
         if vq.shape[-1] != self.gen_num_tokens:

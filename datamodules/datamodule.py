@@ -42,7 +42,7 @@ def check_vq_fingerprints(sources: Sequence[SourceConfig], root: str, fingerprin
                 raise ValueError(
                     f"data source {src.name!r}: {d}/manifest.json has VQ indices from tokenizer "
                     f"{vq.get('fingerprint')}, the model's VQVAE is {fingerprint}; re-run "
-                    "`python -m datamodules.pretokenize` with this VQVAE or set data.use_pretokenized=false"
+                    "`python -m experiments.pretokenize` with this VQVAE or set data.use_pretokenized=false"
                 )
 
 

@@ -1,7 +1,7 @@
 """VQ pre-tokenization: store every generation target's multi-scale indices beside its image.
 
-    python -m datamodules.pretokenize --shards 'data/world/train/gen-*.tar' --out data/world_vq/train \
-        --vqvae-config vqvae.yaml --checkpoint bases/vqvae.safetensors [--key-prefix vqvae.] [--batch-size 64]
+The shard side: ``pretokenize_shards`` takes any encoder callable, so the data layer never
+imports the model; the command that runs the project's VQVAE is ``python -m experiments.pretokenize``.
 
 Targets go through GenTransform (deterministic resize of the shorter side + centre crop, fp32,
 eval mode), unlike the released code (bf16, random crops). Output shards keep their names,
@@ -15,13 +15,11 @@ on-the-fly encoding where indices are absent.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
 import os
-import sys
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Sequence
 
 import numpy as np
 import torch
@@ -129,49 +127,3 @@ def pretokenize_shards(
             extra[k] = src[k]
     return write_manifest(out_dir, shard_entries, source=src.get("source", "pretokenize"), vq=vq_meta,
                           skipped=src.get("skipped"), extra=extra)
-
-
-def load_vqvae(config_path: str, checkpoint: str, key_prefix: str = "") -> torch.nn.Module:
-    """The project's VQVAE (modules/components/vqvae.py) from a YAML of VQVAEConfig + weights.
-
-    key_prefix: take the sub-dict under this prefix (e.g. "vqvae." from a whole-model file).
-    """
-    from omegaconf import OmegaConf
-
-    from modules.checkpoint import read_state_dict
-    from modules.components.vqvae import VQVAEConfig, build_vqvae
-
-    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(VQVAEConfig), OmegaConf.load(config_path)))
-    model = build_vqvae(cfg)
-    sd = read_state_dict(checkpoint)
-    if key_prefix:
-        sd = {k[len(key_prefix):]: v for k, v in sd.items() if k.startswith(key_prefix)}
-        if not sd:
-            raise SystemExit(f"{checkpoint}: no keys start with {key_prefix!r}")
-    model.load_state_dict(sd, strict=True)
-    return model.eval().float()
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m datamodules.pretokenize", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shards", required=True, help="glob/brace pattern of input shards")
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--vqvae-config", required=True, help="YAML of the VQVAE component config (VQVAEConfig fields)")
-    ap.add_argument("--checkpoint", required=True, help=".safetensors or .pth state dict")
-    ap.add_argument("--key-prefix", default="", help="sub-dict of a whole-model checkpoint, e.g. 'vqvae.'")
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--device", default="cpu")
-    args = ap.parse_args(argv)
-    vqvae = load_vqvae(args.vqvae_config, args.checkpoint, args.key_prefix).to(args.device)
-    patch_nums = list(vqvae.patch_nums)
-    resolution = vqvae.cfg.resolution  # the VQVAE only accepts its own input size
-    # The model compares against vqvae.fingerprint(), so the shards carry exactly that.
-    fp = vqvae.fingerprint()
-    m = pretokenize_shards(args.shards, args.out, vqvae.img_to_idx, patch_nums, resolution, fp,
-                           int(vqvae.vocab_size), args.batch_size, args.device)
-    print(f"{m['num_samples']} samples -> {args.out} (VQVAE fingerprint {fp}, {resolution} px, scales {patch_nums})")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

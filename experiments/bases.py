@@ -6,6 +6,10 @@
 
 so that a fresh clone's `make stage1` starts from trained bases in minutes. `check` verifies that
 the shipped files are complete and match MANIFEST.json (sha256); world configs read assets/world/.
+
+    python -m experiments.bases tokenizer --shards 'runs/data/world/train/*.tar' --out runs/bases/tokenizer
+
+trains the world tokenizer by hand (base_llm does it itself when model.tokenizer.path has none).
 """
 from __future__ import annotations
 
@@ -17,8 +21,14 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
+import torch
+
+from datamodules.config import SourceConfig
 from experiments.config import REPO_ROOT
-from modules.checkpoint import sha256_file
+from modules.checkpoint import read_state_dict, save_state_dict, sha256_file
+from modules.components.text_tokenizer import train_world_tokenizer
+from modules.stages.bases.data import read_world
+from modules.stages.bases.llm import tokenizer_corpus
 
 ASSETS = REPO_ROOT / "assets" / "world"
 SRC = REPO_ROOT / "runs" / "bases"
@@ -35,10 +45,6 @@ PARTS = {
 
 
 def pack(src: Path = SRC, dst: Path = ASSETS, dtype: str = "float16") -> Dict[str, Dict]:
-    import torch
-
-    from modules.checkpoint import read_state_dict, save_state_dict
-
     missing = [str(src / rel) for rel, _ in PARTS.values() if not (src / rel).is_file()]
     if missing or not (src / "tokenizer" / "tokenizer.json").is_file():
         raise SystemExit("bases pack: missing " + ", ".join(missing + [str(src / "tokenizer")]) +
@@ -94,7 +100,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--dst", default=str(ASSETS))
     c = sub.add_parser("check", help="exit 1 unless assets/world/ is complete and matches its manifest")
     c.add_argument("--dst", default=str(ASSETS))
+    t = sub.add_parser("tokenizer", help="train the world tokenizer on world shards")
+    t.add_argument("--shards", required=True, help="shard pattern, e.g. 'runs/data/world/train/*.tar'")
+    t.add_argument("--out", required=True, help="output directory (model.tokenizer.path)")
+    t.add_argument("--vocab-size", type=int, default=1024)
     args = ap.parse_args(argv)
+    if args.cmd == "tokenizer":
+        records = read_world([SourceConfig(name="text", shards=args.shards)], images=False)["records"]
+        tok = train_world_tokenizer(tokenizer_corpus(records), args.out, vocab_size=args.vocab_size)
+        print(f"world tokenizer: {len(tok)} tokens from {len(records)} records -> {args.out}")
+        return 0
     if args.cmd == "pack":
         m = pack(Path(args.src), Path(args.dst))
         total = sum(v["bytes"] for k, v in m.items() if not k.startswith("_") and "bytes" in v)

@@ -22,11 +22,12 @@ from typing import Any, Dict, List, Sequence, Tuple
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+import modules.components  # noqa: F401  (registers every component family for validation)
 from datamodules.config import DataConfig, validate_data_config
-from modules.config import ModelConfig
-from modules.evaluation import EvalConfig
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from datamodules.paths import REPO_ROOT, resolve_path, run_dir  # noqa: F401  (resolve_path: re-exported for launchers)
+from modules.components.registry import REGISTRIES, ComponentConfig
+from modules.config import EvalConfig, ModelConfig
+from modules.stages import STAGES
 EXPERIMENTS_DIR = REPO_ROOT / "experiments"
 BASE_YAML = EXPERIMENTS_DIR / "base.yaml"
 STAGES_DIR = EXPERIMENTS_DIR / "stages"
@@ -226,9 +227,6 @@ def origin_of(layers: Sequence[Tuple[str, DictConfig]], dotted: str) -> str:
 
 def validate_components(cfg: Any, layers: Sequence[Tuple[str, DictConfig]] = (), prefix: str = "") -> None:
     """Check every component config's ``name`` against its family registry."""
-    import modules.components  # noqa: F401  (registers every family)
-    from modules.components.registry import REGISTRIES, ComponentConfig
-
     if not dataclasses.is_dataclass(cfg):
         return
     if isinstance(cfg, ComponentConfig) and cfg.family:
@@ -246,8 +244,6 @@ def validate_components(cfg: Any, layers: Sequence[Tuple[str, DictConfig]] = (),
 
 
 def validate_stage(cfg: ExperimentConfig, layers: Sequence[Tuple[str, DictConfig]] = ()) -> None:
-    from modules.stages import STAGES
-
     if cfg.stage not in STAGES:
         raise ConfigError(
             f"{origin_of(layers, 'stage')}: unknown stage '{cfg.stage}' at 'stage'; "
@@ -317,14 +313,9 @@ def flatten(cfg: DictConfig | Dict[str, Any], prefix: str = "") -> Dict[str, Any
     return out
 
 
-def resolve_path(p: str) -> Path:
-    """Config paths are relative to the repo root unless absolute."""
-    path = Path(p).expanduser()
-    return path if path.is_absolute() else REPO_ROOT / path
-
-
 def output_dir(cfg: ExperimentConfig) -> Path:
-    return resolve_path(cfg.output_dir or f"runs/{cfg.name}")
+    """Where a run writes (``datamodules.paths.run_dir``: relative to the repo root)."""
+    return run_dir(cfg)
 
 
 def all_experiment_yamls() -> List[Path]:

@@ -21,64 +21,57 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+import torch
+from torchvision.utils import save_image
+
+from experiments import tracking
+from experiments.config import ConfigError
+from experiments.infer import load_exported
+from modules import evaluation as ev
+from modules.evaluation import Evaluator
+from modules.metrics_world import attribute_scores, requested_groups
+
 
 def run_evaluation(ckpt: str, tasks: List[str], overrides: List[str], real_baseline: str = "",
                    out: Optional[Path] = None, log_mlflow: bool = True) -> Dict[str, Any]:
-    import torch
-
     with torch.no_grad():  # a context, not set_grad_enabled: callers (tests, pipelines) go on training
         return _run_evaluation(ckpt, tasks, overrides, real_baseline, out, log_mlflow)
 
 
 def _run_evaluation(ckpt: str, tasks: List[str], overrides: List[str], real_baseline: str,
                     out: Optional[Path], log_mlflow: bool) -> Dict[str, Any]:
-    from experiments.config import resolve_path
-    from experiments.infer import load_exported
-    from modules import evaluation as ev
-
     net, cfg = load_exported(ckpt, tuple(overrides))
     e = cfg.eval
-    root = str(resolve_path(cfg.data.root)) if cfg.data.root else ""
+    evaluator = Evaluator(e, cfg.model, cfg.data.root)
     t0 = time.perf_counter()
     report: Dict[str, Any] = {"checkpoint": str(Path(ckpt).resolve()), "stage": cfg.stage, "name": cfg.name,
                               "tasks": tasks}
-    if "vqa" in tasks:
-        if not e.vqa_shards:
-            raise SystemExit("evaluate: no VQA shards (set eval.vqa_shards=PATTERN)")
-        samples = list(ev.iter_records(e.vqa_shards, root, e.num_vqa))
-        r = ev.evaluate_vqa(net, samples, e)
-        report.update({k: v for k, v in r.items() if k != "vqa_rows"})
-        report["vqa_examples"] = r["vqa_rows"]
-    grid = None
-    if "generation" in tasks:
-        if not e.gen_shards:
-            raise SystemExit("evaluate: no generation shards (set eval.gen_shards=PATTERN)")
-        samples = list(ev.iter_records(e.gen_shards, root, e.num_gen))
-        clf = ev.load_world_classifier(str(resolve_path(e.classifier_path)), cfg.model) if e.classifier_path else None
-        r = ev.evaluate_generation(net, samples, e, clf, real_key=f"{e.gen_shards}@{root}")
-        grid = r.pop("gen_images")
-        report.update({k: v for k, v in r.items() if k != "gen_prompts"})
-        if real_baseline:
-            res = grid.shape[-1]
-            reals_a = ev.target_images(samples, res)
-            other = list(ev.iter_records(real_baseline, root, len(samples)))
-            reals_b = ev.target_images(other, res)
-            rr = ev.fid_is(reals_b, reals_a, e, clf, real_key=f"{e.gen_shards}@{root}")
-            report["real_vs_real"] = {"fid": rr["fid"], "inception_score": rr["inception_score"],
-                                      "n": len(other), "shards": real_baseline}
-            if clf is not None:
-                report["real_vs_real"]["attribute_accuracy"] = ev.attribute_scores(
-                    clf, reals_b, [ev.requested_groups(s["record"]) for s in other])["mean"]
-    report["protocol"] = ev.protocol(e, resolution=int(net.vqvae.cfg.resolution),
-                                     resize="targets: PIL resize of the short side + centre crop to the VQVAE resolution; generated: native",
-                                     data_root=root)
+    try:
+        r = evaluator.run(net, tasks)
+    except ValueError as err:  # a task without shards: say which key to set
+        raise SystemExit(f"evaluate: {err}") from None
+    if "vqa_rows" in r:
+        r["vqa_examples"] = r.pop("vqa_rows")
+    grid = r.pop("gen_images", None)
+    r.pop("gen_prompts", None)
+    report.update(r)
+    if grid is not None and real_baseline:
+        samples, clf, res = evaluator.samples("generation"), evaluator.classifier, grid.shape[-1]
+        reals_a = ev.target_images(samples, res)
+        other = list(ev.iter_records(real_baseline, evaluator.root, len(samples)))
+        reals_b = ev.target_images(other, res)
+        rr = ev.fid_is(reals_b, reals_a, e, clf, real_key=evaluator.real_key)
+        report["real_vs_real"] = {"fid": rr["fid"], "inception_score": rr["inception_score"],
+                                  "n": len(other), "shards": real_baseline}
+        if clf is not None:
+            report["real_vs_real"]["attribute_accuracy"] = attribute_scores(
+                clf, reals_b, [requested_groups(s["record"]) for s in other])["mean"]
+    report["protocol"] = report.pop("protocol")  # last, as before
     report["seconds"] = round(time.perf_counter() - t0, 1)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2, default=str))
         if grid is not None:
-            from torchvision.utils import save_image
-
             save_image(grid[: e.grid_images], out.with_suffix(".png"), nrow=8, padding=2, pad_value=1.0)
     if log_mlflow:
         _log(report, cfg, out)
@@ -86,30 +79,20 @@ def _run_evaluation(ckpt: str, tasks: List[str], overrides: List[str], real_base
 
 
 def _log(report: Dict[str, Any], cfg: Any, out: Optional[Path]) -> None:
-    import mlflow
-
-    from experiments import tracking
-
-    mlflow.set_tracking_uri(tracking.tracking_uri(cfg))
-    name = "vargpt-eval"
-    if mlflow.get_experiment_by_name(name) is None:
-        root = tracking.artifact_root(cfg)
-        root.mkdir(parents=True, exist_ok=True)
-        mlflow.create_experiment(name, artifact_location=(root / name).as_uri())
-    mlflow.set_experiment(name)
-    with mlflow.start_run(run_name=f"eval-{report['name']}", tags={**tracking.git_info(), "stage": report["stage"],
-                                                                    "checkpoint": report["checkpoint"]}):
-        flat = {f"eval/{k}": v for k, v in report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        for k, v in report.get("vqa_per_type", {}).items():
-            flat[f"eval/vqa_{k}"] = v
-        for k, v in report.get("real_vs_real", {}).items():
-            if isinstance(v, (int, float)):
-                flat[f"eval/real_vs_real_{k}"] = v
-        mlflow.log_metrics(flat)
-        mlflow.log_params({f"protocol.{k}": str(v)[:500] for k, v in report["protocol"].items()})
-        mlflow.log_dict(json.loads(json.dumps(report, default=str)), "report.json")
+    """One MLflow run in experiment ``vargpt-eval`` (created race-safe) with the report's metrics."""
+    client = tracking.get_client(tracking.tracking_uri(cfg))
+    exp_id = tracking.ensure_experiment(client, "vargpt-eval", tracking.artifact_root(cfg))
+    run = client.create_run(exp_id, run_name=f"eval-{report['name']}",
+                            tags={**tracking.git_info(), "stage": report["stage"], "checkpoint": report["checkpoint"]})
+    rid = run.info.run_id
+    try:
+        tracking.log_eval_report(client, rid, report)
         if out is not None and out.with_suffix(".png").is_file():
-            mlflow.log_artifact(str(out.with_suffix(".png")))
+            client.log_artifact(rid, str(out.with_suffix(".png")))
+    except BaseException:
+        client.set_terminated(rid, "FAILED")
+        raise
+    client.set_terminated(rid, "FINISHED")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -126,8 +109,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     if bad:
         ap.error(f"unknown task(s) {bad}; valid: vqa, generation")
     out = Path(args.out) if args.out else Path(args.ckpt) / "eval.json"
-    from experiments.config import ConfigError
-
     try:
         report = run_evaluation(args.ckpt, tasks, args.overrides, args.real_baseline, out, not args.no_mlflow)
     except ConfigError as err:

@@ -13,13 +13,13 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from experiments.config import load_config
+from modules.vargpt import VARGPT
+from modules.weights import load_weights
+
 
 def load_exported(ckpt: str | Path, overrides: tuple = ()):
     """(VARGPT in eval mode, typed config) from an export directory or its model.safetensors."""
-    from experiments.config import REPO_ROOT, load_config
-    from modules.vargpt import VARGPT
-    from modules.weights import init_from
-
     p = Path(ckpt)
     d = p if p.is_dir() else p.parent
     cfg_file = d / "config.yaml"
@@ -28,7 +28,7 @@ def load_exported(ckpt: str | Path, overrides: tuple = ()):
                                 f"(model.safetensors + config.yaml)")
     loaded = load_config(cfg_file, ["init_from=''", "model.load=[]", *overrides])
     net = VARGPT(loaded.cfg.model, template=loaded.cfg.data.chat)
-    init_from(net, str(d / "model.safetensors"), (), REPO_ROOT)
+    load_weights(net, [], init_from=str(d.resolve() / "model.safetensors"))
     return net.eval(), loaded.cfg
 
 
@@ -51,7 +51,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.question and len(args.image) not in (0, len(args.question)):
         ap.error(f"{len(args.image)} --image for {len(args.question)} --question (give one each, or none)")
 
-    import torch
     from PIL import Image
 
     net, _ = load_exported(args.ckpt)

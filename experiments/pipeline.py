@@ -19,14 +19,13 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from experiments.config import REPO_ROOT
+from experiments.evaluate import run_evaluation
+from experiments.tracking import git_info
 
 TARGETS = {"vqa_accuracy": 0.90, "gen_attribute_accuracy": 0.80, "fid_over_floor": 3.0}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from experiments.evaluate import run_evaluation
-    from experiments.tracking import git_info
-
     ap = argparse.ArgumentParser(prog="python -m experiments.pipeline", description=__doc__.split("\n")[0])
     ap.add_argument("--runs", default=str(REPO_ROOT / "runs" / "world"))
     ap.add_argument("--out", default=str(REPO_ROOT / "runs" / "pipeline" / "report.json"))

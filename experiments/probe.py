@@ -21,6 +21,11 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
+from datamodules.paths import resolve_path
+from datamodules.world import COLOURS
+from experiments.infer import load_exported
+from modules.evaluation import iter_records
+
 
 def linear_probe(x_NF: torch.Tensor, y_N: torch.Tensor, n_train: int, steps: int = 200, lr: float = 1e-2,
                  l2: float = 1e-4, seed: int = 0) -> float:
@@ -42,11 +47,6 @@ def linear_probe(x_NF: torch.Tensor, y_N: torch.Tensor, n_train: int, steps: int
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from datamodules.world import COLOURS
-    from experiments.config import resolve_path
-    from experiments.infer import load_exported
-    from modules.evaluation import iter_records
-
     ap = argparse.ArgumentParser(prog="python -m experiments.probe", description=__doc__.split("\n")[0])
     ap.add_argument("ckpt")
     ap.add_argument("--shards", default="train/class-*.tar", help="world class shards (records with `label`)")

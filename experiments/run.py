@@ -1,9 +1,10 @@
 """Launch one experiment: ``python -m experiments.run EXPERIMENT.yaml [key=value ...] [--dry-run]``.
 
 Loads and validates the config (see experiments/config.py for the merge order), builds the
-stage's LightningModule and DataModule, logs to MLflow and fits. At the end the model weights
-are exported to ``<output_dir>/model.safetensors`` with the resolved ``config.yaml`` beside them:
-that pair is what ``init_from:``, evaluation and inference read.
+stage's LightningModule and DataModule, logs to MLflow and fits. At the end the stage's exports
+(``module.exports()``: ``model.safetensors``, the full ``module.net``) are written to
+``<output_dir>/`` with the resolved ``config.yaml`` and an ``export.json`` of hashes beside them
+(``modules.checkpoint.write_export``): what ``init_from:``, evaluation and inference read.
 """
 from __future__ import annotations
 
@@ -20,7 +21,10 @@ import time
 from pathlib import Path
 from typing import Any, List, Optional, Sequence
 
+from experiments import tracking
 from experiments.config import ConfigError, LoadedConfig, load_config, output_dir
+from modules.checkpoint import write_export
+from modules.stages import build_stage
 
 
 def build_trainer(cfg: Any, logger: Any, callbacks: Sequence[Any] = ()):
@@ -57,24 +61,16 @@ def build_trainer(cfg: Any, logger: Any, callbacks: Sequence[Any] = ()):
 
 
 def export_weights(module: Any, loaded: LoadedConfig, out: Path) -> Path:
-    """model.safetensors (full ``module.net`` state) + config.yaml, written atomically."""
-    from modules.checkpoint import save_state_dict
-
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "model.safetensors"
-    save_state_dict(module.net.state_dict(), path, metadata={"config_hash": loaded.hash, "stage": loaded.cfg.stage})
-    (out / "config.yaml").write_text(loaded.to_yaml())
-    return path
+    """The stage's exports + config.yaml + export.json, each written atomically."""
+    return write_export(out, module.exports(), loaded.to_yaml(),
+                        metadata={"config_hash": loaded.hash, "stage": loaded.cfg.stage})
 
 
 def fit(loaded: LoadedConfig) -> Path | None:
+    import warnings
+
     import lightning as L
     import torch
-
-    from modules.stages import build_stage
-    from experiments import tracking
-
-    import warnings
 
     # Known-harmless Lightning notices that would otherwise print on every run: our stage
     # modules override transfer_batch_to_device on purpose (tensor-only moves), and Lightning's

@@ -13,10 +13,12 @@ from __future__ import annotations
 import os
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional
 
 from experiments.config import REPO_ROOT, LoadedConfig, flatten, resolve_path
+from modules.evaluation import report_metrics
 
 SWEEP_ENV = "VARGPT_SWEEP_TAGS"  # JSON dict of extra tags set by the sweep launcher
 
@@ -223,21 +225,26 @@ def sweep_child_env(tags: Dict[str, str]) -> Dict[str, str]:
 
 
 def eval_report_metrics(report: Dict[str, Any]) -> Dict[str, float]:
-    """An evaluation report (experiments.evaluate's JSON) as MLflow metrics: ``eval/<k>`` for each
-    numeric top-level value (bools are not metrics), ``eval/vqa_<type>`` for each numeric value of
-    ``vqa_per_type`` and ``eval/real_vs_real_<k>`` for each numeric value of ``real_vs_real``.
-    Everything else (protocol, names, paths) is left out."""
-    def numeric(v: Any) -> bool:
-        return isinstance(v, (int, float))
+    """An evaluation report (experiments.evaluate's JSON) as MLflow metrics ``eval/...``
+    (``modules.evaluation.report_metrics``: the one flattening, also behind the in-loop ``val/...``)."""
+    return report_metrics(report, "eval/")
 
-    out = {f"eval/{k}": float(v) for k, v in report.items() if numeric(v) and not isinstance(v, bool)}
-    for k, v in (report.get("vqa_per_type") or {}).items():
-        if numeric(v):
-            out[f"eval/vqa_{k}"] = float(v)
-    for k, v in (report.get("real_vs_real") or {}).items():
-        if numeric(v):
-            out[f"eval/real_vs_real_{k}"] = float(v)
-    return out
+
+def log_eval_report(client: Any, run_id: str, report: Dict[str, Any], report_path: Optional[Path] = None) -> None:
+    """Log an evaluation report to one MLflow run: its metrics, the protocol as params and the
+    JSON itself (``report_path`` when it is on disk, else ``report.json`` from memory)."""
+    import json
+
+    from mlflow.entities import Metric, Param
+
+    now = int(time.time() * 1000)
+    metrics = [Metric(k, v, now, 0) for k, v in eval_report_metrics(report).items()]
+    params = [Param(f"protocol.{k}", str(v)[:500]) for k, v in (report.get("protocol") or {}).items()]
+    client.log_batch(run_id, metrics=metrics, params=params)
+    if report_path is not None and Path(report_path).is_file():
+        client.log_artifact(run_id, str(report_path))
+    else:
+        client.log_dict(run_id, json.loads(json.dumps(report, default=str)), "report.json")
 
 
 if __name__ == "__main__":  # python -m experiments.tracking init [URI]

@@ -1,8 +1,11 @@
-"""Weights on disk: safetensors only (no pickle), strict loading with an explicit allow-list.
+"""State on disk: safetensors only (no pickle), written atomically; strict loading with an
+explicit allow-list.
 
-``init_from:`` in a stage config, evaluation and inference all read ``model.safetensors``
-written by ``experiments.run``. Loading never silently ignores keys: anything missing or
-unexpected that the caller did not allow is an error that lists the keys.
+The one owner of state out: ``write_export`` writes a run's export directory (the stage's files,
+``config.yaml`` and ``export.json`` with their hashes, each file via a temporary name and a
+rename, the manifest last), which ``init_from:``, evaluation and inference read. Loading never
+silently ignores keys: anything missing or unexpected that the caller did not allow is an error
+that lists the keys (modules/weights.py maps foreign layouts onto ours before that).
 """
 from __future__ import annotations
 
@@ -50,6 +53,37 @@ def save_state_dict(sd: Mapping[str, torch.Tensor], path: Path, metadata: Option
     tmp = path.with_suffix(path.suffix + ".tmp")
     save_file(out, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
     tmp.replace(path)
+
+
+EXPORT_MANIFEST = "export.json"
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def write_export(out_dir: Path, files: Mapping[str, Mapping[str, torch.Tensor]], config_yaml: str,
+                 metadata: Optional[Dict[str, str]] = None) -> Path:
+    """A run's export: every ``files`` entry (name -> state dict) as safetensors, the resolved
+    ``config.yaml`` beside them and ``export.json`` ({file: {sha256, tensors}}, metadata) written
+    last, so a directory with a manifest is complete. Returns the path of ``model.safetensors``
+    (or the first file)."""
+    import json
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = {k: str(v) for k, v in (metadata or {}).items()}
+    manifest: Dict[str, object] = {"metadata": meta, "files": {}}
+    (out_dir / EXPORT_MANIFEST).unlink(missing_ok=True)  # incomplete until rewritten below
+    for name, sd in files.items():
+        save_state_dict(sd, out_dir / name, metadata=meta)
+        manifest["files"][name] = {"sha256": sha256_file(out_dir / name), "tensors": len(sd)}  # type: ignore[index]
+    _write_text_atomic(out_dir / "config.yaml", config_yaml)
+    manifest["files"]["config.yaml"] = {"sha256": sha256_file(out_dir / "config.yaml")}  # type: ignore[index]
+    _write_text_atomic(out_dir / EXPORT_MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    return out_dir / ("model.safetensors" if "model.safetensors" in files else next(iter(files)))
 
 
 def read_state_dict(path: Path) -> Dict[str, torch.Tensor]:

@@ -21,9 +21,40 @@ from modules.components.vqvae import VQVAEConfig
 # Submodule names of the composed model (modules/vargpt.py): what `load[].into` and the stages'
 # trainable sets refer to.
 SUBMODULES = ("vision", "und_proj", "llm", "gen_in", "gen_out", "vqvae", "var")
-LOAD_FORMATS = ("native", "official_var", "official_vqvae", "llava")
+LOAD_FORMATS = ("native", "official_var", "official_vqvae", "llava", "hf", "timm")
 CFG_UNCOND = ("null_prompt", "noise")
 MIXED_BATCHES = ("per_sample", "released")
+
+
+@dataclass
+class EvalConfig:
+    """The `eval:` section: what validation and `experiments.evaluate` measure, and how."""
+
+    # shard sets (patterns relative to data.root, like data sources); "" = skip that task
+    vqa_shards: str = ""
+    gen_shards: str = ""
+    num_vqa: int = 200  # questions (first N in shard order: a fixed subset)
+    num_gen: int = 64  # prompts (first N in shard order)
+    max_new_tokens: int = 8
+    blind_baseline: bool = True  # also ask every question without its image
+    batch_size: int = 32
+    # sampling protocol (written into every report)
+    cfg: float = 3.0
+    top_k: int = 0
+    top_p: float = 0.0
+    temperature: float = 1.0
+    seed: int = 0  # prompt i uses seed + i
+    # feature extractor for FID / IS: "world" (reference classifier) | "inception" (torch-fidelity)
+    extractor: str = "world"
+    classifier_path: str = ""  # world classifier weights (safetensors); "" = no attribute/FID/IS
+    inception_weights_path: str = ""
+    num_real: int = 0  # real images for FID statistics; 0 = num_gen
+    cache_dir: str = "runs/cache/gen_metrics"
+    grid_images: int = 16  # generated images in the logged grid
+    table_rows: int = 8  # (image, question, answer, prediction) rows logged
+    # generation samples for the prompt-use diagnostic (teacher-forced image CE with the right
+    # vs rolled prompts, see prompt_gain); 0 = skip
+    prompt_gain_samples: int = 64
 
 
 @dataclass
@@ -36,6 +67,9 @@ class LoadSpec:
                             external condition embedding is allowed automatically
             official_vqvae  vae_ch160v4096z32.pth (into: vqvae)
             llava           a LLaVA-1.5 checkpoint's LLM + mm_projector keys (into: "")
+            hf              a Hugging Face save_pretrained directory (into: llm or vision)
+            timm            a timm ViT state dict (into: vision)
+    (adapters in modules/weights.py; paths relative to the repository root)
     keys: only load these submodules from the file (e.g. [llm, vision, und_proj]); [] = all.
     """
 

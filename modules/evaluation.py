@@ -1,5 +1,5 @@
-"""Evaluation shared by the in-loop validation and `experiments.evaluate`: plain functions on a
-VARGPT, no Lightning.
+"""Evaluation of a VARGPT: the one evaluator behind the in-loop callback
+(modules/stages/callbacks.py ``EvalCallback``) and ``experiments.evaluate``; no Lightning here.
 
   VQA         greedy answers to shard questions, scored by VQAAccuracy (lmms-eval rules), per
               question type, beside two blind baselines: the majority answer per question type
@@ -11,51 +11,28 @@ VARGPT, no Lightning.
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import torch
 
+from datamodules.paths import resolve_path
+from datamodules.schema import iter_tar
+from datamodules.stream import decode_sample, expand_shards
 from datamodules.tokens import IMAGE_TOKEN
+from datamodules.transforms import GenTransform
+from modules.checkpoint import load_strict, read_state_dict
+from modules.config import EvalConfig
+from modules.components.classifier import build_classifier
+from modules.metrics import GenMetricsConfig, VQAAccuracy, build_gen_metrics
+from modules.metrics_world import attribute_scores, requested_groups
 
-
-@dataclass
-class EvalConfig:
-    """The `eval:` section: what validation and `experiments.evaluate` measure, and how."""
-
-    # shard sets (patterns relative to data.root, like data sources); "" = skip that task
-    vqa_shards: str = ""
-    gen_shards: str = ""
-    num_vqa: int = 200  # questions (first N in shard order: a fixed subset)
-    num_gen: int = 64  # prompts (first N in shard order)
-    max_new_tokens: int = 8
-    blind_baseline: bool = True  # also ask every question without its image
-    batch_size: int = 32
-    # sampling protocol (written into every report)
-    cfg: float = 3.0
-    top_k: int = 0
-    top_p: float = 0.0
-    temperature: float = 1.0
-    seed: int = 0  # prompt i uses seed + i
-    # feature extractor for FID / IS: "world" (reference classifier) | "inception" (torch-fidelity)
-    extractor: str = "world"
-    classifier_path: str = ""  # world classifier weights (safetensors); "" = no attribute/FID/IS
-    inception_weights_path: str = ""
-    num_real: int = 0  # real images for FID statistics; 0 = num_gen
-    cache_dir: str = "runs/cache/gen_metrics"
-    grid_images: int = 16  # generated images in the logged grid
-    table_rows: int = 8  # (image, question, answer, prediction) rows logged
-    # generation samples for the prompt-use diagnostic (teacher-forced image CE with the right
-    # vs rolled prompts, see prompt_gain); 0 = skip
-    prompt_gain_samples: int = 64
+TASKS = ("vqa", "generation")
 
 
 # ------------------------------------------------------------------------------------ data
 def iter_records(pattern: str, root: str = "", limit: int = 0) -> Iterator[Dict[str, Any]]:
     """Decoded samples of a shard set in stored order (a finite, fixed pass), first `limit`."""
-    from datamodules.schema import iter_tar
-    from datamodules.stream import decode_sample, expand_shards
-
     urls = expand_shards(pattern, root)
     if not urls:
         raise FileNotFoundError(f"no shards match {pattern!r} under {root or '.'}")
@@ -85,8 +62,6 @@ def _batches(items: Sequence[Any], n: int) -> Iterator[Sequence[Any]]:
 @torch.no_grad()
 def evaluate_vqa(net, samples: Sequence[Dict[str, Any]], cfg: EvalConfig) -> Dict[str, Any]:
     """VQA accuracy of greedy answers, per question type, with the blind baselines."""
-    from modules.metrics import VQAAccuracy
-
     if not samples:
         raise ValueError("evaluate_vqa: no samples")
     overall, blind = VQAAccuracy(), VQAAccuracy()
@@ -128,54 +103,6 @@ def evaluate_vqa(net, samples: Sequence[Dict[str, Any]], cfg: EvalConfig) -> Dic
 
 
 # ------------------------------------------------------------------------------------ generation
-def requested_groups(rec: Dict[str, Any]) -> List[Dict[str, Any]]:
-    """What a world generation prompt asks for: one group per (shape, colour) with its count,
-    and positions / size when the prompt states them (`rec["checks"]`)."""
-    checks = rec.get("checks") or {}
-    groups: Dict[tuple, Dict[str, Any]] = {}
-    for o in rec["scene"]["objects"]:
-        g = groups.setdefault((o["shape"], o["colour"]), {"shape": o["shape"], "colour": o["colour"], "count": 0,
-                                                          "positions": [], "sizes": []})
-        g["count"] += 1
-        g["positions"].append(o["position"])
-        g["sizes"].append(o["size"])
-    out = []
-    for g in groups.values():
-        if not checks.get("position"):
-            g.pop("positions")
-        if not checks.get("size"):
-            g.pop("sizes")
-        out.append(g)
-    return out
-
-
-def check_scene(groups: Sequence[Dict[str, Any]], predicted: Dict[str, Any]) -> Dict[str, bool]:
-    """Per-attribute correctness of a predicted scene (classifier.predict_attributes) against the
-    requested groups: `object` every requested (shape, colour) is present; `count` with the
-    requested count; `position` / `size` where requested; `exact` no unrequested object either;
-    `all` every requested attribute right."""
-    objs = predicted.get("objects", [])
-    res: Dict[str, bool] = {}
-    present, count, pos, size = [], [], [], []
-    for g in groups:
-        mine = [o for o in objs if o["shape"] == g["shape"] and o["colour"] == g["colour"]]
-        present.append(len(mine) > 0)
-        count.append(len(mine) == g["count"])
-        if "positions" in g:
-            pos.append(sorted(o["position"] for o in mine) == sorted(g["positions"]))
-        if "sizes" in g:
-            size.append(sorted(o["size"] for o in mine) == sorted(g["sizes"]))
-    res["object"] = all(present)
-    res["count"] = all(count)
-    if pos:
-        res["position"] = all(pos)
-    if size:
-        res["size"] = all(size)
-    res["exact"] = len(objs) == sum(g["count"] for g in groups) and res["count"]
-    res["all"] = all(v for k, v in res.items() if k != "exact")
-    return res
-
-
 @torch.no_grad()
 def generate_for(net, prompts: Sequence[str], cfg: EvalConfig) -> torch.Tensor:
     """Images (N, 3, H, W) in [0, 1]; prompt i always gets seed cfg.seed + i."""
@@ -190,16 +117,12 @@ def generate_for(net, prompts: Sequence[str], cfg: EvalConfig) -> torch.Tensor:
 
 def target_images(samples: Sequence[Dict[str, Any]], resolution: int) -> torch.Tensor:
     """The prompts' own target images (deterministic resize + centre crop), (N, 3, R, R) in [0, 1]."""
-    from datamodules.transforms import GenTransform
-
     tf = GenTransform(resolution)
     return torch.stack([tf(s["images"][-1]).add(1).mul(0.5) for s in samples])
 
 
 def load_world_classifier(path: str, cfg_model) -> torch.nn.Module:
-    from modules.checkpoint import load_strict, read_state_dict
-    from modules.components.classifier import build_classifier
-
+    """The world's reference classifier (``model.classifier`` sizes) from a safetensors file."""
     clf = build_classifier(cfg_model.classifier)
     load_strict(clf, read_state_dict(path), source=path)
     return clf.eval()
@@ -255,29 +178,9 @@ def prompt_gain(net, samples: Sequence[Dict[str, Any]], batch_size: int = 16) ->
     return {"gen_loss_img": right, "gen_loss_img_rolled_prompts": wrong, "gen_prompt_gain": wrong - right}
 
 
-def attribute_scores(classifier, images: torch.Tensor, groups: Sequence[Sequence[Dict[str, Any]]]) -> Dict[str, float]:
-    """Accuracy per attribute over the prompts that request it, `all` (every requested
-    attribute right) and `mean` (the average over requested attributes of all prompts)."""
-    preds: List[Dict[str, Any]] = []
-    for i in range(0, len(images), 64):
-        preds += classifier.predict_attributes(images[i:i + 64])
-    hits: Dict[str, List[bool]] = defaultdict(list)
-    per_attr_all: List[bool] = []
-    for g, p in zip(groups, preds):
-        r = check_scene(g, p)
-        for k, v in r.items():
-            hits[k].append(v)
-        per_attr_all += [v for k, v in r.items() if k not in ("all", "exact")]
-    out = {k: sum(v) / len(v) for k, v in hits.items()}
-    out["mean"] = sum(per_attr_all) / max(1, len(per_attr_all))
-    return out
-
-
 def fid_is(fakes: torch.Tensor, reals: torch.Tensor, cfg: EvalConfig, classifier, real_key: str) -> Dict[str, Any]:
     """FID and IS of `fakes` against `reals` with the configured extractor (real statistics
     cached by dataset key, extractor and resolution)."""
-    from modules.metrics import GenMetricsConfig, build_gen_metrics
-
     gcfg = GenMetricsConfig(
         extractor=cfg.extractor, inception_weights_path=cfg.inception_weights_path,
         resolution=0, num_real_images=len(reals), num_fake_images=len(fakes),
@@ -298,3 +201,75 @@ def protocol(cfg: EvalConfig, **extra: Any) -> Dict[str, Any]:
     p = {k: v for k, v in asdict(cfg).items() if k not in ("table_rows", "grid_images", "batch_size")}
     p.update(extra)
     return p
+
+
+# ------------------------------------------------------------------------------------ the evaluator
+class Evaluator:
+    """One evaluation protocol (an ``eval:`` section) over fixed sample sets, for any VARGPT.
+
+    The sample sets (first ``num_vqa`` questions / ``num_gen`` prompts of the shards, in stored
+    order) and the reference classifier are read once and reused, so the in-loop callback
+    evaluates the same items at every validation and ``experiments.evaluate`` the same ones as
+    the loop did. ``run(net, tasks)`` returns the report: metrics, per-type VQA, the protocol, plus
+    ``vqa_rows`` (a few predictions) and ``gen_images`` / ``gen_prompts`` for grids.
+    """
+
+    def __init__(self, cfg: EvalConfig, model_cfg: Any, data_root: str = ""):
+        self.cfg, self.model_cfg = cfg, model_cfg
+        self.root = str(resolve_path(data_root)) if data_root else ""
+        self._sets: Dict[str, List[Dict[str, Any]]] = {}
+        self._classifier: Any = None
+
+    def tasks(self) -> List[str]:
+        """The tasks this protocol configures (shards given)."""
+        return [t for t, shards in (("vqa", self.cfg.vqa_shards), ("generation", self.cfg.gen_shards)) if shards]
+
+    def samples(self, task: str) -> List[Dict[str, Any]]:
+        if task not in self._sets:
+            pattern, n = (self.cfg.vqa_shards, self.cfg.num_vqa) if task == "vqa" else (self.cfg.gen_shards, self.cfg.num_gen)
+            if not pattern:
+                key = "eval.vqa_shards" if task == "vqa" else "eval.gen_shards"
+                raise ValueError(f"evaluation task {task!r} has no shards: set {key}=PATTERN (relative to data.root)")
+            self._sets[task] = list(iter_records(pattern, self.root, n))
+        return self._sets[task]
+
+    @property
+    def classifier(self) -> Optional[torch.nn.Module]:
+        if self._classifier is None and self.cfg.classifier_path:
+            self._classifier = load_world_classifier(str(resolve_path(self.cfg.classifier_path)), self.model_cfg)
+        return self._classifier
+
+    @property
+    def real_key(self) -> str:
+        """Cache key of the generation set's real-image statistics."""
+        return f"{self.cfg.gen_shards}@{self.root}"
+
+    @torch.no_grad()
+    def run(self, net: Any, tasks: Sequence[str]) -> Dict[str, Any]:
+        bad = [t for t in tasks if t not in TASKS]
+        if bad:
+            raise ValueError(f"unknown evaluation task(s) {bad}; valid: {', '.join(TASKS)}")
+        report: Dict[str, Any] = {}
+        if "vqa" in tasks:
+            report.update(evaluate_vqa(net, self.samples("vqa"), self.cfg))
+        if "generation" in tasks:
+            report.update(evaluate_generation(net, self.samples("generation"), self.cfg, self.classifier,
+                                              real_key=self.real_key))
+        report["protocol"] = protocol(self.cfg, resolution=int(net.vqvae.cfg.resolution), data_root=self.root,
+                                      resize="targets: PIL resize of the short side + centre crop to the VQVAE "
+                                             "resolution; generated: native")
+        return report
+
+
+def report_metrics(report: Dict[str, Any], prefix: str) -> Dict[str, float]:
+    """The scalar metrics of an evaluation report, flat: ``<prefix><k>`` for every numeric
+    top-level value (not bools), ``<prefix>vqa_<type>`` per question type and
+    ``<prefix>real_vs_real_<k>`` for the real-vs-real floor. The one flattening of reports: the
+    in-loop callback logs ``val/...``, ``experiments.evaluate`` and sweeps ``eval/...``."""
+    flat = {f"{prefix}{k}": float(v) for k, v in report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    for k, v in (report.get("vqa_per_type") or {}).items():
+        flat[f"{prefix}vqa_{k}"] = float(v)
+    for k, v in (report.get("real_vs_real") or {}).items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            flat[f"{prefix}real_vs_real_{k}"] = float(v)
+    return flat

@@ -5,7 +5,7 @@ the right device and sums them across processes at ``compute()``.
 
   VQAAccuracy / ExactMatchAccuracy     modules/metrics_vqa.py         (lmms-eval VQAv2 scorer)
   GenMetricsConfig, GenerationMetrics  modules/metrics_generation.py  (FID / IS, cached reals)
-  WorldAttributeAccuracy               modules/metrics_world.py       (prompt attributes read back)
+  WorldAttributeAccuracy               modules/metrics_world.py       (prompt attributes read back: the one scorer)
 
 Import cost: ``import torchmetrics`` (about 3-4 s on 2 cores) dominates; nothing heavier loads.
 """
@@ -31,9 +31,10 @@ from modules.metrics_vqa import (  # noqa: F401
     vqa_accuracy,
 )
 from modules.metrics_world import (  # noqa: F401
-    DEFAULT_WORLD_ATTRIBUTES,
     WorldAttributeAccuracy,
-    world_attribute_accuracy,
+    attribute_scores,
+    check_scene,
+    requested_groups,
 )
 
 __all__ = [
@@ -41,5 +42,5 @@ __all__ = [
     "GenMetricsConfig", "GenerationMetrics", "GenFeatureExtractor", "InceptionExtractor",
     "WorldExtractor", "WorldClassifier", "build_feature_extractor", "build_gen_metrics",
     "hash_state_dict", "EXTRACTORS", "INCEPTION_WEIGHTS_FILENAME", "INCEPTION_WEIGHTS_URL",
-    "WorldAttributeAccuracy", "world_attribute_accuracy", "DEFAULT_WORLD_ATTRIBUTES",
+    "WorldAttributeAccuracy", "attribute_scores", "check_scene", "requested_groups",
 ]

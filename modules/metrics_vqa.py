@@ -2,7 +2,7 @@
 
 The rules, as lmms-eval's ``vqav2_process_results`` + ``EvalAIAnswerProcessor`` apply them
 (written from their behaviour; ``tests/test_metrics_vqa.py`` checks every case of
-``../shared/fixtures/vqav2_scoring_vectors.json``, which that scorer produced):
+``tests/fixtures/vqav2_scoring_vectors.json``, which that scorer produced):
 
 prediction, full normalisation (``normalize_vqa_answer``):
   1. lower-case; delete every ``,`` and ``?``; ``'s`` -> `` 's``; strip

@@ -1,128 +1,129 @@
 """Attribute accuracy of generated world images: did the picture get what the prompt asked for?
 
-A generation prompt of the embedded world requests some attributes, e.g.
-``{"shape": "circle", "colour": "red", "count": 2}`` (absent keys are not requested). A
-classifier reads the attributes back from each generated image; here the classifier is any
-callable ``images -> list[dict]`` (one dict of predicted attribute values per image), so the
-world's reference classifier, built elsewhere, plugs in without this file knowing it.
+The one attribute scorer of the suite (in-loop validation, ``experiments.evaluate`` and the
+scoreboard all use it). A world generation prompt asks for groups of objects, one group per
+(shape, colour) with its count, and positions / sizes when the prompt states them
+(``requested_groups``). The reference classifier reads a scene back from each image
+(``classifier.predict_attributes``: ``{"objects": [{shape, colour, size, position}], ...}``) and
+``check_scene`` compares, per attribute:
 
-Values compare as canonical strings (``str(v).strip().lower()``): ``2`` equals ``"2"``, ``"Red"``
-equals ``"red"``. A requested attribute the classifier did not predict counts as wrong.
+    object    every requested (shape, colour) is present
+    count     ... with the requested count
+    position  ... at the requested positions (only when the prompt states them)
+    size      ... with the requested sizes (only when the prompt states them)
+    exact     no unrequested object either (reported, not part of ``all`` / ``mean``)
+    all       every requested attribute right
+
+``WorldAttributeAccuracy`` accumulates these as summed tensor states, so it gathers across
+processes like every other torchmetrics metric. ``compute()`` gives the accuracy of each
+attribute over the prompts that request it, and ``mean``: the average over every requested
+attribute of every prompt (the scoreboard's ``gen_attribute_accuracy``).
 """
 from __future__ import annotations
 
-import math
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Sequence
 
 import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-AttributeClassifier = Callable[[Tensor], List[Mapping[str, Any]]]
-DEFAULT_WORLD_ATTRIBUTES = ("shape", "colour", "size", "position", "count")
+# Attributes check_scene reports, in state order; ``exact`` and ``all`` are not averaged in ``mean``.
+ATTRIBUTES = ("object", "count", "position", "size", "exact", "all")
+_IN_MEAN = ("object", "count", "position", "size")
 
 
-def _canon(value: Any) -> str:
-    return str(value).strip().lower()
+def requested_groups(rec: Mapping[str, Any]) -> List[Dict[str, Any]]:
+    """What a world generation record asks for: one group per (shape, colour) with its count,
+    and positions / sizes when the prompt states them (``rec["checks"]``)."""
+    checks = rec.get("checks") or {}
+    groups: Dict[tuple, Dict[str, Any]] = {}
+    for o in rec["scene"]["objects"]:
+        g = groups.setdefault((o["shape"], o["colour"]), {"shape": o["shape"], "colour": o["colour"], "count": 0,
+                                                          "positions": [], "sizes": []})
+        g["count"] += 1
+        g["positions"].append(o["position"])
+        g["sizes"].append(o["size"])
+    out = []
+    for g in groups.values():
+        if not checks.get("position"):
+            g.pop("positions")
+        if not checks.get("size"):
+            g.pop("sizes")
+        out.append(g)
+    return out
+
+
+def check_scene(groups: Sequence[Mapping[str, Any]], predicted: Mapping[str, Any]) -> Dict[str, bool]:
+    """Per-attribute correctness of one predicted scene against the requested groups (see the
+    module docstring); keys ``position`` / ``size`` only where some group requests them."""
+    objs = predicted.get("objects", [])
+    res: Dict[str, bool] = {}
+    present, count, pos, size = [], [], [], []
+    for g in groups:
+        mine = [o for o in objs if o["shape"] == g["shape"] and o["colour"] == g["colour"]]
+        present.append(len(mine) > 0)
+        count.append(len(mine) == g["count"])
+        if "positions" in g:
+            pos.append(sorted(o["position"] for o in mine) == sorted(g["positions"]))
+        if "sizes" in g:
+            size.append(sorted(o["size"] for o in mine) == sorted(g["sizes"]))
+    res["object"] = all(present)
+    res["count"] = all(count)
+    if pos:
+        res["position"] = all(pos)
+    if size:
+        res["size"] = all(size)
+    res["exact"] = len(objs) == sum(g["count"] for g in groups) and res["count"]
+    res["all"] = all(v for k, v in res.items() if k != "exact")
+    return res
 
 
 class WorldAttributeAccuracy(Metric):
-    """Per-attribute accuracy and "every requested attribute correct" accuracy.
-
-    ``update(images, requested)`` runs ``classifier`` (given at construction) on the images;
-    ``update_predictions(predicted, requested)`` takes classifier outputs directly.
-    ``compute() -> dict``: ``{attr: accuracy}`` over prompts that requested ``attr`` (NaN when
-    none did), ``"all"``: fraction of prompts with every requested attribute right, and
-    ``"n"``: number of prompts. States are tensors summed across processes.
-
-    ``attributes`` fixes the attribute names (state sizes must agree across processes); a
-    requested key outside it raises, which catches typos such as "color" for "colour".
-    """
+    """``update(predicted_scenes, requested_groups)``; ``compute() -> {attribute: accuracy,
+    "mean": ..., "n": prompts}``, attributes nobody requested left out."""
 
     is_differentiable = False
     higher_is_better = True
     full_state_update = False
 
-    def __init__(
-        self,
-        classifier: Optional[AttributeClassifier] = None,
-        attributes: Sequence[str] = DEFAULT_WORLD_ATTRIBUTES,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if len(set(attributes)) != len(attributes) or not attributes:
-            raise ValueError(f"attributes must be distinct and non-empty, got {list(attributes)}")
-        self.classifier = classifier
-        self.attributes = list(attributes)
-        a = len(self.attributes)
+        a = len(ATTRIBUTES)
         self.add_state("correct_A", torch.zeros(a, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("requested_A", torch.zeros(a, dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("all_correct", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("num_prompts", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
-    def update(self, images: Tensor, requested: Sequence[Mapping[str, Any]]) -> None:
-        if self.classifier is None:
-            raise RuntimeError(
-                "WorldAttributeAccuracy was built without a classifier: pass classifier= or call "
-                "update_predictions(predicted, requested)"
-            )
-        self.update_predictions(self.classifier(images), requested)
-
-    def update_predictions(
-        self, predicted: Sequence[Mapping[str, Any]], requested: Sequence[Mapping[str, Any]]
-    ) -> None:
-        if len(predicted) != len(requested):
-            raise ValueError(
-                f"{len(predicted)} classifier predictions for {len(requested)} prompts; the "
-                f"classifier must return one dict per image"
-            )
-        index = {name: i for i, name in enumerate(self.attributes)}
-        correct_A = torch.zeros(len(self.attributes), dtype=torch.long)
+    def update(self, predicted: Sequence[Mapping[str, Any]], groups: Sequence[Sequence[Mapping[str, Any]]]) -> None:
+        if len(predicted) != len(groups):
+            raise ValueError(f"{len(predicted)} predicted scenes for {len(groups)} prompts; the classifier "
+                             f"must return one scene per image")
+        correct_A = torch.zeros(len(ATTRIBUTES), dtype=torch.long)
         requested_A = torch.zeros_like(correct_A)
-        all_correct = 0
-        for i, (pred, req) in enumerate(zip(predicted, requested)):
-            unknown = [k for k in req if k not in index]
-            if unknown:
-                raise KeyError(
-                    f"prompt {i} requests unknown attribute(s) {unknown}; known: {self.attributes} "
-                    f"(set WorldAttributeAccuracy(attributes=...))"
-                )
-            ok_all = True
-            for key, want in req.items():
-                ok = key in pred and _canon(pred[key]) == _canon(want)
-                requested_A[index[key]] += 1
-                correct_A[index[key]] += int(ok)
-                ok_all &= ok
-            all_correct += int(ok_all)
+        for g, p in zip(groups, predicted):
+            for k, v in check_scene(g, p).items():
+                i = ATTRIBUTES.index(k)
+                requested_A[i] += 1
+                correct_A[i] += int(v)
         self.correct_A += correct_A.to(self.correct_A.device)
         self.requested_A += requested_A.to(self.requested_A.device)
-        self.all_correct += all_correct
-        self.num_prompts += len(requested)
+        self.num_prompts += len(groups)
 
     def compute(self) -> Dict[str, Tensor]:
         if int(self.num_prompts) == 0:
             raise RuntimeError("WorldAttributeAccuracy.compute() called before any update()")
-        acc_A = self.correct_A.double() / self.requested_A.double()  # 0/0 -> NaN: not requested
-        out = {name: acc_A[i] for i, name in enumerate(self.attributes)}
-        out["all"] = self.all_correct.double() / self.num_prompts.double()
+        out = {k: self.correct_A[i].double() / self.requested_A[i].double()
+               for i, k in enumerate(ATTRIBUTES) if int(self.requested_A[i]) > 0}
+        idx = [ATTRIBUTES.index(k) for k in _IN_MEAN]
+        out["mean"] = self.correct_A[idx].sum().double() / self.requested_A[idx].sum().clamp(min=1).double()
         out["n"] = self.num_prompts.clone()
         return out
 
 
-def world_attribute_accuracy(
-    images: Tensor,
-    requested: Sequence[Mapping[str, Any]],
-    classifier: AttributeClassifier,
-    attributes: Optional[Sequence[str]] = None,
-) -> Dict[str, float]:
-    """One-shot version: ``{attr: accuracy, ..., "all": accuracy, "n": count}`` as floats.
-
-    ``attributes`` defaults to the keys seen in ``requested``; attributes nobody requested are
-    left out (not NaN).
-    """
-    if attributes is None:
-        attributes = sorted({k for r in requested for k in r})
-    metric = WorldAttributeAccuracy(classifier, attributes=attributes or DEFAULT_WORLD_ATTRIBUTES)
-    metric.update(images, requested)
-    result = {k: float(v) for k, v in metric.compute().items()}
-    return {k: v for k, v in result.items() if not (isinstance(v, float) and math.isnan(v))}
+def attribute_scores(classifier: Any, images: Tensor, groups: Sequence[Sequence[Mapping[str, Any]]],
+                     batch: int = 64) -> Dict[str, float]:
+    """The classifier's reading of ``images`` (N, 3, H, W) in [0, 1] scored against ``groups``:
+    ``{attribute: accuracy, "mean": ...}`` as floats."""
+    metric = WorldAttributeAccuracy()
+    for i in range(0, len(images), batch):
+        metric.update(classifier.predict_attributes(images[i:i + batch]), groups[i:i + batch])
+    return {k: float(v) for k, v in metric.compute().items() if k != "n"}

@@ -1,34 +1,51 @@
-"""Loading weights into the composed model: `model.load` specs and `init_from`, all strict.
+"""Weights in: the one way pretrained weights enter a model, all strict.
 
-Explicit state-dict adapters (one function per foreign layout) turn a file's keys into ours;
-nothing is loaded with strict=False. What may be missing or unexpected is written in the
-config (`allow_missing` / `allow_unexpected`) or is a documented fact of the adapter (the VAR
-class embedding, which VARGPT replaces by its two-row condition embedding).
+Components build with random weights (modules/components/*); every pretrained weight arrives
+here, through ``model.load`` entries (``LoadSpec``: path, format, into, keys) and then
+``init_from`` (another run's export, a ``native`` load of the whole model). One adapter per
+foreign layout turns a file's keys into ours (``from_<layout>``); nothing is loaded with
+strict=False: what may be missing or unexpected is written in the config (``allow_missing`` /
+``allow_unexpected``) or is a documented fact of the adapter. Paths are resolved by
+``datamodules.paths.resolve_path`` (relative to the repository root).
+
+    format          file                                     into
+    native          our own names (an experiments.run export, or a component's state dict)
+    official_var    FoundationVision/VAR var_d*.pth         var (class embedding -> cond_emb)
+    official_vqvae  vae_ch160v4096z32.pth                    vqvae
+    llava           a LLaVA-1.5 checkpoint (LLM + mm_projector)   the whole model
+    hf              a Hugging Face save_pretrained directory llm (CausalLM) or vision (CLIP/SigLIP)
+    timm            a timm ViT state dict                    vision
+
+The stage-0 bases load their frozen parts through ``load_into`` (the same adapters, one component).
 """
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Dict, Iterable, Sequence
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
+from datamodules.paths import resolve_path
 from modules.checkpoint import load_strict, read_state_dict
-from modules.config import LoadSpec
+from modules.config import LOAD_FORMATS, LoadSpec
 
+StateDict = Dict[str, torch.Tensor]
+
+# ----------------------------------------------------------------------------------- adapters
 # LLaVA-1.5 (liuhaotian/llava-v1.5-*) key layout -> ours. The vision tower is not in those
-# checkpoints (LLaVA loads CLIP separately): point model.vision at the CLIP directory.
+# checkpoints (LLaVA loads CLIP separately): load it with format hf into vision.
 _LLAVA_RULES = (
     (re.compile(r"^model\.mm_projector\.(.*)$"), r"und_proj.\1"),
-    (re.compile(r"^model\.vision_tower\..*$"), None),  # dropped: loaded by model.vision
+    (re.compile(r"^model\.vision_tower\..*$"), None),  # dropped: loaded into vision separately
     (re.compile(r"^lm_head\.(.*)$"), r"llm.lm_head.\1"),
     (re.compile(r"^model\.(.*)$"), r"llm.model.\1"),
 )
 
 
-def adapt_llava(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    out: Dict[str, torch.Tensor] = {}
+def from_llava(sd: StateDict) -> StateDict:
+    out: StateDict = {}
     for k, v in sd.items():
         for pat, repl in _LLAVA_RULES:
             if pat.match(k):
@@ -40,77 +57,155 @@ def adapt_llava(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return out
 
 
-def _grow_vocab_rows(model: nn.Module, sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+# A full CLIP / SigLIP checkpoint (CLIPModel) also holds the text tower and the projections:
+# the vision encoder takes `vision_model.*` only (as LLaVA does).
+_HF_VISION_DROP = re.compile(r"^(text_model\.|visual_projection\.|text_projection\.|logit_scale|logit_bias)")
+
+
+def from_hf_vision(sd: StateDict, nested: bool) -> StateDict:
+    """HF CLIPVisionModel / CLIPModel / SigLIP keys -> our VisionEncoder (``tower.`` + the HF
+    names). Transformers versions differ in whether the vision model's keys carry
+    ``vision_model.``: both layouts load, into a tower that has it (``nested``) or not."""
+    out: StateDict = {}
+    for k, v in sd.items():
+        if _HF_VISION_DROP.match(k):
+            continue
+        k = k.removeprefix("vision_model.")
+        out[f"tower.vision_model.{k}" if nested else f"tower.{k}"] = v
+    return out
+
+
+def from_timm(sd: StateDict) -> StateDict:
+    """A timm ViT state dict -> our VisionEncoder; the classification head is not part of the
+    encoder (built with num_classes=0)."""
+    return {f"tower.{k}": v for k, v in sd.items() if not k.startswith("head.")}
+
+
+def grow_vocab_rows(model: nn.Module, sd: StateDict) -> StateDict:
     """A checkpoint saved before the VARGPT special tokens were added has fewer embedding /
-    lm_head rows than the model: copy its rows and keep the model's rows for the new tokens
-    (initialised to the mean embedding by build_llm, as LLaVA does)."""
+    lm_head rows than the model: copy its rows and give the new tokens the mean of the
+    checkpoint's rows (LLaVA's rule for added tokens)."""
     own = model.state_dict()
     for k in list(sd):
         if k in own and sd[k].ndim == 2 and own[k].ndim == 2 and sd[k].shape[1] == own[k].shape[1] \
                 and sd[k].shape[0] < own[k].shape[0] and (k.endswith("embed_tokens.weight") or "lm_head" in k):
+            n = sd[k].shape[0]
             grown = own[k].detach().clone()
-            grown[: sd[k].shape[0]] = sd[k].to(grown.dtype)
+            grown[:n] = sd[k].to(grown.dtype)
+            grown[n:] = sd[k].float().mean(0).to(grown.dtype)
             sd[k] = grown
     return sd
 
 
-def _select(sd: Dict[str, torch.Tensor], keys: Sequence[str]) -> Dict[str, torch.Tensor]:
-    if not keys:
-        return sd
+# ----------------------------------------------------------------------------------- loaders
+def _load_official_var(target: nn.Module, sd: StateDict, spec: LoadSpec, src: str) -> None:
+    missing, unexpected = list(spec.allow_missing), list(spec.allow_unexpected)
+    if getattr(target, "cond_mode", "class") == "external":
+        # VARGPT conditions VAR with its own two-row embedding, not the class table
+        missing.append("cond_emb.weight")
+        unexpected.append("class_emb.weight")
+    target.load_official_state_dict(sd, allow_missing=missing, allow_unexpected=unexpected)
+
+
+def _load_official_vqvae(target: nn.Module, sd: StateDict, spec: LoadSpec, src: str) -> None:
+    target.load_official_state_dict(sd, allow_missing=spec.allow_missing, allow_unexpected=spec.allow_unexpected)
+
+
+def _load_mapped(adapter: Optional[Callable[[StateDict], StateDict]]):
+    def load(target: nn.Module, sd: StateDict, spec: LoadSpec, src: str) -> None:
+        if adapter is not None:
+            sd = adapter(sd)
+        load_strict(target, grow_vocab_rows(target, dict(sd)), spec.allow_missing, spec.allow_unexpected, source=src)
+    return load
+
+
+def _load_hf(target: nn.Module, sd: StateDict, spec: LoadSpec, src: str) -> None:
+    # into: vision -> the encoder's tower; into: llm (a CausalLM) -> its own names
+    if spec.into == "vision":
+        nested = any(k.startswith("tower.vision_model.") for k in target.state_dict())
+        sd = from_hf_vision(sd, nested)
+    _load_mapped(None)(target, sd, spec, src)
+
+
+LOADERS: Dict[str, Callable[[nn.Module, StateDict, LoadSpec, str], None]] = {
+    "native": _load_mapped(None),
+    "official_var": _load_official_var,
+    "official_vqvae": _load_official_vqvae,
+    "llava": _load_mapped(from_llava),
+    "hf": _load_hf,
+    "timm": _load_mapped(from_timm),
+}
+assert set(LOADERS) == set(LOAD_FORMATS), "modules/config.py LOAD_FORMATS and LOADERS disagree"
+# The submodule a format loads into when `into` is not given.
+_DEFAULT_INTO = {"official_var": "var", "official_vqvae": "vqvae", "timm": "vision"}
+
+
+def _select(sd: StateDict, keys: Sequence[str]) -> StateDict:
     return {k: v for k, v in sd.items() if any(k == p or k.startswith(p + ".") for p in keys)}
 
 
-def apply_load_spec(model: nn.Module, spec: LoadSpec, root: Path) -> None:
-    """Load one `model.load` entry into `model` (a VARGPT) strictly."""
-    path = Path(spec.path)
-    path = path if path.is_absolute() else root / path
+def load_into(target: nn.Module, spec: LoadSpec, into: str = "") -> None:
+    """Load one ``model.load`` entry into ``target``: a component itself (``into`` names which,
+    for the adapters that care), or a composed model whose submodule ``spec.into`` is chosen."""
+    path = resolve_path(spec.path)
     if not path.exists():
-        raise FileNotFoundError(f"model.load: weights file not found: {path} (format {spec.format}, into "
+        raise FileNotFoundError(f"model.load: weights not found: {path} (format {spec.format}, into "
                                 f"{spec.into or 'the whole model'}); check the path or build it first")
     sd = read_state_dict(path)
     src = f"{path} ({spec.format})"
-    if spec.format == "official_var":
-        target = getattr(model, spec.into or "var")
-        missing = list(spec.allow_missing)
-        unexpected = list(spec.allow_unexpected)
-        if getattr(target, "cond_mode", "class") == "external":
-            missing.append("cond_emb.weight")
-            unexpected.append("class_emb.weight")
-        target.load_official_state_dict(sd, allow_missing=missing, allow_unexpected=unexpected)
+    loader = LOADERS[spec.format]
+    if not spec.keys:
+        loader(target, sd, spec, src)
         return
-    if spec.format == "official_vqvae":
-        getattr(model, spec.into or "vqvae").load_official_state_dict(
-            sd, allow_missing=spec.allow_missing, allow_unexpected=spec.allow_unexpected)
-        return
-    if spec.format == "llava":
-        sd = adapt_llava(sd)
-    target = getattr(model, spec.into) if spec.into else model
-    sd = _grow_vocab_rows(target, dict(sd))
-    if spec.into:
-        load_strict(target, sd, spec.allow_missing, spec.allow_unexpected, source=src)
-        return
-    sd = _select(sd, spec.keys)
-    if spec.keys:
-        # strict within the selected submodules; the rest of the model is not this file's business
-        for name in spec.keys:
-            sub_sd = {k[len(name) + 1:]: v for k, v in sd.items() if k.startswith(name + ".")}
-            allow_m = [p[len(name) + 1:] for p in spec.allow_missing if p.startswith(name + ".")]
-            allow_u = [p[len(name) + 1:] for p in spec.allow_unexpected if p.startswith(name + ".")]
-            load_strict(getattr(model, name), sub_sd, allow_m, allow_u, source=f"{src}[{name}]")
-        return
-    load_strict(model, sd, spec.allow_missing, spec.allow_unexpected, source=src)
+    # strict within the selected submodules; the rest of the model is not this file's business
+    sd = _select(from_llava(sd) if spec.format == "llava" else sd, spec.keys)
+    for name in spec.keys:
+        sub_sd = {k[len(name) + 1:]: v for k, v in sd.items() if k.startswith(name + ".")}
+        sub = LoadSpec(path=spec.path, into=name, format="native",
+                       allow_missing=[p[len(name) + 1:] for p in spec.allow_missing if p.startswith(name + ".")],
+                       allow_unexpected=[p[len(name) + 1:] for p in spec.allow_unexpected if p.startswith(name + ".")])
+        LOADERS["native"](getattr(target, name), sub_sd, sub, f"{src}[{name}]")
 
 
-def load_all(model: nn.Module, specs: Iterable[LoadSpec], root: Path) -> None:
-    for spec in specs:
-        apply_load_spec(model, spec, root)
+def apply_load_spec(model: nn.Module, spec: LoadSpec) -> None:
+    """One ``model.load`` entry into a composed model (``into`` picks the submodule)."""
+    into = spec.into or _DEFAULT_INTO.get(spec.format, "")
+    load_into(getattr(model, into) if into else model, LoadSpec(**{**spec.__dict__, "into": into}))
 
 
-def init_from(model: nn.Module, path: str, allow_missing: Sequence[str], root: Path) -> None:
-    """Start from another run's exported model (stage N -> N+1): every key must match."""
-    p = Path(path)
-    p = p if p.is_absolute() else root / p
-    if p.is_dir():
-        p = p / "model.safetensors"
-    sd = _grow_vocab_rows(model, dict(read_state_dict(p)))
-    load_strict(model, sd, allow_missing=allow_missing, source=str(p))
+def init_spec(path: str, allow_missing: Sequence[str] = ()) -> LoadSpec:
+    """``init_from: RUN_DIR`` as the ``model.load`` entry it is: that run's whole exported model."""
+    p = resolve_path(path)
+    return LoadSpec(path=str(p / "model.safetensors" if p.is_dir() else p), format="native",
+                    allow_missing=list(allow_missing))
+
+
+def load_weights(model: nn.Module, specs: Iterable[LoadSpec], init_from: str = "",
+                 init_allow_missing: Sequence[str] = ()) -> None:
+    """Every pretrained weight of a composed model: the ``model.load`` entries in order (a later
+    file overwrites an earlier one), then ``init_from`` (stage N -> N+1: every key must match)."""
+    entries: List[LoadSpec] = list(specs)
+    if init_from:
+        entries.append(init_spec(init_from, init_allow_missing))
+    for spec in entries:
+        apply_load_spec(model, spec)
+
+
+def load_component(component: nn.Module, specs: Iterable[LoadSpec], into: str, what: str, hint: str) -> nn.Module:
+    """The ``model.load`` entries for one submodule (``into``) applied to a bare component, e.g.
+    the frozen VQVAE a stage-0 base trains against; ``hint`` says how to make a missing file."""
+    mine = [s for s in specs if s.into == into]
+    if not mine:
+        raise ValueError(f"{what} needs trained {into} weights: add to the config model.load: "
+                         f"[{{path: ..., into: {into}}}] ({hint})")
+    for s in mine:
+        if not resolve_path(s.path).exists():
+            raise FileNotFoundError(f"model.load into {into}: {resolve_path(s.path)} not found; {hint}")
+        load_into(component, s)
+    return component
+
+
+def read_export(path: str | Path) -> StateDict:
+    """The state dict of an export directory of experiments.run (or its model.safetensors)."""
+    p = resolve_path(path)
+    return read_state_dict(p / "model.safetensors" if p.is_dir() else p)

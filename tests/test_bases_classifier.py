@@ -95,7 +95,7 @@ def _world_batch(n: int, seed: int = 0):
 
 def test_trains_on_world_scenes_and_reads_them_back():
     """A few hundred steps on 64 one-object scenes: the read-back matches the scene."""
-    from modules.metrics import world_attribute_accuracy
+    from modules.metrics import attribute_scores, requested_groups
 
     torch.manual_seed(0)
     x, scenes = _world_batch(64)
@@ -107,8 +107,9 @@ def test_trains_on_world_scenes_and_reads_them_back():
         opt.zero_grad()
         loss.backward()
         opt.step()
-    requested = [{k: s["objects"][0][k] for k in ("shape", "colour", "position")} | {"count": 1} for s in scenes]
-    acc = world_attribute_accuracy(x, requested, clf.predict_attributes)
+    # the prompt states shape, colour and position of the one object (count 1)
+    requested = [requested_groups({"scene": s, "checks": {"position": True}}) for s in scenes]
+    acc = attribute_scores(clf, x, requested)
     assert acc["all"] > 0.9, acc
 
 

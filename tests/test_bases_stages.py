@@ -1,4 +1,4 @@
-"""Stage 0 (modules/stages/bases.py): every base stage trains a few steps on tiny generated world
+"""Stage 0 (modules/stages/bases/): every base stage trains a few steps on tiny generated world
 shards through experiments.run, its export loads back strictly into the component, and its loss
 goes down on one repeated batch. Sizes are shrunk on the command line so each test takes seconds.
 """
@@ -177,17 +177,18 @@ def test_base_classifier_trains_and_exports(world, tmp_path):
 
 
 def test_base_vision_exports_tower_only(world, tmp_path):
-    from dataclasses import replace
-
     from modules.components.vision_encoders import build_vision_encoder
+    from modules.config import LoadSpec
+    from modules.weights import load_into
 
     loaded, sd = _fit("vision", world, tmp_path)
     assert all(k.startswith("tower.") for k in sd)  # the attribute heads are not exported
     enc = build_vision_encoder(loaded.cfg.model.vision)
     enc.load_state_dict(sd, strict=True)
-    # the timm-layout copy loads through pretrained_path and gives the same features
+    # the timm-layout copy loads through model.load (format timm) and gives the same features
     tower = tmp_path / "vision" / "tower.safetensors"
-    enc2 = build_vision_encoder(replace(loaded.cfg.model.vision, pretrained_path=str(tower)))
+    enc2 = build_vision_encoder(loaded.cfg.model.vision)
+    load_into(enc2, LoadSpec(path=str(tower), format="timm", into="vision"))
     x = torch.randn(2, 3, 64, 64)
     torch.testing.assert_close(enc.eval()(x), enc2.eval()(x))
 
@@ -213,7 +214,7 @@ def test_base_llm_trains_tokenizer_and_exports(world, tmp_path):
 
 
 def test_world_texts_use_chat_template_without_image_token():
-    from modules.stages.bases import world_texts
+    from modules.stages.bases.llm import world_texts
 
     rec = {"messages": [{"role": "user", "content": "<image>\nWhat colour is the circle?"},
                         {"role": "assistant", "content": "red"}]}

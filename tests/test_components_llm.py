@@ -4,6 +4,8 @@ import time
 import pytest
 import torch
 
+from modules.config import LoadSpec
+from modules.weights import load_into
 from modules.components.llm import (
     LLMS,
     LLMConfig,
@@ -95,12 +97,16 @@ def test_attn_implementation_and_dtype():
 def test_hf_causal_from_local_dir(tmp_path):
     src = build_llm(LLMConfig(name="llama", preset="tiny", num_layers=2), 120).eval()
     src.save_pretrained(str(tmp_path / "llm"))
-    loaded = build_llm(LLMConfig(name="hf_causal", path=str(tmp_path / "llm")), 124).eval()
+    loaded = build_llm(LLMConfig(name="hf_causal", path=str(tmp_path / "llm")), 124).eval()  # architecture only
+    load_into(loaded, LoadSpec(path=str(tmp_path / "llm"), format="hf", into="llm"))  # 120 rows grown to 124
     assert type(loaded).__name__ == "LlamaForCausalLM"
     assert get_input_embeddings(loaded).weight.shape[0] == 124  # grown for 4 new tokens
     ids = torch.tensor([[1, 5, 9, 119]])
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits[..., :120], src(input_ids=ids).logits)
+    # the 4 new rows are the mean of the checkpoint's rows (LLaVA's rule for added tokens)
+    emb = get_input_embeddings(loaded).weight
+    torch.testing.assert_close(emb[120:], emb[:120].mean(0, keepdim=True).expand(4, -1))
     with pytest.raises(FileNotFoundError, match="not a directory"):
         build_llm(LLMConfig(name="hf_causal", path=str(tmp_path / "missing")), 100)
 

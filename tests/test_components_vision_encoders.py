@@ -6,7 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
+from modules.checkpoint import StateDictMismatchError
 from modules.components.registry import UnknownComponentError
+from modules.config import LoadSpec
+from modules.weights import load_into
 from modules.components.vision_encoders import (
     OPENAI_CLIP_MEAN,
     VISION_ENCODERS,
@@ -122,11 +125,14 @@ def test_timm_weights_from_file(tmp_path, suffix):
         save_file(sd, str(path))
     else:
         torch.save({"state_dict": sd}, str(path))
-    loaded = build_vision_encoder(VisionEncoderConfig(name="tiny_vit", pretrained_path=str(path), **TINY)).eval()
+    # weights arrive through model.load (format timm): the encoder itself builds with random ones
+    loaded = build_vision_encoder(VisionEncoderConfig(name="tiny_vit", **TINY)).eval()
+    load_into(loaded, LoadSpec(path=str(path), format="timm", into="vision"))
     with torch.no_grad():
         torch.testing.assert_close(loaded(_x()), src(_x()))
-    with pytest.raises(RuntimeError, match="do not match the architecture"):
-        build_vision_encoder(VisionEncoderConfig(name="tiny_vit", pretrained_path=str(path), **{**TINY, "depth": 2}))
+    shallower = build_vision_encoder(VisionEncoderConfig(name="tiny_vit", **{**TINY, "depth": 2}))
+    with pytest.raises(StateDictMismatchError, match="unexpected keys"):
+        load_into(shallower, LoadSpec(path=str(path), format="timm", into="vision"))
 
 
 def test_hf_clip_from_local_full_checkpoint(tmp_path):
@@ -146,14 +152,15 @@ def test_hf_clip_from_local_full_checkpoint(tmp_path):
     (tmp_path / "clip" / "preprocessor_config.json").write_text(
         json.dumps({"image_mean": [0.1, 0.2, 0.3], "image_std": [0.4, 0.5, 0.6], "crop_size": {"height": 32, "width": 32}})
     )
-    enc = build_vision_encoder(VisionEncoderConfig(name="hf_clip", pretrained_path=str(tmp_path / "clip"))).eval()
+    enc = build_vision_encoder(VisionEncoderConfig(name="hf_clip", config_dir=str(tmp_path / "clip"))).eval()
+    load_into(enc, LoadSpec(path=str(tmp_path / "clip"), format="hf", into="vision"))  # text tower dropped
     x = _x()
     with torch.no_grad():
         ref = full.vision_model(pixel_values=x, output_hidden_states=True).hidden_states[-2][:, 1:]
         torch.testing.assert_close(enc(x), ref)
     assert enc.image_transform().mean == (0.1, 0.2, 0.3)
     with pytest.raises(FileNotFoundError, match="not a directory"):
-        build_vision_encoder(VisionEncoderConfig(name="hf_clip", pretrained_path=str(tmp_path / "missing")))
+        build_vision_encoder(VisionEncoderConfig(name="hf_clip", config_dir=str(tmp_path / "missing")))
 
 
 def test_meta_clip_l14_336_parameter_count():

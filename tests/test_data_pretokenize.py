@@ -15,7 +15,7 @@ from datamodules.pretokenize import encode_images, pretokenize_shards, tokenizer
 from datamodules.schema import iter_tar, read_manifest
 from datamodules.stream import ShardStream
 from datamodules.config import SourceConfig
-from datamodules.testing import tiny_tokenizer
+from tests.tiny import tiny_tokenizer
 from datamodules.transforms import GenTransform
 from modules.components.vision_encoders import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageTransform
 
@@ -94,7 +94,7 @@ def test_collator_uses_matching_indices_and_refuses_others(shards):
     direct = vq.img_to_idxBl(torch.stack([GenTransform(16)(s["images"][0]) for s in samples]))
     for got, want in zip(b["gen_indices"], direct):
         assert torch.equal(got, want)
-    with pytest.raises(ValueError, match="re-run datamodules.pretokenize"):
+    with pytest.raises(ValueError, match="re-run experiments.pretokenize"):
         _collator("sha256:someothertokenizer")(samples)
     # the model encodes on the fly when it has no fingerprint to match, or shards have no indices
     assert "gen_indices" not in _collator(None)(samples) and "gen_images" in _collator(None)(samples)
@@ -119,7 +119,7 @@ def test_datamodule_refuses_a_foreign_fingerprint(shards):
 
 
 def test_cli_with_the_project_vqvae(tmp_path, shards):
-    vq_mod = pytest.importorskip("modules.components.vqvae")
+    import modules.components.vqvae as vq_mod
     from omegaconf import OmegaConf
     from safetensors.torch import save_file
 
@@ -130,7 +130,7 @@ def test_cli_with_the_project_vqvae(tmp_path, shards):
     model = vq_mod.build_vqvae(vq_mod.VQVAEConfig(**cfg)).eval()
     save_file({f"vqvae.{k}": v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "m.safetensors"))
     OmegaConf.save(OmegaConf.create(cfg), str(tmp_path / "vq.yaml"))
-    from datamodules.pretokenize import main
+    from experiments.pretokenize import main
 
     rc = main(["--shards", str(d / "src" / "gen-00000{0,1}.tar"), "--out", str(tmp_path / "out"),
                "--vqvae-config", str(tmp_path / "vq.yaml"), "--checkpoint", str(tmp_path / "m.safetensors"),

@@ -130,7 +130,7 @@ def test_unreadable_samples_are_counted_not_silently_dropped(tmp_path, caplog):
 def test_collated_stream_from_world_shards(tmp_path):
     from datamodules import world
     from datamodules.collate import Collator
-    from datamodules.testing import tiny_tokenizer
+    from tests.tiny import tiny_tokenizer
     from datamodules.transforms import GenTransform
     from modules.components.vision_encoders import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageTransform
 

@@ -1,67 +1,72 @@
-"""World attribute accuracy: requested prompt attributes vs what a classifier reads back."""
-import math
+"""World attribute accuracy: requested prompt groups vs the scene a classifier reads back.
 
+One scorer (modules/metrics_world.py) for the loop, experiments.evaluate and the scoreboard."""
 import pytest
 import torch
 
-from modules.metrics import WorldAttributeAccuracy, world_attribute_accuracy
+from modules.metrics import WorldAttributeAccuracy, attribute_scores, check_scene, requested_groups
 
-REQUESTED = [
-    {"shape": "circle", "colour": "red", "count": 2, "position": "left"},
-    {"shape": "square", "colour": "blue"},
-    {"shape": "triangle"},
-    {"colour": "Green", "count": 1},
+
+def obj(shape, colour, position="left", size="small"):
+    return {"shape": shape, "colour": colour, "position": position, "size": size}
+
+
+# Four prompts as world records: what they ask for (scene + which attributes the text states).
+RECORDS = [
+    {"scene": {"objects": [obj("circle", "red", "left"), obj("circle", "red", "right")]}, "checks": {"position": True}},
+    {"scene": {"objects": [obj("square", "blue")]}, "checks": {}},
+    {"scene": {"objects": [obj("triangle", "green", size="large")]}, "checks": {"size": True}},
+    {"scene": {"objects": [obj("cross", "black"), obj("circle", "red", "top")]}, "checks": {}},
 ]
+REQUESTED = [requested_groups(r) for r in RECORDS]
 # What a classifier "sees" in the four images.
 PREDICTED = [
-    {"shape": "circle", "colour": "red", "count": "2", "position": "left", "size": "small"},
-    {"shape": "square", "colour": "green", "count": 1},
-    {"shape": "circle", "colour": "red"},
-    {"colour": "green"},  # no count predicted -> wrong
+    {"objects": [obj("circle", "red", "left"), obj("circle", "red", "right")]},   # all right
+    {"objects": [obj("square", "green")]},                                         # wrong colour
+    {"objects": [obj("triangle", "green", size="small")]},                         # wrong size
+    {"objects": [obj("cross", "black"), obj("circle", "red"), obj("circle", "red", "top")]},  # count 2 != 1
 ]
 
 
-def classifier_over(predictions):
+def test_groups_and_checks():
+    assert REQUESTED[0] == [{"shape": "circle", "colour": "red", "count": 2, "positions": ["left", "right"]}]
+    assert "positions" not in REQUESTED[1][0] and "sizes" in REQUESTED[2][0]
+    assert check_scene(REQUESTED[0], PREDICTED[0]) == {"object": True, "count": True, "position": True,
+                                                       "exact": True, "all": True}
+    assert check_scene(REQUESTED[1], PREDICTED[1])["object"] is False
+    assert check_scene(REQUESTED[2], PREDICTED[2]) == {"object": True, "count": True, "size": False,
+                                                       "exact": True, "all": False}
+    r3 = check_scene(REQUESTED[3], PREDICTED[3])
+    assert r3["object"] and not r3["count"] and not r3["exact"] and not r3["all"]
+
+
+def test_metric_per_attribute_mean_and_accumulation():
+    m = WorldAttributeAccuracy()
+    m.update(PREDICTED[:1], REQUESTED[:1])
+    m.update(PREDICTED[1:], REQUESTED[1:])
+    out = {k: float(v) for k, v in m.compute().items()}
+    assert out["object"] == pytest.approx(3 / 4) and out["count"] == pytest.approx(2 / 4)
+    assert out["position"] == 1.0 and out["size"] == 0.0  # each over the one prompt requesting it
+    assert out["all"] == pytest.approx(1 / 4) and out["exact"] == pytest.approx(2 / 4)
+    # mean over every requested attribute: object 3/4 + count 2/4 + position 1/1 + size 0/1 -> 6/10
+    assert out["mean"] == pytest.approx(6 / 10) and out["n"] == 4
+
+
+def test_attribute_scores_runs_the_classifier_in_batches():
     seen = []
 
-    def classify(images):
-        seen.append(images.shape[0])
-        return predictions[: images.shape[0]]
+    class Clf:
+        def predict_attributes(self, images):
+            seen.append(images.shape[0])
+            return PREDICTED[sum(seen) - images.shape[0]: sum(seen)]
 
-    classify.seen = seen
-    return classify
-
-
-def test_per_attribute_and_all_correct():
-    images = torch.zeros(4, 3, 8, 8)
-    clf = classifier_over(PREDICTED)
-    out = world_attribute_accuracy(images, REQUESTED, clf)
-    assert clf.seen == [4]
-    assert out["shape"] == pytest.approx(2 / 3)  # circle ok, square ok, triangle wrong
-    assert out["colour"] == pytest.approx(2 / 3)  # red ok, blue wrong, Green == green
-    assert out["count"] == pytest.approx(1 / 2)  # 2 == "2"; missing prediction is wrong
-    assert out["position"] == 1.0
-    assert out["all"] == pytest.approx(1 / 4)
-    assert out["n"] == 4
-    assert "size" not in out  # never requested
-
-
-def test_metric_accumulates_and_reports_unrequested_as_nan():
-    metric = WorldAttributeAccuracy(classifier_over(PREDICTED))
-    metric.update(torch.zeros(2, 3, 8, 8), REQUESTED[:2])
-    metric.update_predictions(PREDICTED[2:], REQUESTED[2:])
-    out = metric.compute()
-    assert out["all"].item() == pytest.approx(1 / 4)
-    assert out["shape"].item() == pytest.approx(2 / 3)
-    assert math.isnan(out["size"].item())
-    assert int(out["n"]) == 4
+    out = attribute_scores(Clf(), torch.zeros(4, 3, 8, 8), REQUESTED, batch=3)
+    assert seen == [3, 1] and out["mean"] == pytest.approx(6 / 10) and "n" not in out
 
 
 def test_errors_name_the_problem():
-    metric = WorldAttributeAccuracy()
-    with pytest.raises(KeyError, match="color"):
-        metric.update_predictions([{"color": "red"}], [{"color": "red"}])
-    with pytest.raises(ValueError, match="one dict per image"):
-        metric.update_predictions([{}], REQUESTED[:2])
-    with pytest.raises(RuntimeError, match="without a classifier"):
-        metric.update(torch.zeros(1, 3, 8, 8), REQUESTED[:1])
+    m = WorldAttributeAccuracy()
+    with pytest.raises(ValueError, match="one scene per image"):
+        m.update(PREDICTED[:1], REQUESTED[:2])
+    with pytest.raises(RuntimeError, match="before any update"):
+        WorldAttributeAccuracy().compute()

@@ -16,7 +16,7 @@ STAGES = ("stage1", "stage2", "stage3")
 def meta_model(tmp_path_factory):
     from modules.components.text_tokenizer import TokenizerConfig, build_tokenizer
 
-    loaded = load_config(REPO_ROOT / "experiments/real/stage1.yaml", ["model.vision.pretrained_path=''", "model.load=[]"])
+    loaded = load_config(REPO_ROOT / "experiments/real/stage1.yaml", ["model.vision.config_dir=''", "model.load=[]"])
     # The recipe's tokenizer lives beside the 7B weights; any tokenizer with fewer than 32000
     # entries leaves the Vicuna vocabulary at 32000 rows (the LLM never shrinks).
     tok = build_tokenizer(TokenizerConfig(name="world", path=str(tiny_tokenizer_dir(tmp_path_factory.mktemp("tok")))))

@@ -1,43 +1,64 @@
-"""A tiny VARGPT for tests: every component family at toy size, built in about a second.
+"""A tiny VARGPT for tests: the debug-model preset of experiments/tiny/model.yaml (the one place
+its sizes live), built in about a second.
 
 Sizes: 32 px input images (tiny ViT, patch 8 -> 16 tokens), 16 px generation targets through a
 4x VQVAE (4x4 latent, patch_nums 1,2,4 -> L = 21), a 2-layer Llama of width 64, a 1-block VAR.
 """
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Sequence
 
+from omegaconf import OmegaConf
 from PIL import Image
 
-from datamodules.testing import _CORPUS
+from datamodules.config import DataConfig
+from datamodules.paths import REPO_ROOT
 from datamodules.tokens import IMAGE_GEN_PLACEHOLDER, IMAGE_TOKEN
-from modules.components.llm import LLMConfig
-from modules.components.text_tokenizer import TokenizerConfig, train_world_tokenizer
-from modules.components.var_decoder import VARConfig
-from modules.components.vision_encoders import VisionEncoderConfig
-from modules.components.vqvae import VQVAEConfig
+from modules.components.text_tokenizer import train_world_tokenizer
 from modules.config import ModelConfig
+
+TINY_YAML = REPO_ROOT / "experiments" / "tiny" / "model.yaml"
+# Text the tiny tokenizers are trained on: the world's words and the chat template.
+CORPUS = [
+    "A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+    "helpful, detailed, and polite answers to the user's questions.",
+    "USER: ASSISTANT: Describe the image briefly. What is in this picture? Give a short caption.",
+    "There is a large red circle on the left and two small blue squares at the top.",
+    "The image shows a green triangle at the bottom, a yellow cross in the centre, a purple square on the right.",
+    "What colour is the circle? What shape is the black object? How many objects are there? Where is the red cross?",
+    "Is there a blue triangle in the image? Is the square green? yes no 0 1 2 3 one two three circles squares "
+    "triangles crosses Answer with a single word. Draw I need an image of Generate a picture with Please paint",
+]
+
+
+def tiny_tokenizer(extra_corpus: Sequence[str] = (), vocab_size: int = 600) -> Any:
+    """A real HF fast tokenizer with the VARGPT special tokens, trained in milliseconds by the
+    world tokenizer trainer (the one trainer) on CORPUS (+ ``extra_corpus``); cached per process."""
+    key = (tuple(extra_corpus), vocab_size)
+    if key not in _TOKENIZERS:
+        with tempfile.TemporaryDirectory() as d:
+            _TOKENIZERS[key] = train_world_tokenizer(list(CORPUS) + list(extra_corpus), d, vocab_size=vocab_size)
+    return _TOKENIZERS[key]
+
+
+_TOKENIZERS: Dict[Any, Any] = {}
 
 
 def tiny_tokenizer_dir(root: Path) -> Path:
     d = root / "tok"
     if not (d / "tokenizer.json").is_file():
-        train_world_tokenizer(list(_CORPUS) * 3, d, vocab_size=400)
+        train_world_tokenizer(list(CORPUS) * 3, d, vocab_size=400)
     return d
 
 
 def tiny_model_config(root: Path, **over: Any) -> ModelConfig:
-    cfg = ModelConfig(
-        tokenizer=TokenizerConfig(name="world", path=str(tiny_tokenizer_dir(root))),
-        vision=VisionEncoderConfig(name="tiny_vit", image_size=32, patch_size=8, width=32, depth=2, heads=2,
-                                   feature_layer=-1),
-        llm=LLMConfig(name="llama", preset="tiny", hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=2,
-                      intermediate_size=128, max_position_embeddings=512),
-        vqvae=VQVAEConfig(vocab_size=32, z_channels=8, ch=16, ch_mult=[1, 1, 2], num_res_blocks=1, norm_groups=8,
-                          patch_nums=[1, 2, 4], using_sa=False, using_mid_sa=False),
-        var=VARConfig(depth=1, embed_dim=32, num_heads=2, cond_mode="external", attn_l2_norm=True),
-    )
+    """The preset's `model:` section with a tokenizer trained under ``root``; ``over`` replaces
+    top-level ModelConfig fields."""
+    merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(TINY_YAML).model)
+    cfg: ModelConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    cfg.tokenizer.path = str(tiny_tokenizer_dir(root))
     for k, v in over.items():
         setattr(cfg, k, v)
     return cfg
@@ -62,5 +83,7 @@ def _sample(key: str, messages: List[Dict[str, str]], images: List[Image.Image],
             "n_unreadable": 0}
 
 
-def collator_for(net, **kw):
-    return net.collator(**kw)
+def collator_for(net, **data_kw):
+    """``net.collator`` with DataConfig options (prompt dropout off unless given)."""
+    data = DataConfig(chat=net.template, **{"prompt_dropout": 0.0, **data_kw})
+    return net.collator(data, train=True)

@@ -1,6 +1,6 @@
 """LLM backbone family: a Hugging Face causal LM (LLaMA/Vicuna, Qwen2, or any local one).
 
-  hf_causal  ``AutoModelForCausalLM.from_pretrained(path)`` from a local directory
+  hf_causal  the architecture of a local directory's config.json (weights: model.load, format hf)
   llama      ``LlamaForCausalLM`` from a named preset and/or size fields (random weights)
   qwen2      ``Qwen2ForCausalLM`` likewise
 
@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Dict
 import torch
 import torch.nn as nn
 
+from datamodules.paths import resolve_path
 from modules.components.registry import ComponentConfig, Registry
 
 LLMS = Registry("llm")
@@ -152,25 +153,17 @@ def _qwen2(cfg: LLMConfig, vocab_size: int = 0) -> nn.Module:
 
 @LLMS.register("hf_causal")
 def _hf_causal(cfg: LLMConfig, vocab_size: int = 0) -> nn.Module:
-    from pathlib import Path
+    """Any causal LM whose architecture a local directory's config.json describes (random
+    weights; its weights load through model.load, format hf, into llm)."""
+    from transformers import AutoConfig
 
-    from transformers import AutoModelForCausalLM
-
-    if not cfg.path or not Path(cfg.path).is_dir():
+    path = resolve_path(cfg.path) if cfg.path else None
+    if path is None or not path.is_dir():
         raise FileNotFoundError(
             f"llm hf_causal: path {cfg.path!r} is not a directory; point llm.path at a local "
             "save_pretrained / hub-snapshot folder (nothing is downloaded)"
         )
-    model, info = AutoModelForCausalLM.from_pretrained(
-        cfg.path, local_files_only=True, attn_implementation=cfg.attn_implementation, dtype=_dtype(cfg),
-        output_loading_info=True,
-    )
-    if info["missing_keys"]:
-        raise RuntimeError(
-            f"llm {cfg.path!r}: {len(info['missing_keys'])} weights missing from the checkpoint, "
-            f"e.g. {sorted(info['missing_keys'])[:5]}"
-        )
-    return model
+    return _from_config(AutoConfig.from_pretrained(str(path), local_files_only=True), cfg)
 
 
 def get_input_embeddings(model: nn.Module) -> nn.Embedding:

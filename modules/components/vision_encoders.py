@@ -2,12 +2,13 @@
 
   hf_clip    HF ``CLIPVisionModel`` (LLaVA-1.5: CLIP ViT-L/14-336, layer -2, CLS dropped: 576 tokens)
   hf_siglip  HF ``SiglipVisionModel`` (no CLS token)
-  timm_vit   a timm ViT by name (``vit_large_patch14_clip_336.openai``, ...), weights from a file
+  timm_vit   a timm ViT by name (``vit_large_patch14_clip_336.openai``, ...)
   tiny_vit   timm's ``VisionTransformer`` class built from width/depth/heads: the world's encoder
 
-Every tower builds either from a config alone (a named preset or the size fields: random
-weights, works under ``with torch.device("meta")`` for parameter counts) or from local weights
-(``pretrained_path``). Nothing downloads.
+Every tower builds with random weights (works under ``with torch.device("meta")`` for parameter
+counts), from a named preset, the size fields, or, for hf_*, the architecture and preprocessing
+of a local Hugging Face directory (``config_dir``). Pretrained weights arrive only through
+``model.load`` (modules/weights.py: format ``hf`` or ``timm``, into ``vision``). Nothing downloads.
 
 ``feature_layer`` follows HF's ``hidden_states`` indexing for every tower: 0 is the embedding
 output, k >= 1 the output of block k, negatives count from the end (-1 = last block, -2 = the
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from datamodules.paths import resolve_path
 from modules.components.registry import ComponentConfig, Registry
 
 VISION_ENCODERS = Registry("vision_encoder")
@@ -65,11 +67,11 @@ class VisionEncoderConfig(ComponentConfig):
     family: ClassVar[str] = "vision_encoder"
     name: str = "tiny_vit"  # hf_clip | hf_siglip | timm_vit | tiny_vit
     model_name: str = ""  # timm_vit: the timm architecture name
-    # hf_*: a local directory (a full CLIP/SigLIP checkpoint is fine: the vision tower is taken).
-    # timm_vit / tiny_vit: a .safetensors / .pt / .pth state_dict of the timm model.
-    # Empty: architecture only, random weights.
-    pretrained_path: str = ""
-    preset: str = ""  # hf_*: a key of HF_VISION_PRESETS (ignored when pretrained_path is a dir)
+    # hf_*: a local save_pretrained / hub-snapshot directory whose config.json (architecture) and
+    # preprocessor_config.json (mean, std, size) to use; a full CLIP/SigLIP checkpoint is fine.
+    # Its weights load through model.load (format hf, into vision). Relative to the repo root.
+    config_dir: str = ""
+    preset: str = ""  # hf_*: a key of HF_VISION_PRESETS (ignored when config_dir is set)
     # Size fields for config-only builds; 0 keeps the preset's / model's value.
     image_size: int = 0
     patch_size: int = 0
@@ -229,30 +231,20 @@ def _hf_processor_stats(path: str) -> Tuple[List[float], List[float], int]:
 
 
 def _hf_tower(cfg: VisionEncoderConfig, model_type: str, has_cls: bool) -> VisionEncoder:
-    from transformers import AutoModel, CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
+    from transformers import AutoModel, CLIPVisionConfig, SiglipVisionConfig
 
-    config_cls, model_cls = (
-        (CLIPVisionConfig, CLIPVisionModel) if model_type == "clip" else (SiglipVisionConfig, SiglipVisionModel)
-    )
+    config_cls = CLIPVisionConfig if model_type == "clip" else SiglipVisionConfig
     mean, std, proc_size = [], [], 0
-    if cfg.pretrained_path:
-        path = cfg.pretrained_path
-        if not Path(path).is_dir():
+    if cfg.config_dir:
+        path = resolve_path(cfg.config_dir)
+        if not path.is_dir():
             raise FileNotFoundError(
-                f"vision_encoder {cfg.name}: pretrained_path {path!r} is not a directory "
+                f"vision_encoder {cfg.name}: config_dir {str(path)!r} is not a directory "
                 "(expected a save_pretrained / hub-snapshot folder with config.json)"
             )
-        tower, info = model_cls.from_pretrained(
-            path, local_files_only=True, output_loading_info=True, attn_implementation=cfg.attn_implementation
-        )
-        # A full CLIP/SigLIP checkpoint also holds the text tower: unexpected keys are expected.
-        # A missing vision key means random weights where pretrained ones were asked for.
-        if info["missing_keys"]:
-            raise RuntimeError(
-                f"vision_encoder {cfg.name}: {path!r} lacks {len(info['missing_keys'])} vision weights, "
-                f"e.g. {sorted(info['missing_keys'])[:5]}"
-            )
-        mean, std, proc_size = _hf_processor_stats(path)
+        config = config_cls.from_pretrained(str(path), local_files_only=True)
+        tower = AutoModel.from_config(config, attn_implementation=cfg.attn_implementation)
+        mean, std, proc_size = _hf_processor_stats(str(path))
     else:
         kw: Dict[str, object] = {}
         if cfg.preset:
@@ -276,7 +268,7 @@ def _hf_tower(cfg: VisionEncoderConfig, model_type: str, has_cls: bool) -> Visio
     c = tower.config
     image_size = int(c.image_size)
     if proc_size and proc_size != image_size:
-        raise ValueError(f"{cfg.pretrained_path}: processor size {proc_size} != model image_size {image_size}")
+        raise ValueError(f"{cfg.config_dir}: processor size {proc_size} != model image_size {image_size}")
     grid = image_size // int(c.patch_size)
     return VisionEncoder(
         tower, "hf",
@@ -303,30 +295,9 @@ def _hf_siglip(cfg: VisionEncoderConfig) -> VisionEncoder:
 # timm towers
 
 
-def load_state_dict_file(path: str) -> Dict[str, torch.Tensor]:
-    """A state dict from .safetensors or a torch file (weights_only; {'state_dict'|'model': ...} unwrapped)."""
-    from modules.checkpoint import read_state_dict
-
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"vision_encoder.pretrained_path {path!r} is not a file")
-    return read_state_dict(Path(path))
-
-
-def _load_timm_weights(model: nn.Module, path: str) -> None:
-    sd = load_state_dict_file(path)
-    # The classification head is not part of the encoder (built with num_classes=0).
-    sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
-    try:
-        model.load_state_dict(sd, strict=True)
-    except RuntimeError as e:
-        raise RuntimeError(f"vision_encoder weights {path!r} do not match the architecture: {e}") from None
-
-
 def _timm_encoder(model: nn.Module, cfg: VisionEncoderConfig, default_mean, default_std) -> VisionEncoder:
     if not hasattr(model, "forward_intermediates") or not hasattr(model, "patch_embed"):
         raise TypeError(f"timm model {type(model).__name__} is not a ViT with forward_intermediates")
-    if cfg.pretrained_path:
-        _load_timm_weights(model, cfg.pretrained_path)
     grid = model.patch_embed.grid_size
     image_size = int(model.patch_embed.img_size[0])
     pcfg = getattr(model, "pretrained_cfg", None) or {}
@@ -350,7 +321,7 @@ def _timm_vit(cfg: VisionEncoderConfig) -> VisionEncoder:
     kw: Dict[str, object] = {"num_classes": 0}
     if cfg.image_size:
         kw["img_size"] = cfg.image_size
-    # pretrained=False always: weights come only from pretrained_path, never the hub.
+    # pretrained=False always: weights come only through model.load (format timm), never the hub.
     model = timm.create_model(cfg.model_name, pretrained=False, **kw)
     return _timm_encoder(model, cfg, HALF, HALF)
 
@@ -376,8 +347,8 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def build_vision_encoder(cfg: VisionEncoderConfig) -> VisionEncoder:
-    """Build the encoder named by ``cfg``; works under ``with torch.device("meta")`` when no
-    pretrained_path is given."""
+    """Build the encoder named by ``cfg`` with random weights; works under
+    ``with torch.device("meta")``."""
     if cfg.dtype not in _DTYPES:
         raise ValueError(f"vision_encoder.dtype must be one of {', '.join(_DTYPES)}, got {cfg.dtype!r}")
     if cfg.attn_implementation not in ("sdpa", "eager"):

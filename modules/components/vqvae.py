@@ -11,13 +11,13 @@ so the decoder of the VAR transformer predicts scale k from the image "so far" (
 
 Module and parameter names follow the official FoundationVision/VAR code (`models/vqvae.py`,
 `models/basic_vae.py`, `models/quant.py`) so `vae_ch160v4096z32.pth` loads by key name, and every
-inference path reproduces its indices and images (see tests/test_vqvae_parity.py). Unlike the
+inference path reproduces its indices and images (tests/test_var_parity.py, tests/fixtures/var_official). Unlike the
 official quantizer ours also trains in one process: codebook/commitment loss with a
 straight-through estimator, code-usage tracking without torch.distributed, and dead-code restart
-(WORLD_NOTES.md: without it 20 of 512 codes survived the first minute).
+(measured on the world: without it 20 of 512 codes survived the first minute).
 
 Everything here runs in fp32, also inside an autocast region: indices are discrete, and a bf16
-nearest-neighbour search picks other codes than fp32 does (DESIGN.md section 1, item 6).
+nearest-neighbour search picks other codes than fp32 does (the released code tokenizes in bf16).
 """
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from modules.checkpoint import StateDictMismatchError, load_strict  # noqa: F401 (re-exported)
 from modules.components.registry import ComponentConfig, Registry
+from modules.components.vqvae_blocks import Decoder, Encoder
 
 # What a VQVAE / VAR checkpoint mismatch usually means.
 LOAD_HINT = ("check the config (sizes, patch_nums, share_quant_resi, shared_aln, cond_mode) against the "
@@ -94,159 +95,6 @@ def _fp32_region(x: torch.Tensor):
     return torch.autocast(device_type=x.device.type, enabled=False)
 
 
-# ------------------------------------------------------------------------------------------------
-# Conv encoder / decoder (official layout: LDM "vq-f16" with conv resampling)
-# ------------------------------------------------------------------------------------------------
-def _norm(channels: int, groups: int) -> nn.GroupNorm:
-    if channels % groups:
-        raise ValueError(
-            f"VQVAE width {channels} is not a multiple of norm_groups={groups}: GroupNorm needs "
-            f"channels divisible by groups. Use ch/ch_mult giving multiples of {groups}, or set "
-            f"VQVAEConfig.norm_groups to a divisor of every width (ch * m for m in ch_mult)."
-        )
-    return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
-
-
-class ResnetBlock(nn.Module):
-    def __init__(self, c_in: int, c_out: int, dropout: float, groups: int):
-        super().__init__()
-        self.norm1 = _norm(c_in, groups)
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, 1, 1)
-        self.norm2 = _norm(c_out, groups)
-        self.dropout = nn.Dropout(dropout) if dropout > 1e-6 else nn.Identity()
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1)
-        # official: a 1x1 shortcut only when the width changes (no key otherwise)
-        self.nin_shortcut = nn.Conv2d(c_in, c_out, 1, 1, 0) if c_in != c_out else nn.Identity()
-
-    def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x_BCHW)))
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        return self.nin_shortcut(x_BCHW) + h
-
-
-class AttnBlock(nn.Module):
-    """Single-head spatial self-attention; the fused SDPA kernel instead of two bmm + softmax."""
-
-    def __init__(self, c: int, groups: int):
-        super().__init__()
-        self.norm = _norm(c, groups)
-        self.qkv = nn.Conv2d(c, 3 * c, 1, 1, 0)
-        self.proj_out = nn.Conv2d(c, c, 1, 1, 0)
-
-    def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
-        B, C, H, W = x_BCHW.shape
-        qkv = self.qkv(self.norm(x_BCHW)).view(B, 3, C, H * W).transpose(2, 3)  # B,3,HW,C
-        q, k, v = qkv.unbind(1)
-        h_BNC = F.scaled_dot_product_attention(q, k, v)  # scale C**-0.5, as the official w_ratio
-        return x_BCHW + self.proj_out(h_BNC.transpose(1, 2).reshape(B, C, H, W))
-
-
-class Downsample2x(nn.Module):
-    def __init__(self, c: int):
-        super().__init__()
-        self.conv = nn.Conv2d(c, c, 3, 2, 0)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.pad(x, (0, 1, 0, 1)))  # asymmetric pad: the official (LDM) convention
-
-
-class Upsample2x(nn.Module):
-    def __init__(self, c: int):
-        super().__init__()
-        self.conv = nn.Conv2d(c, c, 3, 1, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
-
-
-class _Level(nn.Module):
-    """One resolution level; a plain container so the keys read `down.{i}.block.{j}...`."""
-
-
-class Encoder(nn.Module):
-    def __init__(self, cfg: VQVAEConfig):
-        super().__init__()
-        g, ch, mult = cfg.norm_groups, cfg.ch, list(cfg.ch_mult)
-        n_lvl = len(mult)
-        self.conv_in = nn.Conv2d(3, ch, 3, 1, 1)
-        in_mult = [1] + mult
-        self.down = nn.ModuleList()
-        c_in = ch
-        for i in range(n_lvl):
-            lvl = _Level()
-            lvl.block, lvl.attn = nn.ModuleList(), nn.ModuleList()
-            c_in, c_out = ch * in_mult[i], ch * mult[i]
-            for _ in range(cfg.num_res_blocks):
-                lvl.block.append(ResnetBlock(c_in, c_out, cfg.dropout, g))
-                c_in = c_out
-                if i == n_lvl - 1 and cfg.using_sa:
-                    lvl.attn.append(AttnBlock(c_in, g))
-            if i != n_lvl - 1:
-                lvl.downsample = Downsample2x(c_in)
-            self.down.append(lvl)
-        self.mid = _Level()
-        self.mid.block_1 = ResnetBlock(c_in, c_in, cfg.dropout, g)
-        self.mid.attn_1 = AttnBlock(c_in, g) if cfg.using_mid_sa else nn.Identity()
-        self.mid.block_2 = ResnetBlock(c_in, c_in, cfg.dropout, g)
-        self.norm_out = _norm(c_in, g)
-        self.conv_out = nn.Conv2d(c_in, cfg.z_channels, 3, 1, 1)
-
-    def forward(self, img_B3HW: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(img_B3HW)
-        for lvl in self.down:
-            for j, blk in enumerate(lvl.block):
-                h = blk(h)
-                if len(lvl.attn):
-                    h = lvl.attn[j](h)
-            if hasattr(lvl, "downsample"):
-                h = lvl.downsample(h)
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
-        return self.conv_out(F.silu(self.norm_out(h)))
-
-
-class Decoder(nn.Module):
-    def __init__(self, cfg: VQVAEConfig):
-        super().__init__()
-        g, ch, mult = cfg.norm_groups, cfg.ch, list(cfg.ch_mult)
-        n_lvl = len(mult)
-        c_in = ch * mult[-1]
-        self.conv_in = nn.Conv2d(cfg.z_channels, c_in, 3, 1, 1)
-        self.mid = _Level()
-        self.mid.block_1 = ResnetBlock(c_in, c_in, cfg.dropout, g)
-        self.mid.attn_1 = AttnBlock(c_in, g) if cfg.using_mid_sa else nn.Identity()
-        self.mid.block_2 = ResnetBlock(c_in, c_in, cfg.dropout, g)
-        levels: List[_Level] = []
-        for i in reversed(range(n_lvl)):
-            lvl = _Level()
-            lvl.block, lvl.attn = nn.ModuleList(), nn.ModuleList()
-            c_out = ch * mult[i]
-            for _ in range(cfg.num_res_blocks + 1):
-                lvl.block.append(ResnetBlock(c_in, c_out, cfg.dropout, g))
-                c_in = c_out
-                if i == n_lvl - 1 and cfg.using_sa:
-                    lvl.attn.append(AttnBlock(c_in, g))
-            if i != 0:
-                lvl.upsample = Upsample2x(c_in)
-            levels.insert(0, lvl)  # up.0 is the highest resolution, as in the official keys
-        self.up = nn.ModuleList(levels)
-        self.norm_out = _norm(c_in, g)
-        self.conv_out = nn.Conv2d(c_in, 3, 3, 1, 1)
-
-    def forward(self, z_BChw: torch.Tensor) -> torch.Tensor:
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z_BChw))))
-        for lvl in reversed(self.up):
-            for j, blk in enumerate(lvl.block):
-                h = blk(h)
-                if len(lvl.attn):
-                    h = lvl.attn[j](h)
-            if hasattr(lvl, "upsample"):
-                h = lvl.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
-
-
-# ------------------------------------------------------------------------------------------------
-# Residual quantizer
-# ------------------------------------------------------------------------------------------------
 class Phi(nn.Conv2d):
     """phi(h) = (1 - r) h + r conv3x3(h): the per-scale refinement after upsampling."""
 

@@ -5,6 +5,8 @@ Each builder takes the typed ``ExperimentConfig`` and returns ``(LightningModule
 """
 from __future__ import annotations
 
+import importlib
+
 from modules.components.registry import Registry
 
 STAGES = Registry("stage")
@@ -13,14 +15,14 @@ STAGES = Registry("stage")
 @STAGES.register("debug")
 def _debug(cfg):
     """Plumbing smoke test: a projector regressing a fixed linear map on synthetic data."""
-    from modules.stages.debug import build
+    from modules.stages.debug import build  # lazy: Lightning, only when a run starts
 
     return build(cfg)
 
 
 def _vargpt(name):
     def builder(cfg):
-        from modules.stages import vargpt_stages
+        from modules.stages import vargpt_stages  # lazy: Lightning + the model, only when a run starts
 
         return vargpt_stages.build(name, cfg)
 
@@ -38,12 +40,12 @@ def build_stage(cfg):
     return STAGES.get(cfg.stage, where="stage")(cfg)
 
 
-# Stage 0 of the embedded world: the tiny stand-ins for the pretrained parts (modules/stages/bases.py).
+# Stage 0 of the embedded world: the tiny stand-ins for the pretrained parts (modules/stages/bases/).
 def _base(name):
     def builder(cfg):
-        from modules.stages import bases
+        module = importlib.import_module(f"modules.stages.bases.{name.removeprefix('base_')}")  # lazy: one base's deps
 
-        return getattr(bases, f"build_{name}")(cfg)
+        return getattr(module, f"build_{name}")(cfg)
 
     builder.__name__ = f"build_{name}"
     return builder

@@ -9,6 +9,7 @@ import time
 from typing import Any, Dict, List, Tuple
 
 import lightning as L
+import torch
 
 from modules.optim import build_optimizer, build_scheduler, param_counts
 
@@ -43,6 +44,11 @@ class StageModule(L.LightningModule):
 
     def trainable_parameter_names(self) -> List[str]:
         return [n for n, p in self.net.named_parameters() if p.requires_grad]
+
+    def exports(self) -> Dict[str, Dict[str, torch.Tensor]]:
+        """What the run hands on, file name -> state dict, written by ``modules.checkpoint.write_export``
+        (``model.safetensors``: the full ``self.net``, what ``init_from`` and evaluation read)."""
+        return {"model.safetensors": self.net.state_dict()}
 
     def param_counts(self) -> Dict[str, int]:
         total, trainable = param_counts(self.net)

@@ -14,12 +14,19 @@ checks that a step changes exactly the declared parameters.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, ClassVar, Dict, Tuple
+from typing import Any, ClassVar, Dict, List, Tuple
 
+import lightning as L
 import torch
 import torch.nn as nn
 
+from datamodules.datamodule import VargptDataModule
+from datamodules.paths import resolve_path
+from modules.evaluation import Evaluator
 from modules.stages.base import StageModule
+from modules.stages.callbacks import EvalCallback
+from modules.vargpt import VARGPT
+from modules.weights import load_weights
 
 
 class VARGPTStage(StageModule):
@@ -27,17 +34,11 @@ class VARGPTStage(StageModule):
 
     def __init__(self, cfg: Any, net: nn.Module | None = None):
         super().__init__(cfg)
-        from experiments.config import REPO_ROOT
-        from modules.vargpt import VARGPT
-        from modules.weights import init_from, load_all
-
         if cfg.model.var.cond_mode != "external":
             raise ValueError("model.var.cond_mode must be 'external' in the VARGPT stages (the LLM conditions VAR)")
         self.net = net if net is not None else VARGPT(cfg.model, template=cfg.data.chat)
-        if net is None:
-            load_all(self.net, cfg.model.load, REPO_ROOT)
-            if cfg.init_from:
-                init_from(self.net, cfg.init_from, cfg.init_allow_missing, REPO_ROOT)
+        if net is None:  # every pretrained weight: model.load entries, then init_from
+            load_weights(self.net, cfg.model.load, cfg.init_from, cfg.init_allow_missing)
         self.apply_trainable_set()
 
     def trainable_prefixes(self) -> Tuple[str, ...]:
@@ -94,79 +95,10 @@ class VARGPTStage(StageModule):
 
 
     # -------------------------------------------------------------- in-loop evaluation
-    def on_validation_epoch_end(self) -> None:
-        """VQA accuracy on a fixed question subset and FID / IS / attribute accuracy on a fixed
-        prompt set (eval.*), every time validation runs; a grid and a table go to MLflow."""
-        e = self.cfg.eval
-        if self.trainer.sanity_checking or not (e.vqa_shards or e.gen_shards):
-            return
-        if not self.trainer.is_global_zero:
-            return
-        from modules import evaluation as ev
-
-        root = self._data_root()
-        step = self.global_step
-        was_training = self.net.training
-        self.net.eval()
-        try:
-            if e.vqa_shards:
-                if getattr(self, "_vqa_set", None) is None:
-                    self._vqa_set = list(ev.iter_records(e.vqa_shards, root, e.num_vqa))
-                r = ev.evaluate_vqa(self.net, self._vqa_set, e)
-                self._log_scalars({"val/vqa_accuracy": r["vqa_accuracy"], "val/vqa_prior_baseline": r["vqa_prior_baseline"],
-                                   **({"val/vqa_blind_baseline": r["vqa_blind_baseline"]} if "vqa_blind_baseline" in r else {}),
-                                   **{f"val/vqa_{k}": v for k, v in r["vqa_per_type"].items()}})
-                self._log_json(f"eval/vqa_rows_step{step:06d}.json", r["vqa_rows"])
-            if e.gen_shards:
-                if getattr(self, "_gen_set", None) is None:
-                    self._gen_set = list(ev.iter_records(e.gen_shards, root, e.num_gen))
-                    self._classifier = ev.load_world_classifier(str(self._path(e.classifier_path)), self.cfg.model) \
-                        if e.classifier_path else None
-                r = ev.evaluate_generation(self.net, self._gen_set, e, self._classifier,
-                                           real_key=f"{e.gen_shards}@{root}")
-                self._log_scalars({f"val/{k}": v for k, v in r.items()
-                                   if isinstance(v, float) and (k.startswith(("gen_attr", "gen_prompt")) or k in ("fid", "inception_score"))})
-                self._log_grid(f"eval/samples_step{step:06d}.png", r["gen_images"][: e.grid_images], r["gen_prompts"])
-        finally:
-            self.net.train(was_training)
-            if was_training:
-                _eval_frozen(self.net)
-
-    def _data_root(self) -> str:
-        from experiments.config import resolve_path
-
-        return str(resolve_path(self.cfg.data.root)) if self.cfg.data.root else ""
-
-    @staticmethod
-    def _path(p: str):
-        from experiments.config import resolve_path
-
-        return resolve_path(p)
-
-    def _log_scalars(self, metrics: Dict[str, float]) -> None:
-        for k, v in metrics.items():
-            self.log(k, float(v), on_step=False, on_epoch=True, rank_zero_only=True)
-
-    def _mlflow(self):
-        lg = self.logger
-        return lg if lg is not None and hasattr(lg, "run_id") and hasattr(lg, "experiment") else None
-
-    def _log_json(self, name: str, obj: Any) -> None:
-        lg = self._mlflow()
-        if lg is not None:
-            lg.experiment.log_dict(lg.run_id, obj, name)
-
-    def _log_grid(self, name: str, images: torch.Tensor, prompts) -> None:
-        lg = self._mlflow()
-        if lg is None or len(images) == 0:
-            return
-        from torchvision.utils import make_grid
-
-        grid = make_grid(images, nrow=min(8, len(images)), padding=2, pad_value=1.0)
-        arr = (grid.permute(1, 2, 0).clamp(0, 1).numpy() * 255).astype("uint8")
-        lg.experiment.log_image(lg.run_id, arr, artifact_file=name)
-        lg.experiment.log_text(lg.run_id, "\n".join(f"{i}: {p}" for i, p in enumerate(prompts[: len(images)])),
-                               name.replace(".png", "_prompts.txt"))
+    def configure_callbacks(self) -> List[L.Callback]:
+        """The ``eval:`` protocol after every validation (modules/stages/callbacks.py)."""
+        ev = Evaluator(self.cfg.eval, self.cfg.model, self.cfg.data.root)
+        return [EvalCallback(ev)] if ev.tasks() else []
 
 
 def _eval_frozen(module: nn.Module) -> None:
@@ -204,23 +136,13 @@ class Stage3(VARGPTStage):
 STAGE_CLASSES = {"llava_align": LlavaAlign, "llava_sft": LlavaSFT, "stage1": Stage1, "stage2": Stage2, "stage3": Stage3}
 
 
-def build_datamodule(cfg: Any, net: nn.Module):
-    """The mixed streaming DataModule, with the collator sized from the model."""
-    from datamodules.collate import Collator
-    from datamodules.datamodule import VargptDataModule
-    from datamodules.transforms import GenTransform
-
-    from experiments.config import resolve_path
-
+def build_datamodule(cfg: Any, net: VARGPT) -> VargptDataModule:
+    """The mixed streaming DataModule with the model's collators (``VARGPT.collator``): the
+    training one with prompt dropout, the evaluation one without."""
+    data = replace(cfg.data, root=str(resolve_path(cfg.data.root)) if cfg.data.root else "")
     sizes = net.collator_sizes()
-    data = replace(cfg.data, num_image_tokens=sizes["num_image_tokens"], gen_num_tokens=sizes["gen_num_tokens"],
-                   root=str(resolve_path(cfg.data.root)) if cfg.data.root else "")
-    kw = dict(gen_patch_nums=sizes["gen_patch_nums"], vq_fingerprint=sizes["vq_fingerprint"])
-    image_tf = net.vision.image_transform()
-    gen_tf = GenTransform(net.vqvae.cfg.resolution)
-    train = Collator.from_config(data, net.tokenizer, image_tf, gen_tf, **kw)
-    evalc = Collator.from_config(replace(data, prompt_dropout=0.0), net.tokenizer, image_tf, gen_tf, **kw)
-    return VargptDataModule(data, train, eval_collator=evalc)
+    data = replace(data, num_image_tokens=sizes["num_image_tokens"], gen_num_tokens=sizes["gen_num_tokens"])
+    return VargptDataModule(data, net.collator(data, train=True), eval_collator=net.collator(data))
 
 
 def build(name: str, cfg: Any):
