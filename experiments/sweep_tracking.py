@@ -179,14 +179,12 @@ class SweepTracker:
         report_path = eval_report_path(self.out_dir, a.variant)
         if not report_path.is_file():
             return None
-        # Same metric names as experiments.evaluate's own MLflow run.
-        metrics = tracking.eval_report_metrics(json.loads(report_path.read_text()))
+        # Logged exactly as experiments.evaluate logs its own run (tracking.log_eval_report).
+        report = json.loads(report_path.read_text())
         run = self._create_child_run(a)
         rid = run.info.run_id
-        for k, v in metrics.items():
-            self.client.log_metric(rid, k, v)
+        tracking.log_eval_report(self.client, rid, report, report_path)
         self.client.set_tag(rid, "checkpoint", str(self.sweep.checkpoint))
-        self.client.log_artifact(rid, str(report_path))
         if report_path.with_suffix(".png").is_file():
             self.client.log_artifact(rid, str(report_path.with_suffix(".png")))
         self.client.log_artifact(rid, str(a.log_path), "sweep")
