@@ -40,7 +40,9 @@ Per (config, stage), in a fresh subprocess (so peak RSS is that configuration's)
   threads    --threads 1 by default. On a 2-core machine shared with other jobs, 2 OpenMP threads
              spin-wait for each other: a 50 ms tiny step took 0.3-4 s (OMP_WAIT_POLICY=PASSIVE
              fixes that). Pass --threads 2 (or 0 = trainer.num_threads) on an idle machine.
-Writes benchmarks/results/train_step.json and train_step.md and prints the table.
+Writes benchmarks/results/train_step.json and train_step.md and prints the table. The measuring
+pieces (FLOP counting, matmul peak, RSS, plain-loop and Lightning step timing, lower envelope)
+are in benchmarks/step_timing.py; this file picks the experiments, runs them and reports.
 """
 from __future__ import annotations
 
@@ -48,8 +50,6 @@ import argparse
 import glob
 import json
 import os
-import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -57,11 +57,17 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from benchmarks.step_timing import (CLOCKS, REPO_ROOT, llm_matmul_params, machine_info, matmul_peak, peak_rss_mb,
+                                    rss_mb, step_estimates, time_lightning, time_plain, train_flops)
+from datamodules.world import TASKS, generate_split
+from experiments.config import load_config, resolve_path
+from modules.components.text_tokenizer import train_world_tokenizer
+from modules.stages import build_stage
+
 RESULTS = Path(__file__).resolve().parent / "results"
 STAGES = ("stage1", "stage2", "stage3")
 WORLD = {s: REPO_ROOT / f"experiments/world/{s}.yaml" for s in STAGES}
@@ -74,232 +80,6 @@ LARGER_OVERRIDES = [
 # Always applied: timing needs no trained weights, no output, no validation, and CPU.
 BENCH_OVERRIDES = ["model.load=[]", "init_from=''", "trainer.val_every_n_steps=0", "trainer.enable_progress_bar=false",
                    "trainer.accelerator=cpu", "trainer.devices=1", "data.num_workers=0", "trainer.precision=32-true"]
-
-
-# ------------------------------------------------------------------------------------------
-# measurements (importable: tests/test_bench_train_step.py)
-# ------------------------------------------------------------------------------------------
-
-
-def matmul_peak(n: int = 1024, seconds: float = 1.5, window: float = 0.25) -> Dict[str, float]:
-    """Best fp32 torch.mm FLOP/s over windows of ~`window` s for ~`seconds` s in total: per wall
-    second ("wall") and per second of this process's CPU time ("cpu")."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    out = torch.empty(n, n)
-    torch.mm(a, b, out=out)  # warm-up (thread pool, page faults)
-    flop = 2.0 * n ** 3
-    best = {"wall": 0.0, "cpu": 0.0}
-    t_end = time.perf_counter() + seconds
-    while time.perf_counter() < t_end:
-        k, (w0, c0) = 0, _clock()
-        while True:
-            torch.mm(a, b, out=out)
-            k += 1
-            w, c = _clock()
-            if w - w0 >= window:
-                break
-        best["wall"] = max(best["wall"], k * flop / (w - w0))
-        best["cpu"] = max(best["cpu"], k * flop / max(c - c0, 1e-9))
-    return best
-
-
-def count_flops(fn: Callable[[], Any]) -> int:
-    """FLOPs torch's flop counter attributes to `fn()` (matmul / conv / attention ops)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as fc:
-        fn()
-    return int(fc.get_total_flops())
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
-
-
-def rss_mb() -> float:
-    import psutil
-
-    return psutil.Process().memory_info().rss / 2 ** 20
-
-
-def llm_matmul_params(net: torch.nn.Module) -> int:
-    """LLM parameters that multiply activations (all but the input embedding table and norms)."""
-    emb = net.llm.get_input_embeddings().weight
-    out_w = net.llm.get_output_embeddings().weight
-    n = sum(p.numel() for p in net.llm.parameters() if p.dim() == 2 and p is not emb)
-    if out_w is emb:  # tied head: still a matmul
-        n += out_w.numel()
-    return n
-
-
-def train_flops(net: torch.nn.Module, batch: Dict[str, Any]) -> Tuple[int, int]:
-    """(forward, forward + backward) counted FLOPs of one training step on `batch`."""
-    out: Dict[str, Any] = {}
-
-    def fwd():
-        out["loss"] = net(batch)["loss"]
-
-    f = count_flops(fwd)
-    b = count_flops(lambda: out["loss"].backward())
-    net.zero_grad(set_to_none=True)
-    return f, f + b
-
-
-def _clip_params(opt: torch.optim.Optimizer) -> List[torch.Tensor]:
-    return [p for g in opt.param_groups for p in g["params"]]
-
-
-def _optim(module: Any) -> Tuple[torch.optim.Optimizer, Any]:
-    conf = module.configure_optimizers()
-    if isinstance(conf, dict):
-        sched = conf.get("lr_scheduler")
-        return conf["optimizer"], (sched["scheduler"] if isinstance(sched, dict) else sched)
-    return conf, None
-
-
-class _Marks:
-    """Clock readings at each step start and around the model's own work in that step: the
-    forward of `module.net`, `loss.backward()`, and gradient clipping + optimizer update. What a
-    step spends outside those three is loop/hook/logging work, the part Lightning can add to."""
-
-    def __init__(self):
-        self.t: Dict[str, List[Tuple[float, float]]] = {k: [] for k in
-                                                         ("start", "fwd0", "fwd1", "bwd0", "bwd1", "upd0", "upd1")}
-
-    def __call__(self, key: str) -> None:
-        self.t[key].append(_clock())
-
-    def hook_net(self, net: torch.nn.Module) -> List[Any]:
-        return [net.register_forward_pre_hook(lambda *a: self("fwd0")),
-                net.register_forward_hook(lambda *a: self("fwd1"))]
-
-    def times(self, warmup: int) -> Dict[str, List[float]]:
-        """Per timed step and clock: step seconds ("wall", "cpu") and seconds outside the model's
-        work ("wall_outside", "cpu_outside")."""
-        n = len(self.t["start"]) - 1
-        for k, v in self.t.items():
-            if len(v) < n:
-                raise RuntimeError(f"step timing: {len(v)} '{k}' marks for {n} steps")
-        out: Dict[str, List[float]] = {}
-        for c, clock in enumerate(("wall", "cpu")):
-            step, outside = [], []
-            for i in range(warmup, n):
-                t = {k: v[i][c] for k, v in self.t.items()}
-                dt = self.t["start"][i + 1][c] - t["start"]
-                inside = (t["fwd1"] - t["fwd0"]) + (t["bwd1"] - t["bwd0"]) + (t["upd1"] - t["upd0"])
-                step.append(dt)
-                outside.append(dt - inside)
-            out[clock], out[f"{clock}_outside"] = step, outside
-        return out
-
-
-def time_plain(module: Any, batches: Sequence[Dict[str, Any]], steps: int, warmup: int,
-               grad_clip: float) -> Dict[str, List[float]]:
-    """Per-step seconds of `steps` timed steps of a plain PyTorch loop over `module.training_step`
-    (see `_Marks.times` for the keys)."""
-    module.trainer = None  # detached: self.log returns at once, as in any Trainer-less loop
-    if hasattr(module, "_t_last"):
-        module._t_last = None
-    module.train()
-    opt, sched = _optim(module)
-    params = _clip_params(opt)
-    marks = _Marks()
-    handles = marks.hook_net(module.net)
-    try:
-        for i in range(warmup + steps + 1):
-            marks("start")
-            batch = batches[i % len(batches)]
-            loss = module.training_step(batch, i)
-            opt.zero_grad(set_to_none=True)
-            marks("bwd0")
-            loss.backward()
-            marks("bwd1")
-            marks("upd0")
-            if grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, grad_clip)
-            opt.step()
-            marks("upd1")
-            if sched is not None:
-                sched.step()
-    finally:
-        for h in handles:
-            h.remove()
-    opt.zero_grad(set_to_none=True)
-    return marks.times(warmup)
-
-
-def time_lightning(module: Any, cfg: Any, batches: Sequence[Dict[str, Any]], steps: int, warmup: int,
-                   logger: Any = None, root_dir: Optional[str] = None) -> Dict[str, List[float]]:
-    """Per-step seconds of the same steps under the launcher's Trainer (in-memory batches)."""
-    from dataclasses import replace
-
-    import lightning as L
-    from torch.utils.data import DataLoader
-
-    from experiments.run import build_trainer
-
-    n = warmup + steps + 1
-    marks = _Marks()
-
-    class _StepMarks(L.Callback):
-        # Lightning 2.x per step: batch start -> training_step -> zero_grad -> on_before_backward ->
-        # backward -> on_after_backward -> on_before_optimizer_step -> clip -> optimizer update
-        def on_train_start(self, trainer, pl_module):
-            for opt in trainer.optimizers:
-                opt.register_step_post_hook(lambda *a: marks("upd1"))
-
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            marks("start")
-
-        def on_before_backward(self, trainer, pl_module, loss):
-            marks("bwd0")
-
-        def on_after_backward(self, trainer, pl_module):
-            marks("bwd1")
-
-        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-            marks("upd0")
-
-    # the Trainer stops after n steps; the module's LR schedule still follows the experiment's max_steps
-    tcfg = replace(cfg, trainer=replace(cfg.trainer, max_steps=n, enable_progress_bar=False, val_every_n_steps=0),
-                   output_dir=root_dir or cfg.output_dir)
-    trainer = build_trainer(tcfg, logger, callbacks=[_StepMarks()])
-    if hasattr(module, "_t_last"):
-        module._t_last = None
-    data = [batches[i % len(batches)] for i in range(n)]
-    dl = DataLoader(data, batch_size=None, shuffle=False, collate_fn=_identity)
-    handles = marks.hook_net(module.net)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # num_workers / log-interval advice: not what is measured
-            trainer.fit(module, train_dataloaders=dl)
-    finally:
-        for h in handles:
-            h.remove()
-    module.trainer = None
-    if len(marks.t["start"]) != n:
-        raise RuntimeError(f"Lightning ran {len(marks.t['start'])} steps, expected {n}")
-    return marks.times(warmup)
-
-
-def _clock() -> Tuple[float, float]:
-    """(wall, this process's CPU) seconds. With one torch thread the CPU clock is the work done
-    and barely moves while other jobs hold the cores; the wall clock is what a run waits."""
-    return time.perf_counter(), time.process_time()
-
-
-def lower_envelope(reps: Sequence[Sequence[float]], warmup: int, distinct: int) -> float:
-    """Mean over cached batches of each batch's fastest timed step (step i used batch i % distinct)."""
-    fastest: Dict[int, float] = {}
-    for rep in reps:
-        for k, t in enumerate(rep):
-            j = (warmup + k) % distinct
-            fastest[j] = min(t, fastest.get(j, float("inf")))
-    return statistics.mean(fastest.values())
-
-
-def _identity(x):
-    return x
 
 
 # ------------------------------------------------------------------------------------------
@@ -316,15 +96,11 @@ def default_yamls() -> Tuple[str, Dict[str, Path]]:
 
 def stand_in_overrides(yaml_path: Path, overrides: Sequence[str], work: Path) -> Tuple[List[str], List[str]]:
     """Overrides that replace a missing tokenizer / missing shards by temp-dir stand-ins."""
-    from experiments.config import load_config, resolve_path
-
     cfg = load_config(yaml_path, list(overrides)).cfg
     extra, notes = [], []
     root = resolve_path(cfg.data.root) if cfg.data.root else REPO_ROOT
     missing = [s for s in cfg.data.sources if not glob.glob(str(root / s.shards))]
     if missing:
-        from datamodules.world import TASKS, generate_split
-
         tasks = {}
         for s in cfg.data.sources:
             task = Path(s.shards).name.split("-")[0]
@@ -351,23 +127,14 @@ def stand_in_overrides(yaml_path: Path, overrides: Sequence[str], work: Path) ->
 
 def _train_stand_in_tokenizer(sources: Sequence[Any], root: str, out: Path, vocab: int) -> None:
     """The world tokenizer as `make bases` trains it (templated conversations), on <= 4000 records."""
-    from modules.components.text_tokenizer import train_world_tokenizer
-    from modules.stages.bases import read_world, tokenizer_corpus
+    try:  # the stage-0 bases as a package, one file per base
+        from modules.stages.bases.data import read_world  # lazy: pulls in Lightning; only for a missing tokenizer
+        from modules.stages.bases.llm import tokenizer_corpus  # lazy: pulls in Lightning; only for a missing tokenizer
+    except ModuleNotFoundError:  # the stage-0 bases as one module
+        from modules.stages.bases import read_world, tokenizer_corpus  # lazy: pulls in Lightning; only when needed
 
     records = read_world(list(sources), root, limit=4000, images=False)["records"]
     train_world_tokenizer(tokenizer_corpus(records), out, vocab_size=vocab)
-
-
-def machine_info() -> Dict[str, Any]:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=REPO_ROOT, timeout=10).stdout.strip()
-    except Exception:  # noqa: BLE001
-        sha = "unknown"
-    return {"date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-            "torch": torch.__version__, "python": platform.python_version(), "git_sha": sha,
-            "loadavg_1m": round(os.getloadavg()[0], 2)}
 
 
 # ------------------------------------------------------------------------------------------
@@ -375,10 +142,8 @@ def machine_info() -> Dict[str, Any]:
 # ------------------------------------------------------------------------------------------
 
 
-def draw_batches(module: Any, cfg: Any, n: int) -> List[Dict[str, Any]]:
-    from modules.stages.vargpt_stages import build_datamodule
-
-    dm = build_datamodule(cfg, module.net)
+def draw_batches(dm: Any, n: int) -> List[Dict[str, Any]]:
+    """The first `n` training batches of the stage's DataModule `dm`."""
     dm.setup("fit")
     it = iter(dm.train_dataloader())
     return [next(it) for _ in range(n)]
@@ -390,24 +155,23 @@ def run_one(yaml_path: str, overrides: Sequence[str], stage: str, config_name: s
     """Every measurement for one (config, stage); returns the table row."""
     import lightning as L
 
-    from experiments.config import load_config
-    import modules.vargpt  # noqa: F401  (transformers etc.: counted in rss_imports, not the model)
-    from modules.stages.vargpt_stages import STAGE_CLASSES
+    # transformers etc. are imported here, before rss_imports is read: they count there, not in the model
+    from modules.vargpt import VARGPT  # lazy: transformers is for the measuring subprocess, not the driver
 
     t_start = time.perf_counter()
     rss_imports = rss_mb()  # python + torch + lightning + transformers, before the model exists
     loaded = load_config(yaml_path, list(BENCH_OVERRIDES) + list(overrides))
     cfg = loaded.cfg
-    if cfg.stage not in STAGE_CLASSES:
-        raise ValueError(f"{yaml_path}: stage {cfg.stage!r} is not a VARGPT stage ({', '.join(STAGE_CLASSES)})")
     nthreads = threads or cfg.trainer.num_threads or min(os.cpu_count() or 1, 2)
     torch.set_num_threads(nthreads)
     L.seed_everything(cfg.seed, verbose=False)
     warnings.filterwarnings("ignore", message=".*self.log.*")  # Trainer-less training_step in the plain loop
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    module = STAGE_CLASSES[cfg.stage](cfg)
-    net = module.net
-    batches = draw_batches(module, cfg, distinct)
+    module, dm = build_stage(cfg)
+    net = getattr(module, "net", None)
+    if not isinstance(net, VARGPT):
+        raise ValueError(f"{yaml_path}: stage {cfg.stage!r} is not a VARGPT stage (its net: {type(net).__name__})")
+    batches = draw_batches(dm, distinct)
     rss_built = rss_mb()
 
     # what a step processes
@@ -423,7 +187,6 @@ def run_one(yaml_path: str, overrides: Sequence[str], stage: str, config_name: s
 
     peak = matmul_peak(peak_n, peak_seconds)
 
-    # alternate plain / lightning (/ lightning+mlflow) reps; keep each method's best mean
     # alternate plain / lightning (/ lightning+mlflow) reps
     times: Dict[str, List[Dict[str, List[float]]]] = {"plain": [], "lightning": []}
     if mlflow:
@@ -435,21 +198,10 @@ def run_one(yaml_path: str, overrides: Sequence[str], stage: str, config_name: s
             if mlflow:
                 logger = _mlflow_logger(work, f"{config_name}-{stage}-{r}")
                 times["lightning_mlflow"].append(time_lightning(module, cfg, batches, steps, warmup, logger, work))
-    # Two estimates per method and clock: the best rep mean (includes periodic work such as
-    # logging every n steps) and the lower envelope (per cached batch its fastest occurrence,
-    # averaged over the batches): robust to other jobs on a shared machine, which only add time.
-    est = {clock: {"envelope": {k: lower_envelope([v[clock] for v in vs], warmup, distinct) for k, vs in times.items()},
-                   "best_mean": {k: min(statistics.mean(v[clock]) for v in vs) for k, vs in times.items()}}
-           for clock in ("wall", "cpu")}
-    # Robust to load: the per-step time spent outside the model's forward/backward/update (median
-    # over every timed step); what Lightning adds is its excess over the plain loop's.
-    outside = {clock: {k: statistics.median([x for v in vs for x in v[f"{clock}_outside"]]) for k, vs in times.items()}
-               for clock in ("wall", "cpu")}
-    for clock in ("wall", "cpu"):
-        est[clock]["outside_median"] = outside[clock]
-        # the mean keeps work done every n steps (a logger's writes), which the median drops
-        est[clock]["outside_mean"] = {k: statistics.mean([x for v in vs for x in v[f"{clock}_outside"]])
-                                      for k, vs in times.items()}
+    # Per method and clock: the lower envelope (robust to other jobs on a shared machine), the best
+    # rep mean (includes periodic work such as logging every n steps) and the time outside the model.
+    est = step_estimates(times, warmup, distinct)
+    outside = {clock: est[clock]["outside_median"] for clock in CLOCKS}
     env, best = est["wall"]["envelope"], est["wall"]["best_mean"]
     cpu_env, cpu_best = est["cpu"]["envelope"], est["cpu"]["best_mean"]
     total = sum(p.numel() for p in net.parameters())

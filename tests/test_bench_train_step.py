@@ -1,4 +1,5 @@
-"""benchmarks/train_step.py: its measuring functions work on the tiny preset (a smoke test, no timing claims)."""
+"""benchmarks/train_step.py and its measuring library benchmarks/step_timing.py work on the tiny preset
+(a smoke test, no timing claims)."""
 from __future__ import annotations
 
 import json
@@ -7,13 +8,14 @@ import math
 import pytest
 import torch
 
+from benchmarks import step_timing as st
 from benchmarks import train_step as bt
 
 
 def test_count_flops_of_a_linear_layer():
     lin = torch.nn.Linear(8, 16, bias=False)
     x = torch.randn(4, 8)
-    assert bt.count_flops(lambda: lin(x)) == 2 * 4 * 8 * 16
+    assert st.count_flops(lambda: lin(x)) == 2 * 4 * 8 * 16
 
     class Net(torch.nn.Module):
         def __init__(self):
@@ -23,7 +25,7 @@ def test_count_flops_of_a_linear_layer():
         def forward(self, batch):
             return {"loss": self.lin(batch["x"]).square().mean()}
 
-    fwd, step = bt.train_flops(Net(), {"x": x})
+    fwd, step = st.train_flops(Net(), {"x": x})
     # backward: the weight gradient only (the input needs none) -> one more matmul of the same size
     assert (fwd, step) == (2 * 4 * 8 * 16, 2 * 2 * 4 * 8 * 16)
     assert lin.weight.grad is None  # train_flops leaves no gradients behind
@@ -32,11 +34,24 @@ def test_count_flops_of_a_linear_layer():
 def test_lower_envelope_takes_each_batch_fastest_occurrence():
     # warmup 1, 2 distinct batches: timed step k used batch (1 + k) % 2 -> 1, 0, 1, 0
     reps = [[5.0, 2.0, 3.0, 9.0], [4.0, 7.0, 6.0, 1.0]]
-    assert bt.lower_envelope(reps, warmup=1, distinct=2) == pytest.approx((3.0 + 1.0) / 2)
+    assert st.lower_envelope(reps, warmup=1, distinct=2) == pytest.approx((3.0 + 1.0) / 2)
+
+
+def test_step_estimates_per_clock_and_method():
+    # warmup 1, 2 distinct batches; one method, two reps of two timed steps
+    rep = {"wall": [2.0, 4.0], "cpu": [1.0, 3.0], "wall_outside": [0.5, 0.1], "cpu_outside": [0.2, 0.4]}
+    fast = {k: [x / 2 for x in v] for k, v in rep.items()}
+    est = st.step_estimates({"plain": [rep, fast]}, warmup=1, distinct=2)
+    assert list(est) == ["wall", "cpu"]
+    assert list(est["wall"]) == ["envelope", "best_mean", "outside_median", "outside_mean"]
+    assert est["wall"]["envelope"]["plain"] == pytest.approx((1.0 + 2.0) / 2)
+    assert est["cpu"]["best_mean"]["plain"] == pytest.approx(1.0)
+    assert est["wall"]["outside_median"]["plain"] == pytest.approx((0.1 + 0.25) / 2)
+    assert est["cpu"]["outside_mean"]["plain"] == pytest.approx((0.2 + 0.4 + 0.1 + 0.2) / 4)
 
 
 def test_matmul_peak_reports_both_clocks():
-    peak = bt.matmul_peak(n=128, seconds=0.1, window=0.02)
+    peak = st.matmul_peak(n=128, seconds=0.1, window=0.02)
     assert set(peak) == {"wall", "cpu"}
     assert all(math.isfinite(v) and v > 1e6 for v in peak.values())
 
@@ -85,7 +100,7 @@ def test_run_one_measures_a_tiny_stage(tiny_row):
 
 
 def test_markdown_table_has_a_row_per_measurement(tiny_row):
-    result = {"machine": bt.machine_info(), "rows": [tiny_row, dict(tiny_row, config="tiny-larger")],
+    result = {"machine": st.machine_info(), "rows": [tiny_row, dict(tiny_row, config="tiny-larger")],
               "settings": {"steps": 2, "warmup": 1, "reps": 1, "distinct": 2, "peak_n": 256},
               "configs": {"tiny": {"yamls": ["experiments/tiny/stage1.yaml"], "overrides": []}}}
     md = bt.to_markdown(result)
