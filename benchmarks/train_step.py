@@ -127,11 +127,8 @@ def stand_in_overrides(yaml_path: Path, overrides: Sequence[str], work: Path) ->
 
 def _train_stand_in_tokenizer(sources: Sequence[Any], root: str, out: Path, vocab: int) -> None:
     """The world tokenizer as `make bases` trains it (templated conversations), on <= 4000 records."""
-    try:  # the stage-0 bases as a package, one file per base
-        from modules.stages.bases.data import read_world  # lazy: pulls in Lightning; only for a missing tokenizer
-        from modules.stages.bases.llm import tokenizer_corpus  # lazy: pulls in Lightning; only for a missing tokenizer
-    except ModuleNotFoundError:  # the stage-0 bases as one module
-        from modules.stages.bases import read_world, tokenizer_corpus  # lazy: pulls in Lightning; only when needed
+    from modules.stages.bases.data import read_world  # lazy: pulls in Lightning; only for a missing tokenizer
+    from modules.stages.bases.llm import tokenizer_corpus  # lazy: pulls in Lightning; only for a missing tokenizer
 
     records = read_world(list(sources), root, limit=4000, images=False)["records"]
     train_world_tokenizer(tokenizer_corpus(records), out, vocab_size=vocab)
