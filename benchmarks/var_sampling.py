@@ -2,6 +2,8 @@
 
     python -m benchmarks.var_sampling            # depth 2/4/8 x 128/256 px, ~4 min of CPU on 1 core
     python -m benchmarks.var_sampling --quick    # depth 2 only, a smoke test
+    python -m benchmarks.var_sampling --official PATH   # vs the official code: benchmarks/var_official.py
+    python -m benchmarks.var_sampling --dtype-sweep     # fp32 vs bf16 by width: the BF16_MIN_WIDTH rule
 
 Methods (same random weights, same batch, classifier-free guidance on a fused 2B batch, top-k/p):
   cached      : ours, `VARDecoder.sample`: one step per scale with a preallocated KV cache
@@ -27,6 +29,7 @@ import argparse
 import ctypes
 import gc
 import json
+import os
 import platform
 import re
 import time
@@ -35,8 +38,9 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
+from benchmarks import var_official
 from modules.components.var_decoder import VARConfig, VARDecoder, build_var
-from modules.components.var_sampling import SAMPLERS, KVCache
+from modules.components.var_sampling import BF16_MIN_WIDTH, SAMPLERS, KVCache, fast_bf16
 from modules.components.vqvae import VQVAEConfig, build_vqvae
 
 PATCH_NUMS = {128: [1, 2, 3, 4, 5, 6, 8], 256: [1, 2, 3, 4, 5, 6, 8, 10, 13, 16]}  # 16x VQVAE latents
@@ -187,6 +191,58 @@ def bench_config(depth: int, res: int, B: int, reps: int, device: torch.device, 
     return row
 
 
+# ------------------------------------------------------------------------------------------------
+# fp32 vs bf16 autocast by width: the numbers behind var_sampling.BF16_MIN_WIDTH
+# ------------------------------------------------------------------------------------------------
+SWEEP_WIDTHS = (128, 256, 384, 512, 768)
+# (name, patch_nums, V, Cvae, ch_mult, head width, batches, sampling): the embedded world's sizes
+# and its eval settings, and the official 256 px sizes with the VARGPT settings
+SWEEP_CASES = (
+    ("64 px world", [1, 2, 3, 4, 6, 8], 512, 16, [1, 1, 2, 2], 32, (4, 16, 48), dict(cfg=3.0, top_k=100, top_p=0.0)),
+    ("256 px", PATCH_NUMS[256], 4096, 32, [1, 1, 2, 2, 4], 64, (4,), dict(cfg=1.5, top_k=900, top_p=0.96)),
+)
+SWEEP_MIN_GAIN = 1.2  # bf16 must be this much faster at every measured batch to be worth its rounding
+
+
+def dtype_sweep(reps: int, widths=SWEEP_WIDTHS, cases=SWEEP_CASES, depth: int = 2) -> Dict[str, Any]:
+    """Time the fast path (parity=False) with dtype fp32 and bf16 per width and batch."""
+    rows = []
+    for name, pn, V, cvae, ch_mult, hd, batches, samp in cases:
+        torch.manual_seed(0)
+        vq = build_vqvae(VQVAEConfig(vocab_size=V, z_channels=cvae, ch=32, ch_mult=ch_mult, patch_nums=pn)).eval()
+        for C in widths:
+            var = build_var(VARConfig(depth=depth, embed_dim=C, num_heads=max(1, C // hd), num_classes=10), vq).eval()
+            for B in batches:
+                label = torch.arange(B) % 10
+                s = {}
+                for dt in ("fp32", "bf16"):
+                    def fn(dt=dt):
+                        var.sample(B, label, generator=torch.Generator().manual_seed(0), decode=False, parity=False,
+                                   dtype=dt, **samp)
+                    fn()  # warm-up
+                    s[dt] = _timed(fn, reps, torch.device("cpu"), PeakMemory(torch.device("cpu"), enable=False))[1]
+                rows.append({"case": name, "res": pn[-1] * 2 ** (len(ch_mult) - 1), "depth": depth, "width": C,
+                             "heads": max(1, C // hd), "B": B, "fp32_s": round(s["fp32"], 4), "bf16_s": round(s["bf16"], 4),
+                             "gain": round(s["fp32"] / s["bf16"], 3)})
+                print(json.dumps(rows[-1]), flush=True)
+    ok = {C: all(r["gain"] >= SWEEP_MIN_GAIN for r in rows if r["width"] == C) for C in widths}
+    suggested = next((C for C in widths if all(ok[w] for w in widths if w >= C)), None)
+    return {"rows": rows, "min_gain": SWEEP_MIN_GAIN, "suggested_min_width": suggested, "rule_min_width": BF16_MIN_WIDTH}
+
+
+def sweep_markdown(meta: Dict[str, Any], sweep: Dict[str, Any]) -> str:
+    lines = [f"fp32 time / bf16-autocast time of VAR sampling (fast path, decode=False, depth {sweep['rows'][0]['depth']}, "
+             f"random weights) on {meta['cpu']}, {meta['threads']} thread, torch {meta['torch']}, best of {meta['reps']}; "
+             f"load average {meta['loadavg'][0]:.2f}. > 1: bf16 faster.", "",
+             "| case | width | heads | B | fp32 s | bf16 s | gain |", "|---|---|---|---|---|---|---|"]
+    for r in sweep["rows"]:
+        lines.append(f"| {r['case']} | {r['width']} | {r['heads']} | {r['B']} | {r['fp32_s']:.3f} | {r['bf16_s']:.3f} | {r['gain']:.2f} |")
+    lines += ["", f"Smallest width from which bf16 gains >= {sweep['min_gain']}x at every measured size: "
+                  f"**{sweep['suggested_min_width']}**; the rule in modules/components/var_sampling.py: "
+                  f"BF16_MIN_WIDTH = {sweep['rule_min_width']} (bf16 only on hardware with fast bf16)."]
+    return "\n".join(lines) + "\n"
+
+
 def to_markdown(meta: Dict[str, Any], rows: List[Dict[str, Any]]) -> str:
     lines = [
         f"VAR sampling on {meta['device']} ({meta['threads']} thread(s)), torch {meta['torch']}, fp32, random weights; "
@@ -221,26 +277,51 @@ def main(argv=None) -> int:
     # token-by-token baseline waits at a barrier for a descheduled thread (measured ~4 ms per op),
     # which would make the raster baseline look 10x slower than it is.
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=None, help="timed rounds (default 2; 3 with --official / --dtype-sweep)")
+    ap.add_argument("--batch", type=int, default=None, help="batch size for every size (default: by resolution)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--official", metavar="PATH", help="a FoundationVision/VAR checkout: compare with it (CPU)")
+    ap.add_argument("--depths", default="8,16", help="--official: depths to compare")
+    ap.add_argument("--vq-ch", type=int, default=32, help="--official: VQVAE width (the decode is timed in; 160 = official)")
+    ap.add_argument("--dtype-sweep", action="store_true", help="fp32 vs bf16 by model width (CPU)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.official:
+        reps = args.reps or 3
+        var_official.run(args.official, lambda d: build_models(d, 256, torch.device("cpu"), vq_ch=args.vq_ch),
+                         [int(d) for d in args.depths.split(",")], args.batch or 4, reps, args.vq_ch, out)
+        return 0
+    if args.dtype_sweep:
+        reps = args.reps or 3
+        meta = dict(var_official.machine_info(), reps=reps, loadavg=[round(x, 2) for x in os.getloadavg()],
+                    fast_bf16=fast_bf16("cpu"), repo=var_official.repo_commit())
+        sweep = dtype_sweep(reps)
+        (out / "var_sampling_dtype.json").write_text(json.dumps({"meta": meta, **sweep}, indent=1) + "\n")
+        md = sweep_markdown(meta, sweep)
+        (out / "var_sampling_dtype.md").write_text(md)
+        print(md)
+        return 0
+    reps = args.reps or 2
     device = torch.device(args.device)
     mem = PeakMemory(device)
     sizes = [(2, 128), (2, 256)] if args.quick else [(2, 128), (4, 128), (8, 128), (2, 256), (4, 256), (8, 256)]
     # batch: enough rows to amortise per-step overhead, small enough for a few minutes on 2 cores
     batch = {128: 8, 256: 4} if device.type == "cpu" else {128: 64, 256: 32}
+    if args.batch:
+        batch = {128: args.batch, 256: args.batch}
     t0 = time.time()
     rows = []
     for depth, res in sizes:
-        r = bench_config(depth, res, batch[res], args.reps, device, mem)
+        r = bench_config(depth, res, batch[res], reps, device, mem)
         rows.append(r)
         print(json.dumps(r), flush=True)
     meta: Dict[str, Any] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "cpu": platform.processor() or platform.machine(), "threads": args.threads,
-        "torch": torch.__version__, "reps": args.reps, "sampling": SAMPLING,
+        "torch": torch.__version__, "reps": reps, "sampling": SAMPLING,
         "wall_s": round(time.time() - t0, 1),
         "timing": "process CPU time (1 thread)" if (device.type == "cpu" and args.threads == 1) else "wall time", "vqvae_for_decode": "random, ch 32, ch_mult (1,1,2,2,4), V 4096, Cvae 32",
         "peak_memory": "cuda max_memory_allocated increase" if device.type == "cuda" else "peak RSS increase (VmHWM after clear_refs, glibc mmap threshold 128 KiB)",
@@ -250,8 +331,6 @@ def main(argv=None) -> int:
         r = big[0]
         meta["targets"] = {"vs_no_cache": r["speedup_vs_no_cache"], "vs_no_cache_met": r["speedup_vs_no_cache"] >= 2,
                            "vs_raster": r["speedup_vs_raster"], "vs_raster_met": r["speedup_vs_raster"] >= 5}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "var_sampling.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=1) + "\n")
     md = to_markdown(meta, rows)
     (out / "var_sampling.md").write_text(md)

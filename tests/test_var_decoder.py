@@ -323,3 +323,88 @@ def test_runs_under_bf16_autocast(vqvae):
     assert logits.dtype == torch.float32 and torch.isfinite(loss)
     assert var.head.weight.grad is not None
     assert img.dtype == torch.float32 and [o.shape[1] for o in out] == [pn * pn for pn in vqvae.patch_nums]
+
+
+# -- the fast generation path (parity=False) and the dtype rule -------------------------------------
+def test_fast_path_valid_images_and_deterministic(vqvae):
+    var = make_var(vqvae)
+    kw = dict(cfg=1.5, top_k=50, top_p=0.96, parity=False)
+    label = torch.tensor([0, 1, 2, 3])
+    for dtype in ("auto", "bf16"):  # "auto" is fp32 at this width; bf16 runs on every CPU (emulated without AVX512-BF16)
+        a, img = var.sample(4, label, generator=torch.Generator().manual_seed(3), dtype=dtype, **kw)
+        b, img_b = var.sample(4, label, generator=torch.Generator().manual_seed(3), dtype=dtype, **kw)
+        c, _ = var.sample(4, label, generator=torch.Generator().manual_seed(4), dtype=dtype, decode=False, **kw)
+        assert img.shape == (4, 3, 64, 64) and img.dtype == torch.float32 and torch.isfinite(img).all()
+        assert 0 <= img.min() and img.max() <= 1 and torch.equal(img, img_b)
+        assert [t.shape for t in a] == [(4, pn * pn) for pn in vqvae.patch_nums]
+        assert all(t.dtype == torch.long and 0 <= int(t.min()) and int(t.max()) < vqvae.V for t in a)
+        assert all(torch.equal(x, y) for x, y in zip(a, b)), dtype
+        assert not all(torch.equal(x, y) for x, y in zip(a, c)), dtype
+    # a frozen model (autocast re-casts its weights per use instead of once) draws the same
+    var.requires_grad_(False)
+    d, _ = var.sample(4, label, generator=torch.Generator().manual_seed(3), dtype="bf16", decode=False, **kw)
+    var.requires_grad_(True)
+    e, _ = var.sample(4, label, generator=torch.Generator().manual_seed(3), dtype="bf16", decode=False, **kw)
+    assert all(torch.equal(x, y) for x, y in zip(d, e))
+
+
+def test_fast_path_computes_the_parity_logits(vqvae):
+    """parity=False changes the sampler and the compute dtype only: in fp32 the per-scale logits
+    (teacher-forced through the cache) are the parity ones; in bf16 they are close."""
+    var = make_var(vqvae)
+    idx = random_idx(vqvae, 2, torch.Generator().manual_seed(0))
+    runs = {}
+    for name, kw in {"parity": dict(parity=True), "fast32": dict(parity=False, dtype="fp32"),
+                     "fast16": dict(parity=False, dtype=torch.bfloat16)}.items():
+        runs[name] = []
+        var.sample(2, torch.tensor([0, 1]), teacher_idx=idx, logits_out=runs[name], decode=False, **kw)
+    for p, f32, f16 in zip(runs["parity"], runs["fast32"], runs["fast16"]):
+        assert torch.equal(p, f32)
+        assert f16.dtype == torch.float32 and (p - f16).abs().max() <= 0.05 * p.abs().max() + 0.05
+
+
+def test_parity_mode_is_fp32_under_a_callers_autocast(vqvae):
+    """Parity mode draws the official (fp32) indices also inside a bf16 autocast region (Lightning
+    bf16-mixed); step_hook runs under the caller's autocast state, the VAR blocks under `dtype`."""
+    var = make_var(vqvae, cond_mode="external")
+    kw = dict(cfg=1.5, top_k=50, top_p=0.9, decode=False)
+    ref, _ = var.sample(2, None, generator=torch.Generator().manual_seed(0), **kw)
+    seen = []
+
+    def hook(si, x):
+        seen.append((torch.is_autocast_enabled("cpu"), x.dtype))
+        return x
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = var.sample(2, None, generator=torch.Generator().manual_seed(0), step_hook=hook, **kw)
+    assert all(torch.equal(a, b) for a, b in zip(ref, out))
+    assert seen == [(True, torch.float32)] * len(vqvae.patch_nums)
+    seen.clear()
+    var.sample(2, None, generator=torch.Generator().manual_seed(0), step_hook=hook, parity=False, dtype="bf16", **kw)
+    assert seen == [(False, torch.float32)] * len(vqvae.patch_nums)
+    # dtype=None keeps the caller's autocast: bf16 logits, other draws than fp32 may follow
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        var.sample(2, None, generator=torch.Generator().manual_seed(0), dtype=None, **kw)
+
+
+def test_sampling_dtype_rule_and_resolution(vqvae, monkeypatch):
+    from modules.components import var_sampling as vs
+
+    real = vs.fast_bf16
+    assert isinstance(real("cpu"), bool) and real("meta") is False
+    small, wide = make_var(vqvae), make_var(vqvae, embed_dim=vs.BF16_MIN_WIDTH, num_heads=4)
+    assert small.C < vs.BF16_MIN_WIDTH <= wide.C
+    for fast in (True, False):
+        monkeypatch.setattr(vs, "fast_bf16", lambda device, fast=fast: fast)
+        assert vs.default_sampling_dtype(small) == torch.float32  # small widths stay fp32 everywhere
+        assert vs.default_sampling_dtype(wide) == (torch.bfloat16 if fast else torch.float32)
+    monkeypatch.setattr(vs, "fast_bf16", lambda device: True)
+    assert vs.resolve_sampling(wide, parity=True) == ("official", torch.float32)
+    assert vs.resolve_sampling(wide, parity=False) == ("fast", torch.bfloat16)
+    assert vs.resolve_sampling(small, parity=False) == ("fast", torch.float32)
+    assert vs.resolve_sampling(wide, parity=False, sampler="official", dtype="fp32") == ("official", torch.float32)
+    assert vs.resolve_sampling(small, parity=True, sampler="fast", dtype=None) == ("fast", None)
+    assert vs.resolve_sampling(small, dtype="bfloat16")[1] == torch.bfloat16
+    for bad in (dict(sampler="greedy"), dict(dtype="int8"), dict(dtype=torch.float64)):
+        with pytest.raises(ValueError):
+            vs.resolve_sampling(small, **bad)

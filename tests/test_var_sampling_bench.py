@@ -1,9 +1,16 @@
 """Smoke test of benchmarks/var_sampling.py (the full run takes minutes: `python -m benchmarks.var_sampling`)."""
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
+from benchmarks import var_official
 from benchmarks import var_sampling as bench
 
 
@@ -32,3 +39,79 @@ def test_raster_baseline_generates_tokens():
                               generator=torch.Generator().manual_seed(0), n_tokens=7, sampler="fast")
     assert out.shape == (2, var.L)
     assert int(out[:, :7].max()) < var.V and int(out[:, :7].min()) >= 0
+
+
+def test_cli_without_official_tiny(tmp_path):
+    """`python -m benchmarks.var_sampling` as today (no --official), at batch 1, in a subprocess
+    (its peak-memory probe changes malloc settings of the process it runs in)."""
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=str(root), HF_HUB_OFFLINE="1")
+    r = subprocess.run([sys.executable, "-m", "benchmarks.var_sampling", "--quick", "--reps", "1", "--batch", "1",
+                        "--out", str(tmp_path)], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads((tmp_path / "var_sampling.json").read_text())["results"]
+    assert [(x["depth"], x["res"], x["B"]) for x in rows] == [(2, 128, 1), (2, 256, 1)]
+    assert "| 2 | 256 | 680 | 1 |" in (tmp_path / "var_sampling.md").read_text()
+
+
+def test_dtype_sweep_rows_and_table():
+    case = ("tiny", [1, 2, 3, 4], 512, 16, [1, 1, 2, 2], 32, (1,), dict(cfg=1.5, top_k=5, top_p=0.0))
+    sweep = bench.dtype_sweep(1, widths=(64,), cases=(case,))
+    (row,) = sweep["rows"]
+    assert (row["width"], row["heads"], row["B"], row["res"]) == (64, 2, 1, 32) and row["gain"] > 0
+    md = bench.sweep_markdown({"cpu": "x", "threads": 1, "torch": torch.__version__, "reps": 1, "loadavg": [0.5]}, sweep)
+    assert "| tiny | 64 | 2 | 1 |" in md and f"BF16_MIN_WIDTH = {sweep['rule_min_width']}" in md
+
+
+# A stand-in for a FoundationVision/VAR checkout: the official constructor signatures and the one
+# sampling entry point, implemented with this repository's classes (parity mode), so the whole
+# --official pipeline (import from PATH, sys.modules clean-up, equal weights, index hook, parity
+# check, JSON / markdown) runs without the official code.
+FAKE_VQVAE = '''
+import dist  # the official models import the top-level dist.py of their checkout
+from modules.components.vqvae import VQVAEConfig, build_vqvae
+
+def VQVAE(vocab_size, z_channels, ch, v_patch_nums, test_mode=True, **kw):
+    return build_vqvae(VQVAEConfig(vocab_size=vocab_size, z_channels=z_channels, ch=ch, patch_nums=list(v_patch_nums)))
+'''
+FAKE_VAR = '''
+import torch
+from modules.components.var_decoder import VARConfig, VARDecoder
+
+class VAR(VARDecoder):
+    def __init__(self, vae_local, num_classes, depth, embed_dim, num_heads, patch_nums, **kw):
+        print("[constructor] fake official VAR")
+        super().__init__(VARConfig(depth=depth, embed_dim=embed_dim, num_heads=num_heads, num_classes=num_classes), vae_local)
+        self.vae_quant_proxy = (vae_local.quantize,)
+
+    def autoregressive_infer_cfg(self, B, label_B, g_seed=None, cfg=1.5, top_k=0, top_p=0.0):
+        g = torch.Generator().manual_seed(g_seed)
+        return self.sample(B, label_B, cfg=cfg, top_k=top_k, top_p=top_p, generator=g, parity=True)[1]
+'''
+
+
+def test_official_comparison_pipeline_with_a_stand_in(tmp_path):
+    fake = tmp_path / "VAR"
+    (fake / "models").mkdir(parents=True)
+    (fake / "dist.py").write_text("")
+    (fake / "models" / "__init__.py").write_text("")
+    (fake / "models" / "vqvae.py").write_text(FAKE_VQVAE)
+    (fake / "models" / "var.py").write_text(FAKE_VAR)
+    out = tmp_path / "results"
+
+    def official_names():
+        return {k for k in sys.modules if k in ("models", "dist") or k.startswith("models.")}
+
+    before = official_names()
+    res = var_official.run(str(fake), lambda d: bench.build_models(d, 128, torch.device("cpu")), [2], B=1, reps=1,
+                           vq_ch=32, out=out)
+    assert official_names() == before and str(fake) not in sys.path
+    (row,) = res["results"]
+    assert row["parity_indices_equal"] and row["parity_ok"] and row["parity_img_max_abs"] <= var_official.IMG_TOL
+    assert row["depth"] == 2 and row["res"] == 128 and row["suite_sampler"] == "fast" and row["ratio"] > 0
+    meta = json.loads((out / "var_sampling_vs_official.json").read_text())["meta"]
+    assert len(meta["loadavg_start"]) == 3 and meta["machine"]["threads"] == 1 and "commit" in meta["repo"]
+    md = (out / "var_sampling_vs_official.md").read_text()
+    assert "| 2 | 128 |" in md and "Parity mode draws the official indices: **yes**" in md
+    with pytest.raises(FileNotFoundError, match="checkout"):
+        var_official.load_official(tmp_path / "nothing")

@@ -34,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from modules.components.registry import ComponentConfig, Registry
+from modules.components.var_sampling import DTypeArg, sample_next_scale
 from modules.components.vqvae import LOAD_HINT, StateDictMismatchError, load_strict
 
 VAR_DECODERS = Registry("var_decoder")
@@ -416,13 +417,19 @@ class VARDecoder(nn.Module):
     # -- sampling -------------------------------------------------------------------------
     def sample(self, B: int, cond=None, cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0,
                temperature: float = 1.0, generator: Optional[torch.Generator] = None,
-               step_hook: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None, **kw):
+               step_hook: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None,
+               parity: bool = True, sampler: str = "auto", dtype: DTypeArg = "auto", **kw):
         """KV-cached next-scale sampling; see `var_sampling.sample_next_scale` for every option.
-        Returns (idx_list, img) with img (B, 3, H, W) in [0, 1] (as the official sampler)."""
-        from modules.components.var_sampling import sample_next_scale
+        Returns (idx_list, img) with img (B, 3, H, W) in [0, 1] (as the official sampler).
 
+        parity=True (default): the official draws for a seed (official sampler, fp32).
+        parity=False: the fast path, same distribution: sampler "fast" and compute dtype
+        `default_sampling_dtype(self)` (bf16 autocast for wide models on bf16 hardware).
+        sampler ("auto" | "official" | "fast") and dtype ("auto" | "fp32" | "bf16" | "fp16" |
+        torch.dtype | None = the caller's autocast) override what parity picks."""
         return sample_next_scale(self, B, cond=cond, cfg=cfg, top_k=top_k, top_p=top_p, temperature=temperature,
-                                 generator=generator, step_hook=step_hook, **kw)
+                                 generator=generator, step_hook=step_hook, parity=parity, sampler=sampler,
+                                 dtype=dtype, **kw)
 
     # -- loading --------------------------------------------------------------------------
     def load_official_state_dict(self, sd: Dict[str, torch.Tensor], allow_missing: Iterable[str] = (),

@@ -14,16 +14,38 @@ and are computed once (not once per scale); keys/values go into one preallocated
 decoded once at the end, and not at all with decode=False.
 
 With the same generator state this reproduces the official `autoregressive_infer_cfg` draws
-(tests/test_var_parity.py), as long as temperature is 1.
+(tests/test_var_parity.py), as long as temperature is 1: that is parity mode (parity=True, the
+default of `sample_next_scale` / `VARDecoder.sample`), fp32 and the official sampler.
+
+The fast path (parity=False) draws from the same distribution with the cheaper `fast` sampler and
+runs the blocks and the head under bf16 autocast where `default_sampling_dtype` says it pays (a
+measured width rule, see BF16_MIN_WIDTH); the condition front-end, the next-scale input and the
+VQVAE stay fp32. At VAR-d8/d16, 256 px, it is 1.5-2x faster than the official code on a CPU
+(benchmarks/results/var_sampling_vs_official.md).
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 
 StepHook = Callable[[int, torch.Tensor], torch.Tensor]
+DTypeArg = Union[None, str, torch.dtype]
+
+# bf16 autocast pays for the VAR blocks from this width (embed_dim) on, on hardware with fast bf16
+# matmuls. Measured with `python -m benchmarks.var_sampling --dtype-sweep` (1 thread, depth 2, fast
+# sampler, process CPU time; AMD EPYC with AVX512-BF16, no AMX; benchmarks/results/var_sampling_dtype.md),
+# fp32 time / bf16 time:
+#   width                         128          256          384     512     768
+#   64 px world, B 4 / 16 / 48    0.98-1.41    1.26-1.61    -       -       -
+#   256 px, B 4                   1.10         1.22         1.35    1.46    1.64
+# Below 256 the gain is nil to small and batch dependent (and slower than fp32 on other machines:
+# 128-wide sizes measured slower in bf16 on an AMX CPU), so small models keep exact fp32.
+BF16_MIN_WIDTH = 256
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+           "fp16": torch.float16, "float16": torch.float16}
 
 
 def sample_top_k_top_p(logits_BlV: torch.Tensor, top_k: int = 0, top_p: float = 0.0,
@@ -85,6 +107,58 @@ def sample_top_k_top_p_fast(logits_BlV: torch.Tensor, top_k: int = 0, top_p: flo
 SAMPLERS = {"official": sample_top_k_top_p, "fast": sample_top_k_top_p_fast}
 
 
+def fast_bf16(device: Union[str, torch.device]) -> bool:
+    """Whether the device has fast bf16 matmuls: CUDA with bf16 support, or a CPU with AVX512-BF16
+    or AMX-BF16 (without them CPU bf16 is emulated and slower than fp32)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        caps = getattr(torch.cpu, "get_capabilities", None)  # torch >= 2.8
+        if caps is not None:
+            c = caps()
+            return bool(c.get("avx512_bf16") or c.get("amx_bf16"))
+        return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
+    return False
+
+
+def default_sampling_dtype(var: nn.Module, device: Union[None, str, torch.device] = None) -> torch.dtype:
+    """The compute dtype of the fast path for this model: bf16 when the model is at least
+    BF16_MIN_WIDTH wide and the device has fast bf16, else fp32 (the measured rule above)."""
+    device = var.pos_1LC.device if device is None else device
+    return torch.bfloat16 if var.C >= BF16_MIN_WIDTH and fast_bf16(device) else torch.float32
+
+
+def resolve_sampling(var: nn.Module, parity: bool = True, sampler: str = "auto",
+                     dtype: DTypeArg = "auto") -> Tuple[str, Optional[torch.dtype]]:
+    """(sampler name, compute dtype) for `sample_next_scale`. parity=True: defaults that reproduce
+    the official draws ("official" sampler, fp32); parity=False: the fast path ("fast" sampler,
+    `default_sampling_dtype(var)`). Explicit values override: sampler "official" | "fast";
+    dtype "fp32" | "bf16" | "fp16" | a torch.dtype, or None = whatever autocast state the caller has."""
+    if sampler == "auto":
+        sampler = "official" if parity else "fast"
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be 'auto' or one of {sorted(SAMPLERS)}, got {sampler!r}")
+    if isinstance(dtype, str):
+        if dtype == "auto":
+            return sampler, (torch.float32 if parity else default_sampling_dtype(var))
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be 'auto', None or one of {sorted(_DTYPES)}, got {dtype!r}")
+        dtype = _DTYPES[dtype]
+    if dtype is not None and dtype not in _DTYPES.values():
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+    return sampler, dtype
+
+
+def _precision(device_type: str, dtype: Optional[torch.dtype]):
+    """Autocast region for the VAR blocks + head: fp32 = autocast off, None = the caller's state."""
+    if dtype is None:
+        return nullcontext()
+    if dtype == torch.float32:
+        return torch.autocast(device_type, enabled=False)
+    return torch.autocast(device_type, dtype=dtype)
+
+
 class KVCache:
     """Preallocated keys/values for every block: (depth, N, H, L, head_dim) each. Pass L = the
     positions that later steps attend to (all but the last scale): the last chunk attends to the
@@ -136,7 +210,9 @@ def sample_next_scale(
     teacher_idx: Optional[Sequence[torch.Tensor]] = None,
     logits_out: Optional[List[torch.Tensor]] = None,
     use_cache: bool = True,
-    sampler: str = "official",
+    parity: bool = True,
+    sampler: str = "auto",
+    dtype: DTypeArg = "auto",
 ) -> Tuple[List[torch.Tensor], Optional[torch.Tensor]]:
     """Generate B images scale by scale. Returns (idx_list, img): idx_list[k] is (B, pn_k^2),
     img (B, 3, H, W) in [0, 1] (None with decode=False).
@@ -145,15 +221,23 @@ def sample_next_scale(
           classes from `generator`. External mode: condition indices for the first half (default
           0 = conditional); the second half always uses the unconditional row.
     generator: one torch.Generator, or one per sample (then a sample's draws do not depend on
-          its batch-mates).
+          its batch-mates; with bf16 compute a batch-mate can still move a logit by a rounding step).
     cfg: guidance strength at the last scale; t = cfg * k / (K-1). The 2B batch always runs.
     step_hook(k, x_chunk_2BlC) -> h_chunk_2BlC: replaces the block input of scale k (VARGPT:
           the LLM consumes the front-end chunk with its own KV cache and returns its projected
-          states). Rows [:B] are conditional, [B:] unconditional. Called for every scale.
+          states). Rows [:B] are conditional, [B:] unconditional. Called for every scale, under
+          the caller's autocast state (the `dtype` below applies to the VAR blocks only); x_chunk
+          is fp32.
     teacher_idx: use these indices instead of sampling (teacher forcing through the cache);
           with logits_out (a list) the raw per-scale logits (2B, l, V) before guidance are appended.
-    sampler: "official" reproduces the official draws for a seed (torch.multinomial over all V);
-          "fast" draws from the same distribution far more cheaply (see sample_top_k_top_p_fast).
+    parity: True (default) = the official draws: sampler "official" and fp32. False = the fast
+          path: sampler "fast" and `default_sampling_dtype(var)` (bf16 autocast for wide models
+          on bf16 hardware). `sampler` / `dtype` override either; see `resolve_sampling`.
+    sampler: "auto" | "official" (torch.multinomial over all V, the official random stream) |
+          "fast" (same distribution, far cheaper; see sample_top_k_top_p_fast).
+    dtype: "auto" | "fp32" | "bf16" | "fp16" | torch.dtype | None (the caller's autocast state):
+          compute dtype of the VAR blocks and head; the rest (condition, next-scale input,
+          f_hat, sampling, VQVAE) is fp32.
     use_cache=False: recompute the whole prefix every scale under the block-causal mask (a
           benchmark baseline; same results).
     """
@@ -162,70 +246,78 @@ def sample_next_scale(
         raise ValueError("sampling needs the VQVAE: build_var(cfg, vqvae) / var.attach_vqvae(vqvae) or sample(..., vqvae=)")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}")
+    sampler, compute = resolve_sampling(var, parity, sampler, dtype)
     draw = SAMPLERS[sampler]
     quant = vq.quantize
     device = var.pos_1LC.device
-    dtype = var.pos_1LC.dtype
+    dt = device.type
     K = len(var.patch_nums)
     HW = var.patch_nums[-1]
+    # the caller's autocast state, restored around step_hook and the fp32 parts
+    caller = (torch.is_autocast_enabled(dt), torch.get_autocast_dtype(dt))
+    low = compute if compute is not None and compute != torch.float32 else (caller[1] if compute is None and caller[0] else None)
 
-    cond_2B = _conditions(var, B, cond, generator, device)
-    cond_BD = var.cond_embed(cond_2B)  # (2B, C): the SOS and the AdaLN condition
-    ada = var.block_conds(cond_BD)  # once for all scales
-    head_ada = var.head_nm.ada(cond_BD)
-    lvl_pos_1LC = var.lvl_pos()
-    first_l = var.first_l
-    x_chunk = (cond_BD.unsqueeze(1).expand(2 * B, first_l, -1) + var.pos_start.expand(2 * B, -1, -1)
-               + lvl_pos_1LC[:, :first_l])
-
+    with _precision(dt, torch.float32):  # the condition front-end in fp32 (as the official sampler)
+        cond_2B = _conditions(var, B, cond, generator, device)
+        cond_BD = var.cond_embed(cond_2B)  # (2B, C): the SOS and the AdaLN condition
+        ada = var.block_conds(cond_BD)  # once for all scales (and in fp32: they scale every row)
+        head_ada = var.head_nm.ada(cond_BD)
+        lvl_pos_1LC = var.lvl_pos()
+        x_chunk = (cond_BD.unsqueeze(1).expand(2 * B, var.first_l, -1) + var.pos_start.expand(2 * B, -1, -1)
+                   + lvl_pos_1LC[:, :var.first_l])
     cache_len = var.L - var.patch_nums[-1] ** 2 if K > 1 else var.L
-    cache = KVCache(var.depth, 2 * B, var.num_heads, cache_len, var.C // var.num_heads, device, dtype) if use_cache else None
+    cache = KVCache(var.depth, 2 * B, var.num_heads, cache_len, var.C // var.num_heads, device,
+                    low or var.pos_1LC.dtype) if use_cache else None  # low precision: no cast per read
     prefix: List[torch.Tensor] = []  # block inputs so far (use_cache=False only)
     f_hat = torch.zeros(B, var.Cvae, HW, HW, device=device)
     idx_list: List[torch.Tensor] = []
     cur = 0
-    for si, pn in enumerate(var.patch_nums):
-        l = pn * pn
-        if step_hook is not None:
-            h = step_hook(si, x_chunk)
-            if tuple(h.shape) != tuple(x_chunk.shape):
-                raise ValueError(f"step_hook at scale {si} returned {tuple(h.shape)}, expected {tuple(x_chunk.shape)}")
-            x_chunk = h
-        if use_cache:
-            x = x_chunk
-            for i, blk in enumerate(var.blocks):
-                x = blk(x, ada[i], None, cache.slot(i))
-            cache.pos += l
-        else:
-            prefix.append(x_chunk)
-            x = torch.cat(prefix, dim=1)
-            mask = var.attn_bias_for_masking[:, :, : cur + l, : cur + l]
-            for i, blk in enumerate(var.blocks):
-                x = blk(x, ada[i], mask)
-            x = x[:, cur:]
-        cur += l
-        logits_2BlV = var.logits(x, cond_BD, head_ada)
-        if logits_out is not None:
-            logits_out.append(logits_2BlV.clone())
+    # one region for all scales: autocast then casts a (trainable) weight once per call, not per
+    # scale; a frozen weight is re-cast per use (measured ~2% of a VAR-d16 call, not worth more)
+    with _precision(dt, compute):
+        for si, pn in enumerate(var.patch_nums):
+            l = pn * pn
+            if step_hook is not None:
+                with torch.autocast(dt, dtype=caller[1], enabled=caller[0]):
+                    h = step_hook(si, x_chunk)
+                if tuple(h.shape) != tuple(x_chunk.shape):
+                    raise ValueError(f"step_hook at scale {si} returned {tuple(h.shape)}, expected {tuple(x_chunk.shape)}")
+                x_chunk = h
+            if use_cache:
+                x = x_chunk
+                for i, blk in enumerate(var.blocks):
+                    x = blk(x, ada[i], None, cache.slot(i))
+                cache.pos += l
+            else:
+                prefix.append(x_chunk)
+                x = torch.cat(prefix, dim=1)
+                mask = var.attn_bias_for_masking[:, :, : cur + l, : cur + l]
+                mask = mask.to(low) if low is not None else mask
+                for i, blk in enumerate(var.blocks):
+                    x = blk(x, ada[i], mask)
+                x = x[:, cur:]
+            cur += l
+            logits_2BlV = var.logits(x, cond_BD, head_ada)
+            if logits_out is not None:
+                logits_out.append(logits_2BlV.clone())
 
-        if teacher_idx is not None:
-            idx_Bl = teacher_idx[si].to(device)
-        else:
-            t = cfg * si / (K - 1) if K > 1 else cfg
-            logits_BlV = (1 + t) * logits_2BlV[:B] - t * logits_2BlV[B:]
-            if temperature != 1.0:
-                logits_BlV = logits_BlV / temperature
-            idx_Bl = draw(logits_BlV, top_k=top_k, top_p=top_p, generator=generator)
-        idx_list.append(idx_Bl)
+            with _precision(dt, torch.float32):
+                if teacher_idx is not None:
+                    idx_Bl = teacher_idx[si].to(device)
+                else:
+                    t = cfg * si / (K - 1) if K > 1 else cfg
+                    logits_BlV = (1 + t) * logits_2BlV[:B] - t * logits_2BlV[B:]
+                    if temperature != 1.0:
+                        logits_BlV = logits_BlV / temperature
+                    idx_Bl = draw(logits_BlV, top_k=top_k, top_p=top_p, generator=generator)
+                idx_list.append(idx_Bl)
 
-        h_BChw = quant.embedding(idx_Bl).transpose(1, 2).reshape(B, var.Cvae, pn, pn)
-        nxt_BChw = quant.next_ar_input(si, f_hat, h_BChw)
-        if nxt_BChw is not None:
-            nl = var.patch_nums[si + 1] ** 2
-            x_chunk = var.word_embed(nxt_BChw.flatten(2).transpose(1, 2)) + lvl_pos_1LC[:, cur:cur + nl]
-            x_chunk = x_chunk.repeat(2, 1, 1)  # same input for both halves of the guidance batch
+                h_BChw = quant.embedding(idx_Bl).transpose(1, 2).reshape(B, var.Cvae, pn, pn)
+                nxt_BChw = quant.next_ar_input(si, f_hat, h_BChw)
+                if nxt_BChw is not None:
+                    nl = var.patch_nums[si + 1] ** 2
+                    x_chunk = var.word_embed(nxt_BChw.flatten(2).transpose(1, 2)) + lvl_pos_1LC[:, cur:cur + nl]
+                    x_chunk = x_chunk.repeat(2, 1, 1)  # same input for both halves of the guidance batch
 
     img = vq.fhat_to_img(f_hat).add_(1).mul_(0.5) if decode else None
     return idx_list, img
