@@ -265,9 +265,11 @@ def sample_next_scale(
         lvl_pos_1LC = var.lvl_pos()
         x_chunk = (cond_BD.unsqueeze(1).expand(2 * B, var.first_l, -1) + var.pos_start.expand(2 * B, -1, -1)
                    + lvl_pos_1LC[:, :var.first_l])
-    cache_len = var.L - var.patch_nums[-1] ** 2 if K > 1 else var.L
+    # fp32: the last scale is not stored (38% less cache); low precision (half the bytes): the
+    # whole sequence, so the last scale attends to the buffer without a torch.cat copy per block
+    cache_len = var.L - var.patch_nums[-1] ** 2 if K > 1 and low is None else var.L
     cache = KVCache(var.depth, 2 * B, var.num_heads, cache_len, var.C // var.num_heads, device,
-                    low or var.pos_1LC.dtype) if use_cache else None  # low precision: no cast per read
+                    low or var.pos_1LC.dtype) if use_cache else None  # in the compute dtype: no cast per read
     prefix: List[torch.Tensor] = []  # block inputs so far (use_cache=False only)
     f_hat = torch.zeros(B, var.Cvae, HW, HW, device=device)
     idx_list: List[torch.Tensor] = []
