@@ -57,6 +57,15 @@ def generation_prompt(instruction: str, template: Optional[ChatTemplateConfig] =
     return build_prompt([{"role": "user", "content": instruction}], template)
 
 
+def released_text_labels(input_ids: torch.Tensor, gen_pad_id: int) -> torch.Tensor:
+    """The text labels of the released VARGPT code for a batch with generation targets: the input
+    ids themselves with only <|image_gen_pad|> masked, so BOS, the prompt, image slots and the
+    batch padding are all supervised (``model.text_labels: released``)."""
+    labels = input_ids.clone()
+    labels[input_ids == gen_pad_id] = IGNORE_INDEX
+    return labels
+
+
 @dataclass
 class _Rendered:
     text: str

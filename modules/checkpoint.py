@@ -144,3 +144,113 @@ def load_strict(module: nn.Module, sd: Mapping[str, torch.Tensor], allow_missing
         raise StateDictMismatchError("\n".join(lines))
     module.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
     return {"missing": missing, "unexpected": unexpected}
+
+# ------------------------------------------------------------------------------ sharded safetensors
+# The Hugging Face layout of a large checkpoint: shards `model-0000i-of-0000n.safetensors` and
+# `model.safetensors.index.json` ({"metadata": {"total_size": bytes}, "weight_map": {key: shard}}),
+# or a single `model.safetensors`. Read shard by shard, tensor by tensor (never the whole
+# checkpoint at once); written shard by shard, each via a temporary name, the index last.
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+
+
+def safetensors_weight_map(d: Path) -> Dict[str, str]:
+    """{key: shard file name} of a checkpoint directory (its index, else its single file)."""
+    import json
+
+    d = Path(d)
+    if (d / SAFETENSORS_INDEX).is_file():
+        return dict(json.loads((d / SAFETENSORS_INDEX).read_text())["weight_map"])
+    if (d / SAFETENSORS_SINGLE).is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(d / SAFETENSORS_SINGLE), framework="pt") as f:
+            return {k: SAFETENSORS_SINGLE for k in f.keys()}
+    raise FileNotFoundError(f"{d}: neither {SAFETENSORS_INDEX} nor {SAFETENSORS_SINGLE}")
+
+
+def safetensors_shapes(d: Path) -> Dict[str, tuple]:
+    """{key: shape} of a checkpoint directory from the safetensors headers (no tensor is read)."""
+    from safetensors import safe_open
+
+    d = Path(d)
+    out: Dict[str, tuple] = {}
+    for shard in sorted(set(safetensors_weight_map(d).values())):
+        with safe_open(str(d / shard), framework="pt") as f:
+            for k in f.keys():
+                out[k] = tuple(f.get_slice(k).get_shape())
+    return out
+
+
+def read_safetensors_tensor(d: Path, key: str) -> torch.Tensor:
+    """One tensor of a checkpoint directory (its shard is opened, nothing else read)."""
+    from safetensors import safe_open
+
+    shard = safetensors_weight_map(d)[key]
+    with safe_open(str(Path(d) / shard), framework="pt") as f:
+        return f.get_tensor(key)
+
+
+def iter_safetensors_shards(d: Path):
+    """Yield (shard name, [(key, tensor loader)]) per shard of a checkpoint directory; each
+    loader reads one tensor. A shard whose keys differ from what the index lists for it, or a
+    missing shard, is an error naming it."""
+    from safetensors import safe_open
+
+    d = Path(d)
+    weight_map = safetensors_weight_map(d)
+    for shard in sorted(set(weight_map.values())):
+        path = d / shard
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: shard listed in {SAFETENSORS_INDEX} is missing")
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+            listed = {k for k, s in weight_map.items() if s == shard}
+            if set(keys) != listed:
+                raise StateDictMismatchError(f"{path} holds {len(keys)} tensors, the index lists {len(listed)} "
+                                             f"(first difference: {sorted(set(keys) ^ listed)[:3]})")
+            yield shard, [(k, (lambda k=k: f.get_tensor(k))) for k in keys]
+
+
+def save_sharded_safetensors(items: Iterable, out_dir: Path, max_shard_bytes: int = 5 * 2**30,
+                             metadata: Optional[Dict[str, str]] = None) -> Path:
+    """Write (key, tensor, dtype) triples as HF shards + index in ``out_dir``. Tensors are cast
+    (and copied) shard by shard, so at most one shard's worth of copies exists at a time; ``items``
+    may be a list of tensors that belong to a live model. Returns the index path."""
+    import json
+
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    items = list(items)
+    groups, cur, size = [], [], 0
+    for key, t, dtype in items:
+        n = t.numel() * torch.empty((), dtype=dtype).element_size()
+        if cur and size + n > max_shard_bytes:
+            groups.append(cur)
+            cur, size = [], 0
+        cur.append((key, t, dtype))
+        size += n
+    groups.append(cur)
+    total = 0
+    weight_map: Dict[str, str] = {}
+    (out_dir / SAFETENSORS_INDEX).unlink(missing_ok=True)  # incomplete until rewritten below
+    for i, group in enumerate(groups):
+        name = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        shard = {k: t.detach().to("cpu", dtype).contiguous() for k, t, dtype in group}
+        seen: Dict[int, str] = {}
+        for k, t in shard.items():  # safetensors refuses aliased tensors
+            ptr = t.untyped_storage().data_ptr() if t.numel() else -1
+            if ptr in seen and ptr != -1:
+                shard[k] = t.clone()
+            seen[ptr] = k
+        tmp = out_dir / (name + ".tmp")
+        save_file(shard, str(tmp), metadata={"format": "pt", **(metadata or {})})
+        tmp.replace(out_dir / name)
+        total += sum(t.numel() * t.element_size() for t in shard.values())
+        weight_map.update({k: name for k in shard})
+        del shard
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    _write_text_atomic(out_dir / SAFETENSORS_INDEX, json.dumps(index, indent=2) + "\n")
+    return out_dir / SAFETENSORS_INDEX

@@ -8,7 +8,7 @@ states each size once.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List
+from typing import Any, Dict, List, Optional
 
 from modules.components.classifier import ClassifierConfig
 from modules.components.llm import LLMConfig
@@ -21,9 +21,30 @@ from modules.components.vqvae import VQVAEConfig
 # Submodule names of the composed model (modules/vargpt.py): what `load[].into` and the stages'
 # trainable sets refer to.
 SUBMODULES = ("vision", "und_proj", "llm", "gen_in", "gen_out", "vqvae", "var")
-LOAD_FORMATS = ("native", "official_var", "official_vqvae", "llava", "hf", "timm")
-CFG_UNCOND = ("null_prompt", "noise")
-MIXED_BATCHES = ("per_sample", "released")
+LOAD_FORMATS = ("native", "official_var", "official_vqvae", "llava", "hf", "timm", "vargpt", "llava_hf")
+# Released-behaviour switches: name -> valid values. Each left at "" (None for the numbers)
+# follows `behaviour`; BEHAVIOURS gives the value of each under "corrected" (the defaults) and
+# "released" (the official VARGPT-v1 code).
+SWITCHES: Dict[str, tuple] = {
+    "cfg_uncond": ("null_prompt", "noise"),  # unconditional half of guidance: null prompt | noise states
+    "cfg_noise_rng": ("own", "sampler"),  # noise from its own generator | the sampling one, official order
+    "infer_cond_row": ("cond", "null"),  # VAR condition row of the conditional half at inference
+    "cond_dropout": ("prompt", "label"),  # training: drop the prompt (+ null row) | the VAR label only
+    "text_labels": ("collator", "released"),  # released: input ids, only <|image_gen_pad|> masked
+    "mixed_batches": ("per_sample", "released"),  # released if/elif: image loss on pad-token states
+    "gen_start": ("forced", "greedy"),  # generation after a forced <|image_gen_start|> | when greedy emits it
+}
+BEHAVIOURS: Dict[str, Dict[str, Any]] = {
+    "corrected": {"cfg_uncond": "null_prompt", "cfg_noise_rng": "own", "infer_cond_row": "cond",
+                  "cond_dropout": "prompt", "text_labels": "collator", "mixed_batches": "per_sample",
+                  "gen_start": "forced", "sample_cfg": 3.0, "sample_top_k": 0, "sample_top_p": 0.0},
+    "released": {"cfg_uncond": "noise", "cfg_noise_rng": "sampler", "infer_cond_row": "null",
+                 "cond_dropout": "label", "text_labels": "released", "mixed_batches": "released",
+                 "gen_start": "greedy", "sample_cfg": 1.5, "sample_top_k": 900, "sample_top_p": 0.96},
+}
+# kept for callers that list the choices
+CFG_UNCOND = SWITCHES["cfg_uncond"]
+MIXED_BATCHES = SWITCHES["mixed_batches"]
 
 
 @dataclass
@@ -67,6 +88,9 @@ class LoadSpec:
                             external condition embedding is allowed automatically
             official_vqvae  vae_ch160v4096z32.pth (into: vqvae)
             llava           a LLaVA-1.5 checkpoint's LLM + mm_projector keys (into: "")
+            vargpt          a released VARGPT directory (VARGPT-family/VARGPT_LLaVA-v1 layout:
+                            config.json + safetensors shards), the whole model, shard by shard
+            llava_hf        llava-hf/llava-1.5-7b-hf (a directory): vision, und_proj and llm
             hf              a Hugging Face save_pretrained directory (into: llm or vision)
             timm            a timm ViT state dict (into: vision)
     (adapters in modules/weights.py; paths relative to the repository root)
@@ -100,11 +124,31 @@ class ModelConfig:
 
     # Loss mix: loss = loss_text + w_img * loss_img (VARGPT v1: 1, v1.1: 3)
     w_img: float = 1.0
-    # Released-behaviour switches (DESIGN §1); defaults are the corrected behaviour.
-    cfg_uncond: str = "null_prompt"  # null_prompt (trained unconditional branch) | noise (released)
-    mixed_batches: str = "per_sample"  # per_sample | released (if/elif: understanding wins)
+    # Released-behaviour switches: `behaviour` sets all of them (corrected | released, see
+    # BEHAVIOURS); any one set here wins over it. Read them with `switch(name)`.
+    behaviour: str = "corrected"
+    cfg_uncond: str = ""  # null_prompt (trained unconditional branch) | noise (released)
+    cfg_noise_rng: str = ""  # own | sampler (released: per scale the noise, then the draw)
+    infer_cond_row: str = ""  # cond | null (released: the null row for both halves)
+    cond_dropout: str = ""  # prompt (data.prompt_dropout) | label (released: VAR label only)
+    cond_drop_rate: float = 0.1  # cond_dropout label: P(label -> null row) per target (released 0.1)
+    text_labels: str = ""  # collator | released (input ids with only <|image_gen_pad|> masked)
+    mixed_batches: str = ""  # per_sample | released (if/elif: no VAR inputs, image loss on pad states)
+    gen_start: str = ""  # forced | greedy (released: image generation once greedy emits gen_start)
+    gen_start_max_tokens: int = 64  # gen_start greedy: text tokens decoded before giving up
+    # generate_image's defaults when the caller gives none (released: 1.5, 900, 0.96)
+    sample_cfg: Optional[float] = None
+    sample_top_k: Optional[int] = None
+    sample_top_p: Optional[float] = None
     # Stage 2 also trains the understanding projector (the paper's figure) when true.
     train_und_projector: bool = False
+
+    def switch(self, name: str) -> Any:
+        """The value of a released-behaviour switch: its own field if set, else the behaviour's."""
+        if self.behaviour not in BEHAVIOURS:
+            raise ValueError(f"model.behaviour={self.behaviour!r}; valid: {', '.join(BEHAVIOURS)}")
+        own = getattr(self, name)
+        return BEHAVIOURS[self.behaviour][name] if own in ("", None) else own
 
     def validate(self) -> None:
         for i, spec in enumerate(self.load):
@@ -118,7 +162,11 @@ class ModelConfig:
                 raise ValueError(f"{where}.keys has {bad}; valid: {', '.join(SUBMODULES)}")
             if not spec.path:
                 raise ValueError(f"{where}.path is empty")
-        if self.cfg_uncond not in CFG_UNCOND:
-            raise ValueError(f"model.cfg_uncond={self.cfg_uncond!r}; valid: {', '.join(CFG_UNCOND)}")
-        if self.mixed_batches not in MIXED_BATCHES:
-            raise ValueError(f"model.mixed_batches={self.mixed_batches!r}; valid: {', '.join(MIXED_BATCHES)}")
+        if self.behaviour not in BEHAVIOURS:
+            raise ValueError(f"model.behaviour={self.behaviour!r}; valid: {', '.join(BEHAVIOURS)}")
+        for name, valid in SWITCHES.items():
+            if getattr(self, name) not in ("",) + tuple(valid):
+                raise ValueError(f"model.{name}={getattr(self, name)!r}; valid: '' (from model.behaviour), "
+                                 f"{', '.join(valid)}")
+        if not 0.0 <= self.cond_drop_rate < 1.0:
+            raise ValueError(f"model.cond_drop_rate must be in [0, 1), got {self.cond_drop_rate}")

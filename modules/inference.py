@@ -5,20 +5,40 @@
 building, never parameters.
 
   answer(images, questions)       batched greedy / sampled decoding with the LLM's KV cache
-  generate_image(prompts, ...)    forced <|image_gen_start|>, then per scale one LLM chunk and one
-                                  VAR step, both KV-cached; classifier-free guidance from a real
-                                  unconditional pass (the null prompt the model was trained with)
+  generate(prompt_ids, ...)       <|image_gen_start|> forced or (released) decoded greedily, then per
+                                  scale one LLM chunk and one VAR step, both KV-cached; guidance
+                                  from a real unconditional pass (the null prompt the model was
+                                  trained with) or (released) noise states
+  generate_image(prompts, ...)    the same from text prompts (the chat template applied)
 """
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import torch
 from transformers import DynamicCache
 
-from datamodules.collate import Collator, generation_prompt, null_generation_prompt
-from datamodules.tokens import IMAGE_TOKEN
+from datamodules.collate import Collator, null_generation_messages
+from datamodules.tokens import GEN_START, IMAGE_TOKEN
 from modules.components.var_sampling import sample_top_k_top_p
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Generation:
+    """What ``generate`` returns. output_ids: per prompt the released ``generate()``'s sequence
+    (the context up to and including <|image_gen_start|>, then the token after it, twice, as the
+    official loop appends it before and after the image pass); images (B, 3, H, W) in [0, 1];
+    indices: per scale (B, pn^2); started: whether the model emitted <|image_gen_start|> itself
+    (always True with gen_start forced)."""
+
+    output_ids: List[List[int]]
+    images: torch.Tensor
+    indices: List[torch.Tensor]
+    started: List[bool]
 
 
 class VARGPTInference:
@@ -115,61 +135,133 @@ class VARGPTInference:
         return sample_top_k_top_p(x, top_k=top_k, top_p=top_p, generator=gen).view(-1).to(logits_BV.device)
 
     # ------------------------------------------------------------------ generate_image()
-    @torch.no_grad()
-    def generate_image(self, prompts: Sequence[str], cfg: float = 3.0, top_k: int = 0, top_p: float = 0.0,
-                       temperature: float = 1.0, seed: Union[int, Sequence[int]] = 0,
-                       return_indices: bool = False, teacher_idx: Optional[Sequence[torch.Tensor]] = None,
-                       logits_out: Optional[List[torch.Tensor]] = None):
-        """Images (B, 3, H, W) in [0, 1] for text prompts.
+    def _sampling_defaults(self, cfg, top_k, top_p) -> Tuple[float, int, float]:
+        c = self.cfg
+        return (float(c.switch("sample_cfg") if cfg is None else cfg), int(c.switch("sample_top_k") if top_k is None else top_k),
+                float(c.switch("sample_top_p") if top_p is None else top_p))
 
-        The prompt is the chat template up to "ASSISTANT:" followed by a forced
-        <|image_gen_start|>; the conditional rows use the prompts, the unconditional rows the
-        null prompt the model saw under prompt dropout (`cfg_uncond: null_prompt`), or Gaussian
-        noise in place of their LLM states (`cfg_uncond: noise`, the released behaviour).
-        Per scale k: the VAR front-end chunk -> gen_in -> LLM (KV cache) -> gen_out -> VAR blocks
-        (KV cache) -> guided logits -> top-k / top-p -> indices. `seed` is one int for the batch
-        or one per prompt; with per-prompt seeds a prompt's image does not depend on its batch.
-        `teacher_idx` (per-scale indices) replaces sampling and `logits_out` collects the raw
-        per-scale logits (2B, l, V): the check that inference computes what training trained.
-        """
-        B = len(prompts)
+    def _greedy_until(self, seqs: List[List[int]], stop_id: int, max_new_tokens: int) -> List[Tuple[List[int], bool]]:
+        """Greedy text decoding (KV cache) of each prompt until it emits ``stop_id`` (included),
+        EOS or ``max_new_tokens``: [(new ids, emitted stop_id?)] per prompt."""
         device = next(self.llm.parameters()).device
-        enc = self._prompt_encoder()
+        ids, mask, pos = self._left_pad(seqs, device)
+        B = len(seqs)
+        out: List[List[int]] = [[] for _ in range(B)]
+        done = [False] * B
+        hit = [False] * B
+        eos = self.tokenizer.eos_token_id
+        cache = DynamicCache()
+        emb = self.llm.get_input_embeddings()(ids)
+        cur_pos = pos
+        for step in range(max_new_tokens):
+            h = self.run_llm(emb, mask, position_ids=cur_pos, cache=cache, use_cache=True).last_hidden_state
+            nxt = self.llm.get_output_embeddings()(h[:, -1]).float().argmax(-1)
+            for i in range(B):
+                if not done[i]:
+                    t = int(nxt[i])
+                    if t == eos:
+                        done[i] = True
+                        continue
+                    out[i].append(t)
+                    if t == stop_id:
+                        done[i] = hit[i] = True
+            if all(done):
+                break
+            emb = self.llm.get_input_embeddings()(nxt.view(B, 1))
+            mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=device)], 1)
+            cur_pos = pos[:, -1:] + step + 1
+        return list(zip(out, hit))
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: Sequence[Sequence[int]], cfg: Optional[float] = None, top_k: Optional[int] = None,
+                 top_p: Optional[float] = None, temperature: float = 1.0, seed: Union[int, Sequence[int]] = 0,
+                 teacher_idx: Optional[Sequence[torch.Tensor]] = None,
+                 logits_out: Optional[List[torch.Tensor]] = None) -> Generation:
+        """Image generation from prompts given as token ids (chat template applied, BOS included).
+
+        gen_start (switch): ``forced`` appends <|image_gen_start|> to each prompt; ``greedy`` (the
+        released code) decodes greedily until the model emits it (at most gen_start_max_tokens;
+        a prompt that never does is forced and marked ``started=False``). The image is then
+        generated from the LLM states after that context, per scale: the VAR front-end chunk ->
+        gen_in -> LLM (KV cache) -> gen_out -> VAR blocks (KV cache) -> guided logits -> top-k /
+        top-p -> indices. Guidance's unconditional half: the null prompt (cfg_uncond null_prompt)
+        or Gaussian noise in place of its LLM states (noise: the LLM runs on the conditional rows
+        only; cfg_noise_rng sampler draws the noise from the sampling generator right before that
+        scale's draw, the official order). infer_cond_row null: both halves use the VAR null
+        condition row (released). cfg / top_k / top_p default to the model's sample_* switches.
+        `seed` is one int for the batch or one per prompt (a prompt's image then does not depend
+        on its batch). `teacher_idx` replaces sampling, `logits_out` collects the raw per-scale
+        logits (2B, l, V)."""
+        cfg, top_k, top_p = self._sampling_defaults(cfg, top_k, top_p)
+        c = self.cfg
+        B = len(prompt_ids)
+        device = next(self.llm.parameters()).device
         start = self.ids["gen_start"]
-
-        def encode(text: str) -> List[int]:
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            bos = [self.tokenizer.bos_token_id] if enc.bos_id is not None else []
-            return bos + list(ids) + [start]
-
-        cond_seqs = [encode(generation_prompt(p, self.template)) for p in prompts]
-        uncond_seqs = [encode(null_generation_prompt(self.template))] * B
-        ids, mask, pos = self._left_pad(cond_seqs + uncond_seqs, device)
+        seqs = [list(map(int, s)) for s in prompt_ids]
+        if c.switch("gen_start") == "greedy":
+            decoded = self._greedy_until(seqs, start, c.gen_start_max_tokens)
+            ctx = [s + new if hit else s + [start] for s, (new, hit) in zip(seqs, decoded)]
+            started = [hit for _, hit in decoded]
+        else:
+            ctx, started = [s + [start] for s in seqs], [True] * B
+        if not all(started):
+            log.warning("generate: %d of %d prompt(s) never emitted %s within %d tokens; forced it after the prompt",
+                        B - sum(started), B, GEN_START, c.gen_start_max_tokens)
+        noise = c.switch("cfg_uncond") == "noise"
+        rows = B if noise else 2 * B
+        uncond = [] if noise else [self._prompt_encoder().encode_prompt(null_generation_messages()[:1]) + [start]] * B
+        ids, mask, pos = self._left_pad(ctx + uncond, device)
         emb = self.llm.get_input_embeddings()(ids)
         cache = DynamicCache()
-        self.run_llm(emb, mask, position_ids=pos, cache=cache, use_cache=True)
+        h0 = self.run_llm(emb, mask, position_ids=pos, cache=cache, use_cache=True).last_hidden_state
+        after = self.llm.get_output_embeddings()(h0[:B, -1]).float().argmax(-1).tolist()
         state = {"mask": mask, "next_pos": pos[:, -1:] + 1}
-        noise_gen = torch.Generator(device="cpu").manual_seed(int(seed if isinstance(seed, int) else seed[0]) + 7919)
-
-        def step_hook(si: int, x_2BlC: torch.Tensor) -> torch.Tensor:
-            l = x_2BlC.shape[1]
-            m = torch.cat([state["mask"], torch.ones(2 * B, l, dtype=state["mask"].dtype, device=device)], 1)
-            p = state["next_pos"] + torch.arange(l, device=device).view(1, l)
-            e = self.gen_in(x_2BlC.to(emb.dtype))
-            h = self.run_llm(e, m, position_ids=p, cache=cache, use_cache=True).last_hidden_state
-            state["mask"], state["next_pos"] = m, p[:, -1:] + 1
-            if self.cfg.cfg_uncond == "noise":
-                h = h.clone()
-                h[B:] = torch.randn(h[B:].shape, generator=noise_gen).to(h)
-            return self.gen_out(h).to(x_2BlC.dtype)
 
         if isinstance(seed, int):
             generator: Any = torch.Generator(device="cpu").manual_seed(seed)
         else:
             if len(seed) != B:
-                raise ValueError(f"generate_image: {len(seed)} seeds for {B} prompts")
+                raise ValueError(f"generate: {len(seed)} seeds for {B} prompts")
             generator = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seed]
-        idx_list, img = self.var.sample(B, cond=None, cfg=cfg, top_k=top_k, top_p=top_p, temperature=temperature,
+        own_rng = torch.Generator(device="cpu").manual_seed(int(seed if isinstance(seed, int) else seed[0]) + 7919)
+
+        def draw_noise(shape, dtype) -> torch.Tensor:
+            if c.switch("cfg_noise_rng") == "own":
+                return torch.randn(shape, generator=own_rng, dtype=dtype)
+            if isinstance(generator, list):
+                return torch.stack([torch.randn(shape[1:], generator=g, dtype=dtype) for g in generator])
+            return torch.randn(shape, generator=generator, dtype=dtype)
+
+        def step_hook(si: int, x_2BlC: torch.Tensor) -> torch.Tensor:
+            l = x_2BlC.shape[1]
+            m = torch.cat([state["mask"], torch.ones(rows, l, dtype=state["mask"].dtype, device=device)], 1)
+            p = state["next_pos"] + torch.arange(l, device=device).view(1, l)
+            e = self.gen_in(x_2BlC[:rows].to(emb.dtype))
+            h = self.run_llm(e, m, position_ids=p, cache=cache, use_cache=True).last_hidden_state
+            state["mask"], state["next_pos"] = m, p[:, -1:] + 1
+            if noise:
+                h = torch.cat([h, draw_noise(tuple(h.shape), h.dtype).to(h.device)])
+            return self.gen_out(h).to(x_2BlC.dtype)
+
+        cond_row = torch.full((B,), self.var.null_cond if c.switch("infer_cond_row") == "null" else 0, dtype=torch.long)
+        idx_list, img = self.var.sample(B, cond=cond_row, cfg=cfg, top_k=top_k, top_p=top_p, temperature=temperature,
                                         generator=generator, step_hook=step_hook, vqvae=self.vqvae,
                                         teacher_idx=teacher_idx, logits_out=logits_out)
-        return (img, idx_list) if return_indices else img
+        out_ids = [s + [a, a] for s, a in zip(ctx, after)]
+        return Generation(out_ids, img, idx_list, started)
+
+    def generation_prompt_ids(self, prompts: Sequence[str]) -> List[List[int]]:
+        """Token ids of generation prompts: the chat template up to "ASSISTANT:", BOS first."""
+        enc = self._prompt_encoder()
+        return [enc.encode_prompt([{"role": "user", "content": p}]) for p in prompts]
+
+    @torch.no_grad()
+    def generate_image(self, prompts: Sequence[str], cfg: Optional[float] = None, top_k: Optional[int] = None,
+                       top_p: Optional[float] = None, temperature: float = 1.0, seed: Union[int, Sequence[int]] = 0,
+                       return_indices: bool = False, teacher_idx: Optional[Sequence[torch.Tensor]] = None,
+                       logits_out: Optional[List[torch.Tensor]] = None):
+        """Images (B, 3, H, W) in [0, 1] for text prompts (the chat template applied); see
+        ``generate`` for the switches and arguments."""
+        out = self.generate(self.generation_prompt_ids(prompts), cfg=cfg, top_k=top_k, top_p=top_p,
+                            temperature=temperature, seed=seed, teacher_idx=teacher_idx, logits_out=logits_out)
+        return (out.images, out.indices) if return_indices else out.images

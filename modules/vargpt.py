@@ -11,6 +11,11 @@ Every sample of a batch carries its own image slots and generation span, so unde
 generation samples mix freely in one batch (the released code's if/elif cannot: see
 `mixed_batches`). Per-sample losses do not depend on batch-mates (right padding + causal mask).
 
+Released-behaviour switches read here (ModelConfig.switch; `behaviour: released` sets all):
+mixed_batches, text_labels (the released labels: input ids with only <|image_gen_pad|> masked)
+and cond_dropout (label: the VAR condition drops to the null row with cond_drop_rate, the prompt
+stays; prompt: the collator's prompt dropout).
+
 This file holds the parts, the training forward and the one collator builder (``collator``);
 decoding (``answer``, ``generate_image``) lives in modules/inference.py and is mixed in.
 """
@@ -23,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from datamodules.collate import Collator
+from datamodules.collate import Collator, released_text_labels
 from datamodules.config import ChatTemplateConfig, DataConfig
 from datamodules.tokens import GEN_PAD, IGNORE_INDEX
 from datamodules.transforms import GenTransform
@@ -87,8 +92,11 @@ class VARGPT(VARGPTInference, nn.Module):
         evaluation and diagnostics see every instruction."""
         data = data if data is not None else DataConfig(chat=self.template)
         s = self.collator_sizes()
+        # prompt dropout only where it is the condition dropout (cond_dropout: label drops the VAR
+        # label in forward instead, the prompt stays)
+        drop = data.prompt_dropout if train and self.cfg.switch("cond_dropout") == "prompt" else 0.0
         data = replace(data, num_image_tokens=s["num_image_tokens"], gen_num_tokens=s["gen_num_tokens"],
-                       prompt_dropout=data.prompt_dropout if train else 0.0)
+                       prompt_dropout=drop)
         return Collator.from_config(data, self.tokenizer, self.vision.image_transform(),
                                     GenTransform(self.vqvae.cfg.resolution), gen_patch_nums=s["gen_patch_nums"],
                                     vq_fingerprint=s["vq_fingerprint"])
@@ -114,9 +122,11 @@ class VARGPT(VARGPTInference, nn.Module):
         x_NLCv = self.vqvae.idx_to_var_input(idx_list)
         return self.var.front_end(uncond_N.long(), x_NLCv)
 
-    def embed(self, batch: Dict[str, Any], with_gen: bool = True):
+    def embed(self, batch: Dict[str, Any], with_gen: bool = True, insert_gen: bool = True):
         """LLM input embeddings (B, T, D) with image features and generation inputs scattered into
         their slots (row-major over (sample, position) = the collator's placeholder order).
+        ``insert_gen=False`` leaves the <|image_gen_pad|> embeddings in place (the released
+        mixed batch) but still returns the targets.
         Returns (embeds, gen_mask (B,T) or None, idx_list or None, uncond (N,) or None)."""
         ids = batch["input_ids"]
         emb = self.llm.get_input_embeddings()(ids)
@@ -139,9 +149,15 @@ class VARGPT(VARGPTInference, nn.Module):
         n_gen = idx_list[0].shape[0]
         uncond = batch.get("gen_uncond")
         uncond = torch.zeros(n_gen, dtype=torch.long, device=ids.device) if uncond is None else uncond.to(ids.device).long()
+        if self.training and self.cfg.switch("cond_dropout") == "label" and self.cfg.cond_drop_rate > 0:
+            # released: the VAR label becomes the null row, the prompt stays (global RNG, as released)
+            drop = torch.rand(n_gen, device=ids.device) < self.cfg.cond_drop_rate
+            uncond = torch.where(drop, torch.ones_like(uncond), uncond)
         if int(gen_mask.sum()) != n_gen * self.L:
             raise ValueError(f"batch has {int(gen_mask.sum())} {GEN_PAD} slots but {n_gen} targets x L={self.L}: "
                              f"collator gen_num_tokens must equal the VAR decoder's L")
+        if not insert_gen:
+            return emb, gen_mask, idx_list, uncond
         gen_in = self.gen_in(self.gen_front_end(idx_list, uncond).to(emb.dtype))
         emb = emb.masked_scatter(gen_mask.unsqueeze(-1), gen_in.to(emb.dtype))
         return emb, gen_mask, idx_list, uncond
@@ -156,18 +172,25 @@ class VARGPT(VARGPTInference, nn.Module):
         """Losses for a collated batch (see datamodules/collate.py for its keys).
 
         Returns loss, loss_text, loss_img, per-sample losses (loss_text_per_sample (B,),
-        loss_img_per_target (N,)), per-scale image accuracy acc_img_scale (K,), token counts."""
-        with_gen = True
-        if self.cfg.mixed_batches == "released" and batch.get("pixel_values") is not None \
+        loss_img_per_target (N,)), per-scale image accuracy acc_img_scale (K,), token counts;
+        with return_logits also logits_text (B, T-1, V) and logits_img (N, L, V)."""
+        insert = True
+        if self.cfg.switch("mixed_batches") == "released" and batch.get("pixel_values") is not None \
                 and (batch["input_ids"] == self.image_token_id).any():
-            with_gen = False  # released if/elif: a batch with input images never trains generation
-        emb, gen_mask, idx_list, uncond = self.embed(batch, with_gen=with_gen)
+            # released if/elif: a batch with input images gets no VAR inputs in its pad slots, yet
+            # its image loss is computed on the LLM states there
+            insert = False
+        emb, gen_mask, idx_list, uncond = self.embed(batch, insert_gen=insert)
         h = self.run_llm(emb, batch.get("attention_mask")).last_hidden_state  # (B, T, D)
         out: Dict[str, torch.Tensor] = {}
 
         # text: next-token CE on supervised positions
         labels = batch["labels"]
+        if gen_mask is not None and self.cfg.switch("text_labels") == "released":
+            labels = released_text_labels(batch["input_ids"], self.gen_pad_id)
         logits = self.llm.get_output_embeddings()(h[:, :-1])  # (B, T-1, V)
+        if return_logits:
+            out["logits_text"] = logits
         tgt = labels[:, 1:]
         ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tgt.reshape(-1),
                              ignore_index=IGNORE_INDEX, reduction="none").view_as(tgt)

@@ -15,12 +15,21 @@ strict=False: what may be missing or unexpected is written in the config (``allo
     llava           a LLaVA-1.5 checkpoint (LLM + mm_projector)   the whole model
     hf              a Hugging Face save_pretrained directory llm (CausalLM) or vision (CLIP/SigLIP)
     timm            a timm ViT state dict                    vision
+    vargpt          a released VARGPT directory              the whole model (or `keys`)
+                    (config.json + model.safetensors or shards + index; modules/vargpt_format.py)
+    llava_hf        llava-hf/llava-1.5-7b-hf (a directory)   vision, und_proj, llm
+
+The directory formats (vargpt, llava_hf) load shard by shard, tensor by tensor, onto the model as
+it is: a model built under ``empty_parameters()`` (parameters on the meta device) gets each
+tensor assigned, so the checkpoint and the model are never both in memory (peak: the model plus
+one tensor); a materialised model gets each tensor copied in place.
 
 The stage-0 bases load their frozen parts through ``load_into`` (the same adapters, one component).
 """
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
@@ -28,8 +37,11 @@ import torch
 import torch.nn as nn
 
 from datamodules.paths import resolve_path
-from modules.checkpoint import load_strict, read_state_dict
+from modules.checkpoint import (StateDictMismatchError, _matches, iter_safetensors_shards, load_strict,
+                                read_state_dict)
 from modules.config import LOAD_FORMATS, LoadSpec
+from modules.vargpt_format import DROP, LLAVA_HF_PARTS, KeyMap, llava_hf_key_map, read_config, released_ids, \
+    vargpt_key_map
 
 StateDict = Dict[str, torch.Tensor]
 
@@ -135,7 +147,122 @@ LOADERS: Dict[str, Callable[[nn.Module, StateDict, LoadSpec, str], None]] = {
     "hf": _load_hf,
     "timm": _load_mapped(from_timm),
 }
-assert set(LOADERS) == set(LOAD_FORMATS), "modules/config.py LOAD_FORMATS and LOADERS disagree"
+
+
+# ----------------------------------------------------------------------------------- directories
+@contextmanager
+def empty_parameters():
+    """Build modules whose parameters live on the meta device (no memory, no init cost) while
+    buffers are real (rotary tables, position ids, masks keep their values). Load every
+    parameter afterwards (``stream_load`` assigns them); one left on meta is a missing key."""
+    orig = nn.Module.register_parameter
+
+    def register(self, name, param):
+        orig(self, name, param)
+        if param is not None and param.device.type != "meta":
+            self._parameters[name] = type(param)(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = orig
+
+
+def _assign(model: nn.Module, name: str, t: torch.Tensor) -> None:
+    mod_name, _, attr = name.rpartition(".")
+    mod = model.get_submodule(mod_name) if mod_name else model
+    table = mod._parameters if attr in mod._parameters else mod._buffers
+    old = table[attr]
+    if old.device.type == "meta":
+        t = t.to(old.dtype)
+        table[attr] = nn.Parameter(t, requires_grad=old.requires_grad) if table is mod._parameters else t
+    else:
+        with torch.no_grad():
+            old.copy_(t)
+
+
+def stream_load(model: nn.Module, path: Path, key_map: KeyMap, spec: LoadSpec, src: str,
+                parts: Sequence[str] = ()) -> Dict[str, int]:
+    """Load a safetensors checkpoint directory into ``model`` shard by shard, tensor by tensor,
+    through ``key_map`` (file key -> (our key, transform) | DROP | None). Strict within ``parts``
+    (submodule names; () = the whole model): every key of the model there must arrive, every key
+    of the file must map, shapes must agree, except what ``spec`` allows. Returns counts."""
+    own = model.state_dict(keep_vars=True)
+
+    def inside(k: str) -> bool:
+        return not parts or any(k == p or k.startswith(p + ".") for p in parts)
+
+    loaded: set = set()
+    unexpected, shape, dropped = [], [], 0
+    for _, entries in iter_safetensors_shards(path):
+        for key, get in entries:
+            m = key_map(key)
+            if m is DROP:
+                dropped += 1
+                continue
+            if m is None or m[0] not in own:
+                if not _matches(key, spec.allow_unexpected):
+                    unexpected.append(key if m is None else f"{key} (-> {m[0]})")
+                continue
+            ours, fn = m
+            if not inside(ours):
+                continue
+            t = get()
+            t = fn(t) if fn is not None else t
+            if tuple(t.shape) != tuple(own[ours].shape):
+                shape.append(f"{key} -> {ours}: checkpoint {tuple(t.shape)} vs model {tuple(own[ours].shape)}")
+                continue
+            _assign(model, ours, t)
+            loaded.add(ours)
+            del t
+    missing = [k for k in own if inside(k) and k not in loaded and not _matches(k, spec.allow_missing)]
+    if missing or unexpected or shape:
+        lines = [f"cannot load {src} strictly:"]
+        for what, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shape)):
+            if keys:
+                lines.append(f"  {what} ({len(keys)}): {', '.join(keys[:20])}" + (" ..." if len(keys) > 20 else ""))
+        lines.append("  fix: a checkpoint of this layout and size (the model config must come from its config.json), "
+                     "or allow the keys explicitly (allow_missing / allow_unexpected)")
+        raise StateDictMismatchError("\n".join(lines))
+    return {"loaded": len(loaded), "dropped": dropped}
+
+
+def _nested_vision(model: nn.Module) -> bool:
+    return any(k.startswith("vision.tower.vision_model.") for k in model.state_dict(keep_vars=True))
+
+
+def _check_ids(model: nn.Module, ids: Dict[str, int], src: str) -> None:
+    own = getattr(model, "ids", None)
+    if own is None:
+        return
+    bad = {k: (own.get(k), v) for k, v in ids.items() if k in ("image", "gen_start", "gen_end", "gen_pad")
+           and own.get(k) != v}
+    if bad:
+        raise StateDictMismatchError(f"{src}: the model's tokenizer gives other ids than the checkpoint's "
+                                     f"config.json ({{name: (model, checkpoint)}}): {bad}; use the checkpoint's "
+                                     "tokenizer (model.tokenizer: {name: hf, path: <the directory>})")
+
+
+def _load_vargpt_dir(model: nn.Module, path: Path, spec: LoadSpec, src: str) -> Dict[str, int]:
+    ids = released_ids(read_config(path))
+    _check_ids(model, ids, src)
+    key_map = vargpt_key_map(ids["gen_start"], _nested_vision(model))
+    return stream_load(model, path, key_map, spec, src, parts=spec.keys)
+
+
+def _load_llava_hf_dir(model: nn.Module, path: Path, spec: LoadSpec, src: str) -> Dict[str, int]:
+    # the file holds the LLaVA parts only: strict within them, the generation parts untouched
+    parts = spec.keys or [p for p in LLAVA_HF_PARTS if hasattr(model, p)]
+    return stream_load(model, path, llava_hf_key_map(_nested_vision(model)), spec, src, parts=parts)
+
+
+# Formats whose file is a directory read shard by shard (a model composed as VARGPT, into "").
+DIR_LOADERS: Dict[str, Callable[[nn.Module, Path, LoadSpec, str], Dict[str, int]]] = {
+    "vargpt": _load_vargpt_dir,
+    "llava_hf": _load_llava_hf_dir,
+}
+assert set(LOADERS) | set(DIR_LOADERS) == set(LOAD_FORMATS), "modules/config.py LOAD_FORMATS and LOADERS disagree"
 # The submodule a format loads into when `into` is not given.
 _DEFAULT_INTO = {"official_var": "var", "official_vqvae": "vqvae", "timm": "vision"}
 
@@ -151,6 +278,15 @@ def load_into(target: nn.Module, spec: LoadSpec, into: str = "") -> None:
     if not path.exists():
         raise FileNotFoundError(f"model.load: weights not found: {path} (format {spec.format}, into "
                                 f"{spec.into or 'the whole model'}); check the path or build it first")
+    if spec.format in DIR_LOADERS:
+        if spec.into:
+            raise ValueError(f"model.load format {spec.format} loads the whole model (into: ''); choose parts "
+                             f"with keys: [...]")
+        if not path.is_dir():
+            raise FileNotFoundError(f"model.load format {spec.format}: {path} must be a directory (config.json + "
+                                    "safetensors shards)")
+        DIR_LOADERS[spec.format](target, path, spec, f"{path} ({spec.format})")
+        return
     sd = read_state_dict(path)
     src = f"{path} ({spec.format})"
     loader = LOADERS[spec.format]

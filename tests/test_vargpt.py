@@ -36,18 +36,26 @@ def test_mixed_batch_equals_each_sample_alone(tiny):
     assert mixed["acc_img_scale"].shape == (len(tiny.patch_nums),)
 
 
-def test_released_mixed_batches_drop_generation(tiny):
+def test_released_mixed_batches_train_on_pad_states(tiny):
+    """The released if/elif: a batch with input images gets no VAR inputs in its gen pad slots,
+    yet the image loss is computed on the LLM states there; generation-only batches are unchanged."""
     col = collator_for(tiny)
     batch = col(_samples())
+    with torch.no_grad():
+        ours = tiny(batch)
+        ours_gen = tiny(col([gen_sample("g")]))
     tiny.cfg.mixed_batches = "released"
     try:
         with torch.no_grad():
             out = tiny(batch)
             only_gen = tiny(col([gen_sample("g")]))
     finally:
-        tiny.cfg.mixed_batches = "per_sample"
-    assert int(out["n_img_tokens"]) == 0 and float(out["loss_img"]) == 0.0  # if/elif: generation never trains
-    assert int(only_gen["n_img_tokens"]) == tiny.L  # a generation-only batch still does
+        tiny.cfg.mixed_batches = ""
+    assert int(out["n_img_tokens"]) == 2 * tiny.L  # both targets still give an image loss ...
+    assert not torch.isclose(out["loss_img"], ours["loss_img"])  # ... on states without the VAR inputs
+    und = [0, 2]  # the understanding rows do not see the change
+    torch.testing.assert_close(out["loss_text_per_sample"][und], ours["loss_text_per_sample"][und])
+    torch.testing.assert_close(only_gen["loss_img"], ours_gen["loss_img"])  # no input image: as ours
 
 
 def test_text_loss_on_all_tokens_supervises_the_prompt(tiny):
@@ -102,7 +110,7 @@ def test_cfg_uncond_noise_changes_sampling(tiny):
     try:
         _, b = tiny.generate_image(p, cfg=4.0, top_k=8, seed=[5, 6], return_indices=True)
     finally:
-        tiny.cfg.cfg_uncond = "null_prompt"
+        tiny.cfg.cfg_uncond = ""
     assert any(not torch.equal(x, y) for x, y in zip(a[1:], b[1:]))
     _, c = tiny.generate_image(p, cfg=4.0, top_k=8, seed=[5, 6], return_indices=True)
     assert all(torch.equal(x, y) for x, y in zip(a, c))  # same seeds, same switch: same images

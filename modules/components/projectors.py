@@ -26,7 +26,10 @@ class ProjectorConfig(ComponentConfig):
     # them at 0.
     in_dim: int = 0
     out_dim: int = 0
-    hidden_dim: int = 0  # 0 -> out_dim, as LLaVA does
+    hidden_dim: int = 0  # 0 -> the width `hidden_from` names
+    # The hidden width when hidden_dim is 0: "out" (LLaVA's mlp2x_gelu) or "in" (VARGPT's gen
+    # projectors, GenPatchMerger: Linear(in, in), GELU, Linear(in, out)).
+    hidden_from: str = "out"
 
 
 @PROJECTORS.register("linear")
@@ -38,7 +41,9 @@ def _linear(cfg: ProjectorConfig) -> nn.Module:
 def _mlp(cfg: ProjectorConfig) -> nn.Module:
     if cfg.depth < 1:
         raise ValueError(f"projector depth must be >= 1, got {cfg.depth}")
-    hidden = cfg.hidden_dim or cfg.out_dim
+    if cfg.hidden_from not in ("out", "in"):
+        raise ValueError(f"projector hidden_from must be out or in, got {cfg.hidden_from!r}")
+    hidden = cfg.hidden_dim or (cfg.in_dim if cfg.hidden_from == "in" else cfg.out_dim)
     dims = [cfg.in_dim] + [hidden] * (cfg.depth - 1) + [cfg.out_dim]
     layers: list[nn.Module] = []
     for i in range(cfg.depth):
