@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from datamodules.config import DataConfig, SourceConfig, validate_data_config
 from datamodules.schema import read_manifest
-from datamodules.stream import ShardStream, expand_shards
+from datamodules.stream import BatchedStream, ShardStream, expand_shards, pass_batches
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,9 @@ class VargptDataModule(L.LightningDataModule):
         # Evaluation should not drop prompts: pass a collator with prompt_dropout=0 here.
         self.eval_collator = eval_collator or collator
         self.root = cfg.root
+        # Training batches already consumed (set when a run resumes from a checkpoint): the
+        # training stream replays and drops them, see BatchedStream.
+        self.skip_train_batches = 0
 
     def setup(self, stage: Optional[str] = None) -> None:
         fp = getattr(self.collator, "vq_fingerprint", None) if self.cfg.use_pretokenized else None
@@ -66,7 +69,7 @@ class VargptDataModule(L.LightningDataModule):
         for group in (self.cfg.sources, self.cfg.val_sources, self.cfg.test_sources):
             check_vq_fingerprints(group, self.root, fp)
 
-    def _loader(self, ds: ShardStream, batch_size: int, collate: Callable) -> DataLoader:
+    def _loader(self, ds: Any, batch_size: Optional[int], collate: Callable) -> DataLoader:
         nw = self.cfg.num_workers
         return DataLoader(
             ds,
@@ -88,10 +91,10 @@ class VargptDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if not self.cfg.sources:
             raise ValueError("data.sources is empty: list the training shard sources in the stage YAML")
-        ds = self.train_dataset()
+        ds = BatchedStream(self.train_dataset(), self.cfg.batch_size, self.collator, self.skip_train_batches)
         if self.trainer is not None:
             ds.set_epoch(self.trainer.current_epoch)
-        return self._loader(ds, self.cfg.batch_size, self.collator)
+        return self._loader(ds, None, pass_batches)
 
     def val_dataloader(self) -> Any:
         if not self.cfg.val_sources:

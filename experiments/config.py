@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Sequence, Tuple
@@ -68,6 +69,27 @@ class TrainerConfig:
     deterministic: bool = False
     enable_progress_bar: bool = True
     save_checkpoint: bool = True  # export model.safetensors + config.yaml at the end
+    # A loss that is NaN/inf: stop (name the step and the part, keep the last good checkpoint,
+    # export nothing) | skip (no update for that batch, counted as train/nonfinite_skipped;
+    # stops after max_nonfinite_in_a_row such batches in a row).
+    on_nonfinite: str = "stop"
+    max_nonfinite_in_a_row: int = 10
+    # Write <output_dir>/sample_keys.txt: "batch_index key key ..." per training batch (data audits).
+    log_sample_keys: bool = False
+
+
+@dataclass
+class CheckpointConfig:
+    """Training checkpoints (resume with `python -m experiments.run X.yaml --resume`): what exact
+    continuation needs (trainable weights, optimizer + LR schedule, step, RNGs, data position,
+    MLflow run id, config hash), written atomically with a sidecar of hashes; the last
+    ``keep_last`` are kept. SIGTERM / SIGUSR1 always write one before exiting."""
+
+    every_n_steps: int = 0  # 0: off
+    every_n_minutes: float = 30.0  # 0: off (wall clock since the last checkpoint)
+    keep_last: int = 2
+    at_end: bool = True
+    dir: str = ""  # "" -> <output_dir>/checkpoints
 
 
 @dataclass
@@ -99,13 +121,15 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 # Sections that do not change what a run computes: left out of the config hash, so a rerun
 # with another run name or tracking store is recognised as the same experiment.
-_HASH_EXCLUDE = ("name", "output_dir", "logging", "trainer.enable_progress_bar")
+_HASH_EXCLUDE = ("name", "output_dir", "logging", "trainer.enable_progress_bar", "checkpoint",
+                 "trainer.log_sample_keys")
 
 
 # ----------------------------------------------------------------------------------------
@@ -283,9 +307,73 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> LoadedConfig
     try:
         validate_data_config(typed.data)
         typed.model.validate()
+        for key, problem in value_problems(typed):
+            raise ValueError(f"{key}: {problem}")
     except ValueError as e:
-        raise ConfigError(f"{_rel(Path(path))} (merged): {e}") from None
+        key = str(e).split(":")[0].split("=")[0].strip()
+        where = origin_of(layers, key) if "." in key else f"{_rel(Path(path))} (merged)"
+        raise ConfigError(f"{where}: {e}") from None
     return LoadedConfig(typed, merged, layers, _rel(Path(path)))
+
+
+SCHEDULES = ("cosine", "constant")
+PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+ON_NONFINITE = ("stop", "skip")
+EXTRACTORS = ("world", "inception")
+
+
+def value_problems(cfg: ExperimentConfig) -> List[Tuple[str, str]]:
+    """(dotted key, what is wrong) for values the types alone cannot check: enums, ranges and
+    finite numbers, so a bad value fails at load instead of after the model is built."""
+    out: List[Tuple[str, str]] = []
+
+    def need(ok: bool, key: str, problem: str) -> None:
+        if not ok:
+            out.append((key, problem))
+
+    def finite(x: float) -> bool:
+        return math.isfinite(x)
+
+    def one_of(key: str, value: str, valid: Sequence[str]) -> None:
+        if value not in valid:
+            hint = difflib.get_close_matches(value, valid, n=1)
+            need(False, key, f"{value!r} is not one of {', '.join(valid)}" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+
+    o, t, c, e = cfg.optim, cfg.trainer, cfg.checkpoint, cfg.eval
+    one_of("optim.schedule", o.schedule, SCHEDULES)
+    need(finite(o.lr) and o.lr > 0, "optim.lr", f"must be a finite number > 0, got {o.lr}")
+    need(finite(o.weight_decay) and o.weight_decay >= 0, "optim.weight_decay", f"must be finite and >= 0, got {o.weight_decay}")
+    need(len(o.betas) == 2 and all(finite(b) and 0 <= b < 1 for b in o.betas), "optim.betas",
+         f"must be two numbers in [0, 1), got {list(o.betas)}")
+    need(finite(o.eps) and o.eps > 0, "optim.eps", f"must be finite and > 0, got {o.eps}")
+    need(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
+    need(finite(o.warmup_ratio) and 0 <= o.warmup_ratio < 1, "optim.warmup_ratio", f"must be in [0, 1), got {o.warmup_ratio}")
+    need(finite(o.min_lr_ratio) and 0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
+    need(finite(o.grad_clip) and o.grad_clip >= 0, "optim.grad_clip", f"must be finite and >= 0 (0 = off), got {o.grad_clip}")
+    need(t.max_steps >= 1, "trainer.max_steps", f"must be >= 1, got {t.max_steps}")
+    need(t.devices >= 1 and t.num_nodes >= 1, "trainer.devices", f"devices and num_nodes must be >= 1, got {t.devices}, {t.num_nodes}")
+    one_of("trainer.accelerator", t.accelerator, ACCELERATORS)
+    one_of("trainer.precision", t.precision, PRECISIONS)
+    one_of("trainer.on_nonfinite", t.on_nonfinite, ON_NONFINITE)
+    need(t.max_nonfinite_in_a_row >= 1, "trainer.max_nonfinite_in_a_row", f"must be >= 1, got {t.max_nonfinite_in_a_row}")
+    need(t.accumulate_grad_batches >= 1, "trainer.accumulate_grad_batches", f"must be >= 1, got {t.accumulate_grad_batches}")
+    need(t.log_every_n_steps >= 1, "trainer.log_every_n_steps", f"must be >= 1, got {t.log_every_n_steps}")
+    for k in ("val_every_n_steps", "limit_val_batches", "num_threads"):
+        need(getattr(t, k) >= 0, f"trainer.{k}", f"must be >= 0, got {getattr(t, k)}")
+    need(c.every_n_steps >= 0, "checkpoint.every_n_steps", f"must be >= 0 (0 = off), got {c.every_n_steps}")
+    need(finite(c.every_n_minutes) and c.every_n_minutes >= 0, "checkpoint.every_n_minutes",
+         f"must be finite and >= 0 (0 = off), got {c.every_n_minutes}")
+    need(c.keep_last >= 1, "checkpoint.keep_last", f"must be >= 1, got {c.keep_last}")
+    need(finite(cfg.model.w_img) and cfg.model.w_img >= 0, "model.w_img", f"must be finite and >= 0, got {cfg.model.w_img}")
+    one_of("eval.extractor", e.extractor, EXTRACTORS)
+    need(finite(e.cfg) and e.cfg >= 0, "eval.cfg", f"must be finite and >= 0, got {e.cfg}")
+    need(e.top_k >= 0, "eval.top_k", f"must be >= 0 (0 = off), got {e.top_k}")
+    need(finite(e.top_p) and 0 <= e.top_p <= 1, "eval.top_p", f"must be in [0, 1] (0 = off), got {e.top_p}")
+    need(finite(e.temperature) and e.temperature > 0, "eval.temperature", f"must be finite and > 0, got {e.temperature}")
+    for k in ("num_vqa", "num_gen", "batch_size"):
+        need(getattr(e, k) >= 1, f"eval.{k}", f"must be >= 1, got {getattr(e, k)}")
+    return out
 
 
 def config_hash(cfg: DictConfig) -> str:

@@ -16,14 +16,16 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
+import signal
 import sys
 import time
 from pathlib import Path
 from typing import Any, List, Optional, Sequence
 
 from experiments import tracking
-from experiments.config import ConfigError, LoadedConfig, load_config, output_dir
-from modules.checkpoint import write_export
+from experiments.config import ConfigError, LoadedConfig, load_config, output_dir, resolve_path
+from experiments.run_guard import Preempted, RunError, RunLock, check_writable, find_resume, is_rank_zero, set_aside_export
+from modules.checkpoint import StateDictMismatchError, write_export
 from modules.stages import build_stage
 
 
@@ -66,7 +68,8 @@ def export_weights(module: Any, loaded: LoadedConfig, out: Path) -> Path:
                         metadata={"config_hash": loaded.hash, "stage": loaded.cfg.stage})
 
 
-def fit(loaded: LoadedConfig) -> Path | None:
+def fit(loaded: LoadedConfig, resume: Optional[str] = None) -> Path | None:
+    """Train one experiment; ``resume``: "latest" or a checkpoint path (``--resume [PATH]``)."""
     import warnings
 
     import lightning as L
@@ -74,26 +77,78 @@ def fit(loaded: LoadedConfig) -> Path | None:
 
     # Known-harmless Lightning notices that would otherwise print on every run: our stage
     # modules override transfer_batch_to_device on purpose (tensor-only moves), and Lightning's
-    # own pytree use trips a torch deprecation.
+    # own pytree use trips a torch deprecation; mid-epoch resume is exact through our streams.
     warnings.filterwarnings("ignore", message=".*overridden `transfer_batch_to_device`.*")
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
+    warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
     cfg = loaded.cfg
+    out = output_dir(cfg)
+    ckpt_dir = resolve_path(cfg.checkpoint.dir) if cfg.checkpoint.dir else out / "checkpoints"
+    zero = is_rank_zero()
+    lock = None
+    if zero:
+        check_writable(out)
+        lock = RunLock(out).acquire()
+    try:
+        return _fit(loaded, resume, out, ckpt_dir, zero, lock, L, torch)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _fit(loaded: LoadedConfig, resume: Optional[str], out: Path, ckpt_dir: Path, zero: bool, lock: Any,
+         L: Any, torch: Any) -> Path | None:
+    from modules.stages.base import NonFiniteLossError, ResumeMismatchError  # lazy: Lightning; not for dry runs
+    from modules.stages.resume import TrainingCheckpoint  # lazy: Lightning; not for dry runs
+
+    cfg = loaded.cfg
+    ckpt, info = find_resume(resume, ckpt_dir, loaded) if resume else (None, {})
+    run_id = info.get("mlflow_run_id") or None
+    if zero:
+        if cfg.logging.enabled:
+            tracking.init_store(tracking.tracking_uri(cfg))
+            stale = (lock.previous or {}).get("mlflow_run_id")
+            if stale and stale != run_id:  # a run here whose process died without finishing
+                tracking.mark_failed_if_running(tracking.tracking_uri(cfg), stale, "its process ended (killed?)")
+        aside = set_aside_export(out)
+        if aside is not None:
+            print(f"[run] previous export moved to {aside}")
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        (ckpt_dir / "config.yaml").write_text(loaded.to_yaml())
     if cfg.trainer.num_threads > 0:
         torch.set_num_threads(cfg.trainer.num_threads)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module, datamodule = build_stage(cfg)
-    logger = tracking.make_logger(loaded) if cfg.logging.enabled else None
-    trainer = build_trainer(cfg, logger)
+    logger = tracking.make_logger(loaded, run_id=run_id) if cfg.logging.enabled else None
+    meta = {"config_hash": loaded.hash, "stage": cfg.stage, "mlflow_run_id": ""}
+    if logger is not None and zero:
+        meta["mlflow_run_id"] = logger.run_id
+        lock.record(mlflow_run_id=logger.run_id)
+    c = cfg.checkpoint
+    saver = TrainingCheckpoint(ckpt_dir, c.every_n_steps, c.every_n_minutes, c.keep_last, c.at_end, meta)
+    trainer = build_trainer(cfg, logger, [saver])
     if logger is not None and trainer.is_global_zero:
-        names = module.trainable_parameter_names() if hasattr(module, "trainable_parameter_names") else None
-        counts = module.param_counts() if hasattr(module, "param_counts") else {}
-        tracking.log_run_start(logger, loaded, counts, names)
+        if ckpt is None:
+            names = module.trainable_parameter_names() if hasattr(module, "trainable_parameter_names") else None
+            counts = module.param_counts() if hasattr(module, "param_counts") else {}
+            tracking.log_run_start(logger, loaded, counts, names)
+        else:
+            tracking.mark_resumed(logger, str(ckpt), int(info.get("step", 0)))
+    if ckpt is not None:
+        print(f"[run] resuming from {ckpt} (step {info.get('step')})")
     t0 = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
+    except (NonFiniteLossError, ResumeMismatchError) as e:
+        raise RunError(str(e)) from None
     elapsed = time.perf_counter() - t0
+    if saver.signum is not None:
+        if logger is not None and trainer.is_global_zero:
+            tracking.mark_preempted(logger, signal.Signals(saver.signum).name, trainer.global_step)
+        raise Preempted(saver.signum, trainer.global_step, saver.last_path)
     path = None
     if cfg.trainer.save_checkpoint and trainer.is_global_zero:
-        path = export_weights(module, loaded, output_dir(cfg))
+        path = export_weights(module, loaded, out)
         print(f"[run] weights: {path}")
     if logger is not None and trainer.is_global_zero:
         logger.log_metrics({"time/fit_seconds": elapsed}, step=trainer.global_step)
@@ -110,7 +165,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("experiment", help="experiment YAML, e.g. experiments/world/stage1.yaml")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-4 trainer.max_steps=10")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="PATH",
+                   help="continue from the latest valid checkpoint under the run's output dir, or from PATH")
     return p.parse_intermixed_args(argv)
+
+
+# Expected failures: one clear line and a non-zero exit, no traceback (unexpected ones keep theirs).
+EXPECTED = (RunError, FileNotFoundError, StateDictMismatchError)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -124,7 +185,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"# {loaded.source}  config_hash={loaded.hash}")
         print(loaded.to_yaml(), end="")
         return 0
-    fit(loaded)
+    try:
+        fit(loaded, args.resume)
+    except Preempted as p:
+        print(f"[run] {p}. Resume with: python -m experiments.run {args.experiment} "
+              f"{' '.join(args.overrides)} --resume".replace("  ", " "), file=sys.stderr, flush=True)
+        return 128 + p.signum
+    except EXPECTED as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

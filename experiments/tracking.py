@@ -81,16 +81,22 @@ def run_tags(loaded: LoadedConfig, extra: Optional[Dict[str, str]] = None) -> Di
     return tags
 
 
-def make_logger(loaded: LoadedConfig, extra_tags: Optional[Dict[str, str]] = None):
-    """Lightning's MLFlowLogger pointed at our store, with the run tags set at creation."""
+def make_logger(loaded: LoadedConfig, extra_tags: Optional[Dict[str, str]] = None, run_id: Optional[str] = None):
+    """Lightning's MLFlowLogger pointed at our store, with the run tags set at creation; with
+    ``run_id`` it continues that run (a resumed training run: same id, metrics at their steps)."""
     from lightning.pytorch.loggers import MLFlowLogger
 
     cfg = loaded.cfg
     name = experiment_name(cfg)
     root = artifact_root(cfg)
+    init_store(tracking_uri(cfg))
     # Create the experiment here, race-safe: Lightning's logger would create it on first use, and
     # two runs starting together (make pipeline, sweeps) can both try (UNIQUE constraint failed).
     ensure_experiment(get_client(tracking_uri(cfg)), name, root)
+    if run_id:
+        get_client(tracking_uri(cfg)).update_run(run_id, status="RUNNING")
+        return MLFlowLogger(experiment_name=name, tracking_uri=tracking_uri(cfg), run_id=run_id, log_model=False,
+                            artifact_location=(root / name).as_uri())
     return MLFlowLogger(
         experiment_name=name,
         run_name=cfg.logging.run_name or cfg.name,
@@ -144,9 +150,51 @@ def get_client(uri: Optional[str] = None):
 
 
 def init_store(uri: Optional[str] = None) -> None:
-    """Create the store's tables now (a no-op when they exist), so runs started in parallel
-    do not race to migrate a new SQLite file."""
-    get_client(uri).search_experiments(max_results=1)
+    """Create the store's tables now (a no-op when they exist). For a SQLite store this happens
+    under an exclusive file lock beside the database: two runs started together on a new store
+    would otherwise both migrate it ("duplicate column name")."""
+    import fcntl
+
+    uri = uri or default_tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        get_client(uri).search_experiments(max_results=1)
+        return
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            get_client(uri).search_experiments(max_results=1)
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def mark_failed_if_running(uri: str, run_id: str, why: str) -> None:
+    """A run left RUNNING by a process that is gone (kill -9, a lost node) becomes FAILED."""
+    from mlflow.exceptions import MlflowException
+
+    client = get_client(uri)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        return
+    if run.info.status == "RUNNING":
+        client.set_tag(run_id, "vargpt.ended", why)
+        client.set_terminated(run_id, "FAILED")
+        print(f"[run] marked MLflow run {run_id} FAILED: {why}", flush=True)
+
+
+def mark_resumed(logger: Any, checkpoint: str, step: int) -> None:
+    c = logger.experiment
+    c.set_tag(logger.run_id, "vargpt.resumed_from", f"{checkpoint} (step {step})")
+    c.set_tag(logger.run_id, "vargpt.preempted", "")
+
+
+def mark_preempted(logger: Any, signal_name: str, step: int) -> None:
+    """Tag the run preempted and end it KILLED; --resume continues the same run (RUNNING again)."""
+    c = logger.experiment
+    c.set_tag(logger.run_id, "vargpt.preempted", f"{signal_name} after step {step}")
+    c.set_terminated(logger.run_id, "KILLED")
 
 
 def ensure_experiment(client: Any, name: str, root: Path) -> str:

@@ -145,6 +145,73 @@ def load_strict(module: nn.Module, sd: Mapping[str, torch.Tensor], allow_missing
     module.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
     return {"missing": missing, "unexpected": unexpected}
 
+
+# ------------------------------------------------------------------------------ training checkpoints
+# A training checkpoint is Lightning's checkpoint file (weights_only-loadable: tensors, numbers,
+# strings) `step-NNNNNNNN.ckpt` plus a sidecar `step-NNNNNNNN.json` written after it: sha256, size,
+# step, config hash, MLflow run id. A checkpoint without a sidecar, or whose bytes do not match
+# it, is not used (a crash mid-write, a full disk): the one before it is.
+CKPT_GLOB = "step-*.ckpt"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}.ckpt"
+
+
+def finalize_checkpoint(tmp: Path, final: Path, meta: Dict[str, object]) -> Dict[str, object]:
+    """Move a fully written checkpoint ``tmp`` into place and write its sidecar (both atomic)."""
+    import json
+
+    tmp, final = Path(tmp), Path(final)
+    info = {**meta, "file": final.name, "bytes": tmp.stat().st_size, "sha256": sha256_file(tmp)}
+    tmp.replace(final)
+    _write_text_atomic(final.with_suffix(".json"), json.dumps(info, indent=1) + "\n")
+    return info
+
+
+def checkpoint_info(path: Path) -> Optional[Dict[str, object]]:
+    """The sidecar of a checkpoint if the file is there and matches it, else None."""
+    import json
+
+    path = Path(path)
+    side = path.with_suffix(".json")
+    try:
+        info = json.loads(side.read_text())
+    except (OSError, ValueError):
+        return None
+    if not path.is_file() or path.stat().st_size != info.get("bytes") or sha256_file(path) != info.get("sha256"):
+        return None
+    return info
+
+
+def list_checkpoints(ckpt_dir: Path) -> list:
+    """Checkpoint files of a run, oldest first (by step in the name)."""
+    return sorted(Path(ckpt_dir).glob(CKPT_GLOB))
+
+
+def latest_valid_checkpoint(ckpt_dir: Path, warn=print) -> Optional[Path]:
+    """The newest checkpoint that verifies against its sidecar; each one that does not is
+    reported through ``warn`` and skipped."""
+    for path in reversed(list_checkpoints(ckpt_dir)):
+        if checkpoint_info(path) is not None:
+            return path
+        warn(f"checkpoint {path} does not match its sidecar {path.with_suffix('.json').name} "
+             f"(incomplete write?): skipped, trying the one before")
+    return None
+
+
+def prune_checkpoints(ckpt_dir: Path, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` verified checkpoints (and their sidecars); files
+    that do not verify are deleted only when something newer verifies."""
+    paths = list_checkpoints(ckpt_dir)
+    good = [p for p in paths if p.with_suffix(".json").is_file()]
+    for p in good[:-keep_last] if keep_last > 0 else []:
+        p.unlink(missing_ok=True)
+        p.with_suffix(".json").unlink(missing_ok=True)
+    for tmp in Path(ckpt_dir).glob("*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
 # ------------------------------------------------------------------------------ sharded safetensors
 # The Hugging Face layout of a large checkpoint: shards `model-0000i-of-0000n.safetensors` and
 # `model.safetensors.index.json` ({"metadata": {"total_size": bytes}, "weight_map": {key: shard}}),
@@ -213,10 +280,12 @@ def iter_safetensors_shards(d: Path):
 
 
 def save_sharded_safetensors(items: Iterable, out_dir: Path, max_shard_bytes: int = 5 * 2**30,
-                             metadata: Optional[Dict[str, str]] = None) -> Path:
+                             metadata: Optional[Dict[str, str]] = None, materialize=None) -> Path:
     """Write (key, tensor, dtype) triples as HF shards + index in ``out_dir``. Tensors are cast
     (and copied) shard by shard, so at most one shard's worth of copies exists at a time; ``items``
-    may be a list of tensors that belong to a live model. Returns the index path."""
+    may be a list of tensors that belong to a live model. ``materialize(key, tensor)`` (optional)
+    gives the values of a tensor when its shard is written (e.g. for meta tensors). Returns the
+    index path."""
     import json
 
     from safetensors.torch import save_file
@@ -238,7 +307,8 @@ def save_sharded_safetensors(items: Iterable, out_dir: Path, max_shard_bytes: in
     (out_dir / SAFETENSORS_INDEX).unlink(missing_ok=True)  # incomplete until rewritten below
     for i, group in enumerate(groups):
         name = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
-        shard = {k: t.detach().to("cpu", dtype).contiguous() for k, t, dtype in group}
+        shard = {k: (materialize(k, t) if materialize is not None else t).detach().to("cpu", dtype).contiguous()
+                 for k, t, dtype in group}
         seen: Dict[int, str] = {}
         for k, t in shard.items():  # safetensors refuses aliased tensors
             ptr = t.untyped_storage().data_ptr() if t.numel() else -1

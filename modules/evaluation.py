@@ -12,13 +12,13 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from dataclasses import asdict
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
 from datamodules.paths import resolve_path
-from datamodules.schema import iter_tar
-from datamodules.stream import decode_sample, expand_shards
+from datamodules.config import SourceConfig
+from datamodules.stream import ShardStream
 from datamodules.tokens import IMAGE_TOKEN
 from datamodules.transforms import GenTransform
 from modules.checkpoint import load_strict, read_state_dict
@@ -31,18 +31,26 @@ TASKS = ("vqa", "generation")
 
 
 # ------------------------------------------------------------------------------------ data
+def read_records(pattern: str, root: str = "", limit: int = 0) -> Tuple[List[Dict[str, Any]], int]:
+    """(decoded samples of a shard set in stored order, the first ``limit``; the number of
+    unreadable samples skipped on the way). Bad samples (corrupt image, broken JSON, a
+    truncated shard) are skipped, logged with key and shard, and counted, as in training."""
+    sources = [SourceConfig(name="eval", shards=pattern, task="")]  # task "": each record keeps its own
+    try:
+        stream = ShardStream(sources, mode="eval", root=root, shuffle_buffer=0, resampled=False, rank=0, world_size=1)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no shards match {pattern!r} under {root or '.'}") from None
+    out: List[Dict[str, Any]] = []
+    for s in stream:
+        out.append(s)
+        if limit and len(out) >= limit:
+            break
+    return out, stream.n_unreadable
+
+
 def iter_records(pattern: str, root: str = "", limit: int = 0) -> Iterator[Dict[str, Any]]:
-    """Decoded samples of a shard set in stored order (a finite, fixed pass), first `limit`."""
-    urls = expand_shards(pattern, root)
-    if not urls:
-        raise FileNotFoundError(f"no shards match {pattern!r} under {root or '.'}")
-    n = 0
-    for url in urls:
-        for raw in iter_tar(url):
-            yield decode_sample(raw)
-            n += 1
-            if limit and n >= limit:
-                return
+    """The samples of ``read_records`` one by one."""
+    yield from read_records(pattern, root, limit)[0]
 
 
 def _user_text(rec: Dict[str, Any]) -> str:
@@ -218,6 +226,7 @@ class Evaluator:
         self.cfg, self.model_cfg = cfg, model_cfg
         self.root = str(resolve_path(data_root)) if data_root else ""
         self._sets: Dict[str, List[Dict[str, Any]]] = {}
+        self.num_unreadable: Dict[str, int] = {}  # per task: bad samples skipped reading its set
         self._classifier: Any = None
 
     def tasks(self) -> List[str]:
@@ -230,7 +239,7 @@ class Evaluator:
             if not pattern:
                 key = "eval.vqa_shards" if task == "vqa" else "eval.gen_shards"
                 raise ValueError(f"evaluation task {task!r} has no shards: set {key}=PATTERN (relative to data.root)")
-            self._sets[task] = list(iter_records(pattern, self.root, n))
+            self._sets[task], self.num_unreadable[task] = read_records(pattern, self.root, n)
         return self._sets[task]
 
     @property
@@ -255,6 +264,8 @@ class Evaluator:
         if "generation" in tasks:
             report.update(evaluate_generation(net, self.samples("generation"), self.cfg, self.classifier,
                                               real_key=self.real_key))
+        for t in tasks:
+            report[f"{'vqa' if t == 'vqa' else 'gen'}_num_unreadable"] = self.num_unreadable.get(t, 0)
         report["protocol"] = protocol(self.cfg, resolution=int(net.vqvae.cfg.resolution), data_root=self.root,
                                       resize="targets: PIL resize of the short side + centre crop to the VQVAE "
                                              "resolution; generated: native")

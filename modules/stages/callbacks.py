@@ -19,7 +19,8 @@ from modules.evaluation import Evaluator, report_metrics
 
 # In-loop metrics: the report's scalars under these names (sample counts and the prompt-use
 # losses themselves stay in the standalone report).
-_LOOP_KEYS = ("vqa_accuracy", "vqa_prior_baseline", "vqa_blind_baseline", "fid", "inception_score")
+_LOOP_KEYS = ("vqa_accuracy", "vqa_prior_baseline", "vqa_blind_baseline", "fid", "inception_score",
+              "gen_num_unreadable")
 _LOOP_PREFIXES = ("vqa_", "gen_attr", "gen_prompt")
 _LOOP_EXCLUDE = ("vqa_n",)
 

@@ -32,7 +32,9 @@ class DebugModule(StageModule):
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        loss = F.mse_loss(self.net["proj"](x), y)
+        loss = self.finite_or_skip(F.mse_loss(self.net["proj"](x), y), {})
+        if loss is None:
+            return None
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
         self.log_throughput(x.shape[0])
         return loss

@@ -70,19 +70,21 @@ class VARGPTStage(StageModule):
     def training_step(self, batch: Dict[str, Any], batch_idx: int):
         out = self.net(batch)
         B = batch["input_ids"].shape[0]
+        self.count_bad_samples(batch)
+        loss = self.finite_or_skip(out["loss"], {k: out[k] for k in ("loss_text", "loss_img")})
+        if loss is None:
+            return None  # skipped (trainer.on_nonfinite: skip)
         # token count from the collated mask (CPU tensor: no device sync)
         self.log_throughput(B, int(batch["attention_mask"].sum()) if batch["attention_mask"].device.type == "cpu" else 0)
         if not self.logging_step():
-            return out["loss"]
+            return loss
         self.log("train/loss", out["loss"], prog_bar=True, batch_size=B)
         self.log("train/loss_text", out["loss_text"], batch_size=B)
         if int(out["n_img_tokens"]) > 0:
             self.log("train/loss_img", out["loss_img"], prog_bar=True, batch_size=B)
             self.log("train/acc_img", out["acc_img"], batch_size=B)
-        for key in ("num_clipped", "num_dropped", "num_unreadable"):
-            if batch.get(key):
-                self.log(f"train/{key}", float(batch[key]), reduce_fx="sum", on_step=False, on_epoch=True, batch_size=B)
-        return out["loss"]
+        self.log_counters()
+        return loss
 
     def validation_step(self, batch: Dict[str, Any], batch_idx: int, dataloader_idx: int = 0):
         out = self.net(batch)

@@ -45,7 +45,7 @@ class SlotStage(StageModule):
         self.log("train/loss_what", out["what"].detach(), on_step=True, on_epoch=False)
         self.log("train/loss_size", out["size"].detach(), on_step=True, on_epoch=False)
         self.log_throughput(batch["what"].shape[0])
-        return out["loss"]
+        return self.finite_or_skip(out["loss"], {"what": out["what"], "size": out["size"]})
 
     def init_metrics(self) -> None:
         self.val_slot = nn.ModuleDict({k: MeanMetric() for k in ("scene", "slot", "object", "size")})

@@ -107,7 +107,7 @@ class LLMModule(StageModule):
         self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True)
         t = batch["tokens"]
         self.log_throughput(t.shape[0], t[:, 1:].numel())
-        return loss
+        return self.finite_or_skip(loss, {})
 
     def validation_step(self, batch, batch_idx):
         n = batch["tokens"][:, 1:].numel()

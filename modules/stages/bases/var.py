@@ -93,7 +93,7 @@ class VARModule(StageModule):
         loss = self.net.loss(logits_BLV, idx_list)
         self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True)
         self.log_throughput(target_BL.shape[0], target_BL.numel())
-        return loss
+        return self.finite_or_skip(loss, {})
 
     def validation_step(self, batch, batch_idx):
         logits_BLV, target_BL, _ = self._forward(batch)

@@ -48,7 +48,7 @@ class VQVAEModule(StageModule):
         for k in ("l1", "mse", "vq", "usage", "dead_restarted"):
             self.log(f"train/{k}", losses[k].float(), on_step=True, on_epoch=False)
         self.log_throughput(x.shape[0])
-        return loss
+        return self.finite_or_skip(loss, {})
 
     def on_validation_epoch_start(self) -> None:
         self._hits = torch.zeros(self.net.V, dtype=torch.long)
