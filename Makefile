@@ -133,3 +133,26 @@ compare: setup ## table + plots of a sweep or any MLflow experiment: make compar
 
 clean: ## remove run outputs (runs/) but keep .venv
 	rm -rf runs/ .pytest_cache
+
+# ---------------------------------------------------------------------------------------------
+# The optional evaluation extra: lmms-eval, the field's harness (requirements-eval.txt). Never part
+# of `make setup`; `make setup-eval` adds it to .venv. README "Benchmarks through lmms-eval".
+.PHONY: setup-eval test-eval eval-benchmarks
+EVAL_STAMP := .venv/.eval-$(shell cat requirements.txt requirements-eval.txt pyproject.toml 2>/dev/null | sha256sum | cut -c1-16)
+# The paper's understanding set as lmms-eval tasks (VARGPT, arXiv 2501.12327, Tables 1 and 2).
+PAPER_TASKS := mmbench_en_dev,seedbench,mmmu_val,pope,mme,vqav2_val,gqa,textvqa_val,vizwiz_vqa_val,scienceqa_img
+TASKS ?= $(PAPER_TASKS)
+BENCH_ARGS ?=
+
+setup-eval: setup $(EVAL_STAMP) ## add the optional lmms-eval extra to .venv (requirements-eval.txt) and register vargpt_suite
+
+$(EVAL_STAMP): requirements.txt requirements-eval.txt pyproject.toml
+	@bash .ci/setup-eval.sh
+	@rm -f .venv/.eval-* && touch $@
+
+test-eval: setup-eval ## the lmms-eval tests (pytest marker lmms_eval): local fixture tasks end to end through the harness
+	$(PY) -m pytest -m lmms_eval $(PYTEST_ARGS)
+
+eval-benchmarks: setup-eval ## lmms-eval on a checkpoint + one MLflow run: make eval-benchmarks CKPT=runs/world/stage2 [TASKS=vargpt_world_vqa]
+	@test -n "$(CKPT)" || { echo "usage: make eval-benchmarks CKPT=<export dir> [TASKS=$(PAPER_TASKS)] [BENCH_ARGS=\"--limit 50 --batch-size 8\"]"; exit 2; }
+	$(PY) -m experiments.eval_benchmarks $(CKPT) --tasks $(TASKS) $(BENCH_ARGS)
