@@ -79,21 +79,22 @@ def load_released(d: str | Path, base: Optional[ModelConfig] = None, behaviour: 
                   llm_dtype: str = "", tokenizer: Any = None, train: bool = False) -> tuple:
     """(VARGPT with the released weights, Released). Built on the meta device and loaded shard
     by shard (format ``vargpt``): the peak memory is the model plus one tensor. ``llm_dtype``
-    (e.g. bfloat16) sets the LLM's and the vision tower's weight dtype; the VAR decoder, the
-    projectors and the VQVAE stay fp32."""
+    (e.g. bfloat16) sets the weight dtype of the LLM, the vision tower and the projectors; the VAR
+    decoder and the VQVAE stay fp32."""
     info = released_config(d, base)
     cfg = info.model_config
     if behaviour:
         cfg = replace(cfg, behaviour=behaviour)
     if llm_dtype:
-        cfg = replace(cfg, llm=replace(cfg.llm, dtype=llm_dtype), vision=replace(cfg.vision, dtype=llm_dtype))
+        cfg = replace(cfg, llm=replace(cfg.llm, dtype=llm_dtype), vision=replace(cfg.vision, dtype=llm_dtype),
+                      projector_dtype=llm_dtype)
     net = build_from_config(cfg, info.ids, tokenizer, cfg.tokenizer.path if info.has_tokenizer else "", info.template)
     apply_load_spec(net, LoadSpec(path=str(info.path), format="vargpt"))
     info.model_config = cfg
     return net.train(train), info
 
 
-def num_class_rows(ids: Dict[str, int], source_config: Optional[Dict[str, Any]] = None) -> int:
+def num_class_rows(ids: Dict[str, int]) -> int:
     """Rows of the released class table: num_classes + 1 with num_classes = gen_start + 1."""
     return ids["gen_start"] + 2
 

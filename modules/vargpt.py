@@ -62,6 +62,10 @@ class VARGPT(VARGPTInference, nn.Module):
         c_var = self.var.C
         self.gen_in = build_projector(replace(cfg.gen_in_projector, in_dim=c_var, out_dim=d_llm))
         self.gen_out = build_projector(replace(cfg.gen_out_projector, in_dim=d_llm, out_dim=c_var))
+        if cfg.projector_dtype != "float32":
+            dt = getattr(torch, cfg.projector_dtype)
+            for proj in (self.und_proj, self.gen_in, self.gen_out):
+                proj.to(dt)
         self.d_llm, self.c_var = d_llm, c_var
         self.L = self.var.L
         self.patch_nums = tuple(self.var.patch_nums)

@@ -40,11 +40,9 @@ import torch
 import torch.nn as nn
 
 from datamodules.config import ChatTemplateConfig
-from modules.components.llm import LLMConfig
 from modules.components.projectors import ProjectorConfig
 from modules.components.text_tokenizer import TokenizerConfig, special_token_ids
-from modules.components.var_decoder import VARConfig
-from modules.components.vision_encoders import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, VisionEncoderConfig
+from modules.components.vision_encoders import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from modules.components.vqvae import VQVAEConfig
 from modules.config import ModelConfig
 
@@ -105,7 +103,7 @@ def _need(cond: bool, what: str) -> None:
         raise FormatError(f"not representable by this suite's model: {what}")
 
 
-def _llm_config(tc: Mapping[str, Any]) -> LLMConfig:
+def _llm_fields(tc: Mapping[str, Any]) -> Dict[str, Any]:
     _need(tc.get("model_type", "llama") == "llama", f"text_config.model_type {tc.get('model_type')!r} (llama only)")
     h, heads = int(tc["hidden_size"]), int(tc["num_attention_heads"])
     checks = {"hidden_act": ("silu", tc.get("hidden_act", "silu")),
@@ -119,13 +117,13 @@ def _llm_config(tc: Mapping[str, Any]) -> LLMConfig:
     for k, (want, got) in checks.items():
         _need(got == want, f"text_config.{k} = {got!r} (the llama builder has {want!r})")
     # the vicuna-7b preset carries rms_norm_eps 1e-5, rope_theta 1e4, untied; the fields set the sizes
-    return LLMConfig(name="llama", preset="vicuna-7b", hidden_size=h, num_layers=int(tc["num_hidden_layers"]),
-                     num_heads=heads, num_kv_heads=int(tc.get("num_key_value_heads") or heads),
-                     intermediate_size=int(tc["intermediate_size"]), vocab_size=int(tc["vocab_size"]),
-                     max_position_embeddings=int(tc.get("max_position_embeddings", 4096)))
+    return dict(name="llama", path="", preset="vicuna-7b", hidden_size=h, num_layers=int(tc["num_hidden_layers"]),
+                num_heads=heads, num_kv_heads=int(tc.get("num_key_value_heads") or heads),
+                intermediate_size=int(tc["intermediate_size"]), vocab_size=int(tc["vocab_size"]),
+                max_position_embeddings=int(tc.get("max_position_embeddings", 4096)), pad_vocab_to_multiple_of=0)
 
 
-def _vision_config(hf: Mapping[str, Any], image_mean=(), image_std=()) -> VisionEncoderConfig:
+def _vision_fields(hf: Mapping[str, Any], image_mean=(), image_std=()) -> Dict[str, Any]:
     vc = hf["vision_config"]
     _need(vc.get("model_type", "clip_vision_model") in ("clip_vision_model", "clip"),
           f"vision_config.model_type {vc.get('model_type')!r} (CLIP only)")
@@ -137,10 +135,11 @@ def _vision_config(hf: Mapping[str, Any], image_mean=(), image_std=()) -> Vision
     layer = hf.get("vision_feature_layer", -2)
     _need(isinstance(layer, int), f"vision_feature_layer {layer!r} (one layer only)")
     w = int(vc["hidden_size"])
-    return VisionEncoderConfig(
-        name="hf_clip", image_size=int(vc["image_size"]), patch_size=int(vc["patch_size"]), width=w,
-        depth=int(vc["num_hidden_layers"]), heads=int(vc["num_attention_heads"]),
-        mlp_ratio=int(vc["intermediate_size"]) / w, feature_layer=layer, drop_cls=strategy == "default",
+    return dict(
+        name="hf_clip", model_name="", config_dir="", preset="", image_size=int(vc["image_size"]),
+        patch_size=int(vc["patch_size"]), width=w, depth=int(vc["num_hidden_layers"]),
+        heads=int(vc["num_attention_heads"]), mlp_ratio=int(vc["intermediate_size"]) / w, feature_layer=layer,
+        drop_cls=strategy == "default",
         # the released processor is CLIPImageProcessor: shortest side to the size, centre crop
         resize_mode="crop", image_mean=list(image_mean or OPENAI_CLIP_MEAN), image_std=list(image_std or OPENAI_CLIP_STD))
 
@@ -148,6 +147,10 @@ def _vision_config(hf: Mapping[str, Any], image_mean=(), image_std=()) -> Vision
 def _count(shapes: Mapping[str, Any], pattern: str) -> int:
     rx = re.compile(pattern)
     return len({m.group(1) for k in shapes if (m := rx.match(k))})
+
+
+_VQVAE_ARCH = ("vocab_size", "z_channels", "ch", "ch_mult", "num_res_blocks", "using_sa", "using_mid_sa",
+               "quant_conv_ks", "share_quant_resi", "default_qresi_counts", "patch_nums")
 
 
 def _vqvae_config(shapes: Mapping[str, Sequence[int]], patch_nums: Sequence[int], p: str = "vae_local.") -> VQVAEConfig:
@@ -167,14 +170,14 @@ def _vqvae_config(shapes: Mapping[str, Sequence[int]], patch_nums: Sequence[int]
         default_qresi_counts=n_plain if share == 0 else 0, patch_nums=list(patch_nums))
 
 
-def _var_config(shapes: Mapping[str, Sequence[int]], patch_nums: Sequence[int], p: str = "vargpt_gen.") -> VARConfig:
+def _var_fields(shapes: Mapping[str, Sequence[int]], patch_nums: Sequence[int], p: str = "vargpt_gen.") -> Dict[str, Any]:
     C = int(shapes[p + "word_embed.weight"][0])
     depth = _count(shapes, re.escape(p) + r"blocks\.(\d+)\.")
     l2 = p + "blocks.0.attn.scale_mul_1H11" in shapes
-    return VARConfig(depth=depth, embed_dim=C, num_heads=int(shapes[p + "blocks.0.attn.scale_mul_1H11"][1]) if l2 else depth,
-                     mlp_ratio=int(shapes[p + "blocks.0.ffn.fc1.weight"][0]) / C,
-                     shared_aln=p + "shared_ada_lin.1.weight" in shapes, attn_l2_norm=l2, cond_mode="external",
-                     drop_path_rate=0.0, norm_eps=1e-6, patch_nums=list(patch_nums))
+    return dict(depth=depth, embed_dim=C, num_heads=int(shapes[p + "blocks.0.attn.scale_mul_1H11"][1]) if l2 else depth,
+                mlp_ratio=int(shapes[p + "blocks.0.ffn.fc1.weight"][0]) / C,
+                shared_aln=p + "shared_ada_lin.1.weight" in shapes, attn_l2_norm=l2, cond_mode="external",
+                norm_eps=1e-6, patch_nums=list(patch_nums), vocab_size=0, cvae=0)
 
 
 def patch_nums_from(lvl_1L: Optional[torch.Tensor], L: int) -> List[int]:
@@ -199,22 +202,24 @@ def model_config_from_vargpt(hf: Mapping[str, Any], shapes: Mapping[str, Sequenc
     shapes = {_strip_model_prefix(k): tuple(v) for k, v in shapes.items()}
     ids = released_ids(hf)
     pn = list(patch_nums) if patch_nums is not None else patch_nums_from(None, int(shapes["vargpt_gen.pos_1LC"][1]))
-    llm = _llm_config(hf["text_config"])
+    base = base if base is not None else ModelConfig()
+    llm = replace(base.llm, **_llm_fields(hf["text_config"]))
     _need(int(hf.get("image_seq_length", 0) or 0) in (0, _vision_tokens(hf)),
           f"image_seq_length {hf.get('image_seq_length')} != the tower's {_vision_tokens(hf)} tokens")
     rows = int(shapes["vargpt_gen.class_emb.weight"][0])
     _need(rows >= ids["gen_start"] + 2, f"vargpt_gen.class_emb has {rows} rows; the null row gen_start + 1 = "
                                         f"{ids['gen_start'] + 1} must exist")
-    var = _var_config(shapes, pn)
+    var = replace(base.var, **_var_fields(shapes, pn))
     gin = shapes["image_gen_projector.mlp.0.weight"]
     _need(gin[0] == gin[1] == var.embed_dim, f"image_gen_projector.mlp.0 {gin}: hidden width must equal its input")
-    base = base if base is not None else ModelConfig()
     tok = TokenizerConfig(name="hf", path=tokenizer_dir) if tokenizer_dir else base.tokenizer
-    return replace(base, tokenizer=tok, vision=_vision_config(hf, image_mean, image_std), llm=llm,
+    vqvae = replace(base.vqvae, **{k: v for k, v in _vqvae_config(shapes, pn).__dict__.items()
+                                   if k in _VQVAE_ARCH})
+    return replace(base, tokenizer=tok, vision=replace(base.vision, **_vision_fields(hf, image_mean, image_std)), llm=llm,
                    und_projector=ProjectorConfig(name="mlp", depth=2),
                    gen_in_projector=ProjectorConfig(name="mlp", depth=2, hidden_from="in"),
                    gen_out_projector=ProjectorConfig(name="mlp", depth=2, hidden_from="in"),
-                   vqvae=_vqvae_config(shapes, pn), var=var, load=[])
+                   vqvae=vqvae, var=var, load=[])
 
 
 def _vision_tokens(hf: Mapping[str, Any]) -> int:
