@@ -253,9 +253,11 @@ def sample_next_scale(
     dt = device.type
     K = len(var.patch_nums)
     HW = var.patch_nums[-1]
-    # the caller's autocast state, restored around step_hook and the fp32 parts
-    caller = (torch.is_autocast_enabled(dt), torch.get_autocast_dtype(dt))
-    low = compute if compute is not None and compute != torch.float32 else (caller[1] if compute is None and caller[0] else None)
+    caller = (torch.is_autocast_enabled(dt), torch.get_autocast_dtype(dt))  # restored around step_hook
+    if compute is None:  # the blocks run under the caller's autocast state
+        low = caller[1] if caller[0] else None
+    else:
+        low = None if compute == torch.float32 else compute
 
     with _precision(dt, torch.float32):  # the condition front-end in fp32 (as the official sampler)
         cond_2B = _conditions(var, B, cond, generator, device)
