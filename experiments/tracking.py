@@ -21,6 +21,16 @@ from experiments.config import REPO_ROOT, LoadedConfig, flatten, resolve_path
 from modules.evaluation import report_metrics
 
 SWEEP_ENV = "VARGPT_SWEEP_TAGS"  # JSON dict of extra tags set by the sweep launcher
+# What the MLflow UI reads to open an experiment as model training (runs table, charts) rather than
+# on its GenAI overview (traces, judges): the experiment tag mlflow.experimentKind. Every
+# experiment the suite creates or reuses carries it (ensure_experiment).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+TRAINING_KIND = "custom_model_development"
+RUN_KIND_TAG = "run_kind"  # benchmarks runs (experiments/eval_benchmarks.py) say so
+# System metrics (CPU, memory, disk, network; GPU where pynvml finds one) beside the training
+# metrics, as system/* in the run. On by default for training runs; MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING
+# =false turns it off, MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL (seconds) sets the interval.
+SYSTEM_METRICS_INTERVAL_S = 10.0
 
 
 def default_tracking_uri() -> str:
@@ -93,11 +103,12 @@ def make_logger(loaded: LoadedConfig, extra_tags: Optional[Dict[str, str]] = Non
     # Create the experiment here, race-safe: Lightning's logger would create it on first use, and
     # two runs starting together (make pipeline, sweeps) can both try (UNIQUE constraint failed).
     ensure_experiment(get_client(tracking_uri(cfg)), name, root)
+    cls = _system_metrics_logger_class() if system_metrics_enabled() else MLFlowLogger
     if run_id:
         get_client(tracking_uri(cfg)).update_run(run_id, status="RUNNING")
-        return MLFlowLogger(experiment_name=name, tracking_uri=tracking_uri(cfg), run_id=run_id, log_model=False,
-                            artifact_location=(root / name).as_uri())
-    return MLFlowLogger(
+        return cls(experiment_name=name, tracking_uri=tracking_uri(cfg), run_id=run_id, log_model=False,
+                   artifact_location=(root / name).as_uri())
+    return cls(
         experiment_name=name,
         run_name=cfg.logging.run_name or cfg.name,
         tracking_uri=tracking_uri(cfg),
@@ -105,6 +116,69 @@ def make_logger(loaded: LoadedConfig, extra_tags: Optional[Dict[str, str]] = Non
         artifact_location=(root / name).as_uri(),
         log_model=False,
     )
+
+
+def system_metrics_enabled() -> bool:
+    """On unless MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING says false / 0 / no / off."""
+    v = os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING")
+    return v is None or v.strip().lower() not in ("false", "0", "no", "off")
+
+
+def start_system_metrics(run_id: str, uri: str, resume: bool = False):
+    """MLflow's SystemMetricsMonitor on ``run_id``: a daemon thread that samples every
+    SYSTEM_METRICS_INTERVAL_S (or $MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL) and stops by itself
+    when the run ends; ``resume`` continues the steps of a resumed run. None if it cannot start."""
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        mon = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S, tracking_uri=uri,
+                                   resume_logging=resume)
+        mon.start()
+        return mon
+    except Exception as e:  # noqa: BLE001 - metrics about the machine never stop a run
+        import warnings
+
+        warnings.warn(f"system metrics not logged: {e}")
+        return None
+
+
+def stop_system_metrics(mon: Any) -> None:
+    """Stop the monitor and log one last sample: MLflow's monitor publishes only whole sampling
+    intervals, so a run shorter than one interval would otherwise get no system metrics at all."""
+    try:
+        mon.finish()
+        mon.collect_metrics()
+        mon.publish_metrics(mon.aggregate_metrics())
+        mon.mlflow_logger.flush()
+    except Exception as e:  # noqa: BLE001
+        import warnings
+
+        warnings.warn(f"last system-metrics sample not logged: {e}")
+
+
+def _system_metrics_logger_class():
+    """Lightning's MLFlowLogger that starts MLflow's system-metrics monitor when its run is
+    created (or resumed) and stops it, flushing the last samples, before the run is closed."""
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    class MLFlowLoggerWithSystemMetrics(MLFlowLogger):
+        _monitor: Any = None
+
+        @property
+        def experiment(self):
+            resumed = self._run_id is not None and self._monitor is None
+            client = super().experiment
+            if self._monitor is None and self._run_id is not None:
+                self._monitor = start_system_metrics(self._run_id, self._tracking_uri, resume=resumed) or False
+            return client
+
+        def finalize(self, status: str = "success") -> None:
+            if self._monitor:
+                stop_system_metrics(self._monitor)
+                self._monitor = False
+            super().finalize(status)
+
+    return MLFlowLoggerWithSystemMetrics
 
 
 def log_run_start(logger: Any, loaded: LoadedConfig, counts: Dict[str, int],
@@ -198,17 +272,21 @@ def mark_preempted(logger: Any, signal_name: str, step: int) -> None:
 
 
 def ensure_experiment(client: Any, name: str, root: Path) -> str:
-    """The experiment's id, creating it with artifacts under ``root/name`` as make_logger does."""
+    """The experiment's id, creating it with artifacts under ``root/name`` as make_logger does.
+    Either way it carries the model-training kind tag (EXPERIMENT_KIND_TAG)."""
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
             client.restore_experiment(exp.experiment_id)
+        if exp.tags.get(EXPERIMENT_KIND_TAG) is None:  # made before the tag, or by another tool
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
         return exp.experiment_id
     root.mkdir(parents=True, exist_ok=True)
     from mlflow.exceptions import MlflowException
 
     try:
-        return client.create_experiment(name, artifact_location=(root / name).as_uri())
+        return client.create_experiment(name, artifact_location=(root / name).as_uri(),
+                                        tags={EXPERIMENT_KIND_TAG: TRAINING_KIND})
     except MlflowException:
         # another process (a parallel pipeline job or sweep variant) created it first
         exp = client.get_experiment_by_name(name)
