@@ -42,11 +42,13 @@ FIXTURE = REPO_ROOT / "tests" / "fixtures" / "vargpt_official"
 
 
 def make_checkpoint(out: Path, hidden: int = 256, layers: int = 4, vocab: int = 32064, shards: int = 12,
-                    seed: int = 0) -> Dict[str, int]:
-    """A released-layout checkpoint with random weights in ``out``; returns its sizes."""
+                    kv_heads: int = 0, seed: int = 0) -> Dict[str, int]:
+    """A released-layout checkpoint with random weights in ``out`` (head width 64; ``kv_heads``
+    < heads: grouped-query attention); returns its sizes."""
     hf = read_config(FIXTURE)
-    hf["text_config"].update(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64),
-                             num_key_value_heads=max(1, hidden // 64), head_dim=64, intermediate_size=hidden * 11 // 4,
+    heads = max(1, hidden // 64)
+    hf["text_config"].update(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                             num_key_value_heads=kv_heads or heads, head_dim=64, intermediate_size=hidden * 11 // 4,
                              vocab_size=vocab)
     hf["hidden_size"], hf["vocab_size"] = hidden, vocab
     shapes = safetensors_shapes(FIXTURE)
@@ -119,10 +121,11 @@ def measure(d: Path, naive: bool = False) -> Dict[str, Any]:
             "model_bytes": model, "seconds": round(seconds, 2)}
 
 
-def run(hidden: int, layers: int, shards: int, workdir: Optional[Path] = None, ways=("streamed", "naive")) -> Dict[str, Any]:
+def run(hidden: int, layers: int, shards: int, kv_heads: int = 0, workdir: Optional[Path] = None,
+        ways=("streamed", "naive")) -> Dict[str, Any]:
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         d = Path(tmp) / "ckpt"
-        sizes = make_checkpoint(d, hidden=hidden, layers=layers, shards=shards)
+        sizes = make_checkpoint(d, hidden=hidden, layers=layers, shards=shards, kv_heads=kv_heads)
         res: Dict[str, Any] = dict(sizes)
         for way in ways:
             cmd = [sys.executable, "-m", "benchmarks.vargpt_load_memory", "--load", str(d)] + (["--naive"] if way == "naive" else [])
@@ -143,6 +146,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--shards", type=int, default=16)
+    ap.add_argument("--kv-heads", type=int, default=0, help="0: as many as the query heads")
     ap.add_argument("--load", default="", help="measure loading this directory in this process")
     ap.add_argument("--naive", action="store_true")
     args = ap.parse_args(argv)
@@ -150,7 +154,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.load:
         print(json.dumps(measure(Path(args.load), naive=args.naive)))
         return 0
-    print(json.dumps(run(args.hidden, args.layers, args.shards)))
+    print(json.dumps(run(args.hidden, args.layers, args.shards, args.kv_heads)))
     return 0
 
 

@@ -180,8 +180,10 @@ def test_llava_hf_format_loads_the_llava_parts(released, tmp_path, layout):
 
 def test_many_shard_load_peak_stays_below_twice_the_model(tmp_path):
     d = tmp_path / "ckpt"
-    sizes = make_checkpoint(d, hidden=256, layers=4, shards=12)
+    sizes = make_checkpoint(d, hidden=256, layers=4, shards=12, kv_heads=2)  # 4 query heads, 2 kv heads
     assert sizes["shards"] >= 8
+    info = released_config(d)
+    assert (info.model_config.llm.num_heads, info.model_config.llm.num_kv_heads) == (4, 2)
     res = measure(d)
     # streamed: the model plus about one tensor; never the checkpoint and the model both
     assert res["peak_delta_bytes"] < 2 * res["model_bytes"], res
