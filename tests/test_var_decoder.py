@@ -405,6 +405,7 @@ def test_sampling_dtype_rule_and_resolution(vqvae, monkeypatch):
     assert vs.resolve_sampling(wide, parity=False, sampler="official", dtype="fp32") == ("official", torch.float32)
     assert vs.resolve_sampling(small, parity=True, sampler="fast", dtype=None) == ("fast", None)
     assert vs.resolve_sampling(small, dtype="bfloat16")[1] == torch.bfloat16
+    assert vs.resolve_sampling(small, parity=False, dtype="inherit") == ("fast", None)
     for bad in (dict(sampler="greedy"), dict(dtype="int8"), dict(dtype=torch.float64)):
         with pytest.raises(ValueError):
             vs.resolve_sampling(small, **bad)

@@ -426,7 +426,7 @@ class VARDecoder(nn.Module):
         parity=False: the fast path, same distribution: sampler "fast" and compute dtype
         `default_sampling_dtype(self)` (bf16 autocast for wide models on bf16 hardware).
         sampler ("auto" | "official" | "fast") and dtype ("auto" | "fp32" | "bf16" | "fp16" |
-        torch.dtype | None = the caller's autocast) override what parity picks."""
+        torch.dtype | None or "inherit" = the caller's autocast) override what parity picks."""
         return sample_next_scale(self, B, cond=cond, cfg=cfg, top_k=top_k, top_p=top_p, temperature=temperature,
                                  generator=generator, step_hook=step_hook, parity=parity, sampler=sampler,
                                  dtype=dtype, **kw)

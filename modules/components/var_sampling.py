@@ -35,14 +35,17 @@ StepHook = Callable[[int, torch.Tensor], torch.Tensor]
 DTypeArg = Union[None, str, torch.dtype]
 
 # bf16 autocast pays for the VAR blocks from this width (embed_dim) on, on hardware with fast bf16
-# matmuls. Measured with `python -m benchmarks.var_sampling --dtype-sweep` (1 thread, depth 2, fast
-# sampler, process CPU time; AMD EPYC with AVX512-BF16, no AMX; benchmarks/results/var_sampling_dtype.md),
-# fp32 time / bf16 time:
-#   width                         128          256          384     512     768
-#   64 px world, B 4 / 16 / 48    0.98-1.41    1.26-1.61    -       -       -
-#   256 px, B 4                   1.10         1.22         1.35    1.46    1.64
-# Below 256 the gain is nil to small and batch dependent (and slower than fp32 on other machines:
-# 128-wide sizes measured slower in bf16 on an AMX CPU), so small models keep exact fp32.
+# matmuls. Measured with `python -m benchmarks.var_sampling --dtype-sweep` (depth 2, fast sampler,
+# 1 thread, process CPU time, best of 3; AMD EPYC with AVX512-BF16, no AMX;
+# benchmarks/results/var_sampling_dtype.md), fp32 time / bf16 time:
+#   width                                  128    256    384    512    768
+#   64 px world sizes, cfg 3 top-k 100, B 4   1.11   1.36   1.43   1.59   1.72
+#                                       B 16  1.39   1.48   1.64   1.74   1.83
+#                                       B 48  1.43   1.64   1.74   1.82   1.88
+#   256 px, cfg 1.5 top-k 900 top-p .96, B 4  1.13   1.25   1.35   1.43   1.64
+# The rule: bf16 where it gains >= 1.2x at every measured size, i.e. from width 256. At 128 the
+# gain is small or batch dependent here, and on an AMX CPU the 128-wide world sizes measured
+# slower in bf16 than fp32, so small models keep exact fp32 (pass dtype="bf16" to override).
 BF16_MIN_WIDTH = 256
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
            "fp16": torch.float16, "float16": torch.float16}
@@ -134,16 +137,18 @@ def resolve_sampling(var: nn.Module, parity: bool = True, sampler: str = "auto",
     """(sampler name, compute dtype) for `sample_next_scale`. parity=True: defaults that reproduce
     the official draws ("official" sampler, fp32); parity=False: the fast path ("fast" sampler,
     `default_sampling_dtype(var)`). Explicit values override: sampler "official" | "fast";
-    dtype "fp32" | "bf16" | "fp16" | a torch.dtype, or None = whatever autocast state the caller has."""
+    dtype "fp32" | "bf16" | "fp16" | a torch.dtype, or None / "inherit" = the caller's autocast state."""
     if sampler == "auto":
         sampler = "official" if parity else "fast"
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be 'auto' or one of {sorted(SAMPLERS)}, got {sampler!r}")
+    if dtype == "inherit":  # the config spelling of None
+        dtype = None
     if isinstance(dtype, str):
         if dtype == "auto":
             return sampler, (torch.float32 if parity else default_sampling_dtype(var))
         if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be 'auto', None or one of {sorted(_DTYPES)}, got {dtype!r}")
+            raise ValueError(f"dtype must be 'auto', 'inherit', None or one of {sorted(_DTYPES)}, got {dtype!r}")
         dtype = _DTYPES[dtype]
     if dtype is not None and dtype not in _DTYPES.values():
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
@@ -235,7 +240,7 @@ def sample_next_scale(
           on bf16 hardware). `sampler` / `dtype` override either; see `resolve_sampling`.
     sampler: "auto" | "official" (torch.multinomial over all V, the official random stream) |
           "fast" (same distribution, far cheaper; see sample_top_k_top_p_fast).
-    dtype: "auto" | "fp32" | "bf16" | "fp16" | torch.dtype | None (the caller's autocast state):
+    dtype: "auto" | "fp32" | "bf16" | "fp16" | torch.dtype | None or "inherit" (the caller's autocast):
           compute dtype of the VAR blocks and head; the rest (condition, next-scale input,
           f_hat, sampling, VQVAE) is fp32.
     use_cache=False: recompute the whole prefix every scale under the block-causal mask (a
