@@ -13,6 +13,7 @@ projectors, gen projectors with `hidden_from: in`); what is not exportable is na
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -40,7 +41,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     source_config = read_config(src) if is_released_dir(src) else None
     index = export_released(net, args.out, source_config=source_config, max_shard_bytes=args.max_shard_bytes,
                             dtype=_DTYPES[args.dtype])
-    n = len({v for v in __import__("json").loads(index.read_text())["weight_map"].values()})
+    n = len(set(json.loads(index.read_text())["weight_map"].values()))
     print(f"wrote {args.out} ({args.format}: config.json, {n} shard(s) + {index.name}, tokenizer, processor files)")
     return 0
 

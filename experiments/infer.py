@@ -20,8 +20,6 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-import torch
-
 from datamodules.config import DataConfig
 from experiments.config import ExperimentConfig, load_config
 from modules.released import load_released, released_config

@@ -11,6 +11,7 @@ checkpoint's special-token ids (``vargpt_format.id_tokenizer``); prompts are the
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -25,11 +26,13 @@ from modules.checkpoint import (read_safetensors_tensor, safetensors_shapes, sav
 from modules.components.text_tokenizer import build_tokenizer
 from modules.config import LoadSpec, ModelConfig
 from modules.vargpt import VARGPT
-from modules.vargpt_format import (LLAVA_HF_TEMPLATE, check_tokenizer, export_dtype, has_tokenizer, id_tokenizer,
+from modules.vargpt_format import (LLAVA_HF_TEMPLATE, chat_template_mismatch, check_tokenizer, export_dtype,
+                                   find_chat_template, has_tokenizer, id_tokenizer,
                                    model_config_from_vargpt, patch_nums_from, processor_files, processor_stats,
                                    read_config, released_ids, to_vargpt, vargpt_config_json)
 from modules.weights import apply_load_spec, empty_parameters
 
+log = logging.getLogger(__name__)
 # 5 GB shards, as the released checkpoint
 MAX_SHARD_BYTES = 5 * 10**9
 
@@ -59,6 +62,10 @@ def released_config(d: str | Path, base: Optional[ModelConfig] = None) -> Releas
     tok = has_tokenizer(d)
     cfg = model_config_from_vargpt(hf, shapes, pn, base=base, tokenizer_dir=str(d) if tok else "",
                                    image_mean=mean, image_std=std)
+    tpl = find_chat_template(d)
+    problem = chat_template_mismatch(tpl, LLAVA_HF_TEMPLATE) if tpl else None
+    if problem:
+        log.warning("%s: %s; prompts follow this suite's llava-hf template (data.chat)", d, problem)
     return Released(d, hf, released_ids(hf), cfg, LLAVA_HF_TEMPLATE, tok)
 
 

@@ -39,6 +39,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 import torch
 import torch.nn as nn
 
+from datamodules.collate import build_prompt
 from datamodules.config import ChatTemplateConfig
 from modules.components.projectors import ProjectorConfig
 from modules.components.text_tokenizer import TokenizerConfig, special_token_ids
@@ -226,6 +227,36 @@ def _vision_tokens(hf: Mapping[str, Any]) -> int:
     vc = hf["vision_config"]
     n = (int(vc["image_size"]) // int(vc["patch_size"])) ** 2
     return n + (0 if hf.get("vision_feature_select_strategy", "default") == "default" else 1)
+
+
+def find_chat_template(d: str | Path) -> Optional[str]:
+    """The chat template a directory ships (chat_template.jinja / chat_template.json, or the
+    processor's / tokenizer's config), None if none."""
+    d = Path(d)
+    if (d / "chat_template.jinja").is_file():
+        return (d / "chat_template.jinja").read_text()
+    for name in ("chat_template.json", "processor_config.json", "tokenizer_config.json"):
+        f = d / name
+        if f.is_file():
+            tpl = json.loads(f.read_text()).get("chat_template")
+            if isinstance(tpl, str) and tpl:
+                return tpl
+    return None
+
+
+def chat_template_mismatch(chat_template: str, template: ChatTemplateConfig) -> Optional[str]:
+    """None if the jinja ``chat_template`` renders inference prompts (text, image + text) exactly
+    as our ``template`` does (datamodules.collate.build_prompt), else what differs."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    for parts, ours in (([{"type": "text", "text": "Draw a cat."}], "Draw a cat."),
+                        ([{"type": "image"}, {"type": "text", "text": "What is it?"}], "<image>\nWhat is it?")):
+        theirs = render_jinja_template(conversations=[[{"role": "user", "content": parts}]],
+                                       chat_template=chat_template, add_generation_prompt=True)[0][0]
+        mine = build_prompt([{"role": "user", "content": ours}], template)
+        if theirs != mine:
+            return f"the checkpoint's chat template renders {theirs!r}, this suite's template {mine!r}"
+    return None
 
 
 def has_tokenizer(d: str | Path) -> bool:

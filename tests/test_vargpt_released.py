@@ -13,11 +13,13 @@ from safetensors.torch import load_file, save_file
 
 from benchmarks.vargpt_parity import KEYS, main as parity_main
 from benchmarks.vargpt_load_memory import make_checkpoint, measure
+from datamodules.config import ChatTemplateConfig
 from experiments.config import REPO_ROOT, load_config
 from modules.checkpoint import StateDictMismatchError
 from modules.config import BEHAVIOURS, SWITCHES, LoadSpec, ModelConfig
 from modules.released import build_from_config, export_released, load_released, num_class_rows, released_config
-from modules.vargpt_format import FormatError, check_exportable, model_config_from_vargpt, released_ids, to_vargpt
+from modules.vargpt_format import (FormatError, chat_template_mismatch, check_exportable, find_chat_template,
+                                   model_config_from_vargpt, released_ids, to_vargpt)
 from modules.weights import apply_load_spec
 
 from tests.conftest import load_sharded_safetensors, require_fixture
@@ -211,6 +213,9 @@ def test_round_trip_gives_identical_tensors(released, tmp_path):
     assert torch.equal(out["vargpt_gen.class_emb.weight"][gs:gs + 2], orig["vargpt_gen.class_emb.weight"][gs:gs + 2])
     for f in ("config.json", "tokenizer.json", "preprocessor_config.json", "chat_template.json"):
         assert (tmp_path / "out" / f).is_file()
+    # the chat template written renders the prompts our template does; another one is named
+    assert chat_template_mismatch(find_chat_template(tmp_path / "out"), info.template) is None
+    assert "renders" in chat_template_mismatch(find_chat_template(tmp_path / "out"), ChatTemplateConfig())
 
 
 def test_7b_export_key_set_equals_the_released_one():
