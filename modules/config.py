@@ -125,6 +125,9 @@ class ModelConfig:
     # Weight dtype of und_proj, gen_in and gen_out (float32 | bfloat16 | float16); give it the
     # LLM's dtype when that is not float32 so inference runs without autocast.
     projector_dtype: str = "float32"
+    # Weight dtype of the VAR decoder (bfloat16 halves its 8 GB at d30; it then computes in bf16);
+    # the VQVAE always stays float32.
+    var_dtype: str = "float32"
     # Loss mix: loss = loss_text + w_img * loss_img (VARGPT v1: 1, v1.1: 3)
     w_img: float = 1.0
     # Released-behaviour switches: `behaviour` sets all of them (corrected | released, see
@@ -171,7 +174,8 @@ class ModelConfig:
             if getattr(self, name) not in ("",) + tuple(valid):
                 raise ValueError(f"model.{name}={getattr(self, name)!r}; valid: '' (from model.behaviour), "
                                  f"{', '.join(valid)}")
-        if self.projector_dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"model.projector_dtype={self.projector_dtype!r}; valid: float32, bfloat16, float16")
+        for name in ("projector_dtype", "var_dtype"):
+            if getattr(self, name) not in ("float32", "bfloat16", "float16"):
+                raise ValueError(f"model.{name}={getattr(self, name)!r}; valid: float32, bfloat16, float16")
         if not 0.0 <= self.cond_drop_rate < 1.0:
             raise ValueError(f"model.cond_drop_rate must be in [0, 1), got {self.cond_drop_rate}")

@@ -83,11 +83,11 @@ def build_from_config(cfg: ModelConfig, ids: Dict[str, int], tokenizer: Any = No
 
 
 def load_released(d: str | Path, base: Optional[ModelConfig] = None, behaviour: Optional[str] = None,
-                  llm_dtype: str = "", tokenizer: Any = None, train: bool = False) -> tuple:
+                  llm_dtype: str = "", var_dtype: str = "", tokenizer: Any = None, train: bool = False) -> tuple:
     """(VARGPT with the released weights, Released). Built on the meta device and loaded shard
     by shard (format ``vargpt``): the peak memory is the model plus one tensor. ``llm_dtype``
-    (e.g. bfloat16) sets the weight dtype of the LLM, the vision tower and the projectors; the VAR
-    decoder and the VQVAE stay fp32."""
+    (e.g. bfloat16) sets the weight dtype of the LLM, the vision tower and the projectors,
+    ``var_dtype`` the VAR decoder's; the VQVAE stays fp32."""
     info = released_config(d, base)
     cfg = info.model_config
     if behaviour:
@@ -95,6 +95,8 @@ def load_released(d: str | Path, base: Optional[ModelConfig] = None, behaviour: 
     if llm_dtype:
         cfg = replace(cfg, llm=replace(cfg.llm, dtype=llm_dtype), vision=replace(cfg.vision, dtype=llm_dtype),
                       projector_dtype=llm_dtype)
+    if var_dtype:
+        cfg = replace(cfg, var_dtype=var_dtype)
     net = build_from_config(cfg, info.ids, tokenizer, cfg.tokenizer.path if info.has_tokenizer else "", info.template)
     apply_load_spec(net, LoadSpec(path=str(info.path), format="vargpt"))
     info.model_config = cfg

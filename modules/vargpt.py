@@ -66,6 +66,8 @@ class VARGPT(VARGPTInference, nn.Module):
             dt = getattr(torch, cfg.projector_dtype)
             for proj in (self.und_proj, self.gen_in, self.gen_out):
                 proj.to(dt)
+        if cfg.var_dtype != "float32":
+            self.var.to(getattr(torch, cfg.var_dtype))
         self.d_llm, self.c_var = d_llm, c_var
         self.L = self.var.L
         self.patch_nums = tuple(self.var.patch_nums)

@@ -362,7 +362,8 @@ class VARDecoder(nn.Module):
         with torch.autocast(device_type=dev_type, enabled=False):
             sos_BlC = self.cond_embed(cond_B).unsqueeze(1).expand(B, self.first_l, -1) + self.pos_start.expand(B, -1, -1)
             if x_BLCv_wo_first_l is not None and x_BLCv_wo_first_l.shape[1] > 0:
-                x_BLC = torch.cat((sos_BlC, self.word_embed(x_BLCv_wo_first_l.float())), dim=1)
+                # fp32 weights: fp32 here; a decoder stored in bf16 (to save memory) computes in bf16
+                x_BLC = torch.cat((sos_BlC, self.word_embed(x_BLCv_wo_first_l.to(self.word_embed.weight.dtype))), dim=1)
             else:
                 x_BLC = sos_BlC
             ed = x_BLC.shape[1]
@@ -376,7 +377,7 @@ class VARDecoder(nn.Module):
         return [blk.ada(gss) for blk in self.blocks]
 
     def logits(self, h_BLC: torch.Tensor, cond_BD: torch.Tensor, head_ada=None) -> torch.Tensor:
-        return self.head(self.head_nm(h_BLC.float(), cond_BD, head_ada).float()).float()
+        return self.head(self.head_nm(h_BLC.float(), cond_BD, head_ada).to(self.head.weight.dtype)).float()
 
     def drop_cond(self, cond_B: torch.Tensor) -> torch.Tensor:
         """Class mode, training: replace labels by the null class with prob cond_drop_rate."""

@@ -325,7 +325,8 @@ def sample_next_scale(
                 nxt_BChw = quant.next_ar_input(si, f_hat, h_BChw)
                 if nxt_BChw is not None:
                     nl = var.patch_nums[si + 1] ** 2
-                    x_chunk = var.word_embed(nxt_BChw.flatten(2).transpose(1, 2)) + lvl_pos_1LC[:, cur:cur + nl]
+                    x_chunk = var.word_embed(nxt_BChw.flatten(2).transpose(1, 2).to(var.word_embed.weight.dtype)) \
+                        + lvl_pos_1LC[:, cur:cur + nl]
                     x_chunk = x_chunk.repeat(2, 1, 1)  # same input for both halves of the guidance batch
 
     img = vq.fhat_to_img(f_hat).add_(1).mul_(0.5) if decode else None
