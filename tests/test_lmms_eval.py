@@ -1,6 +1,7 @@
 """The suite through lmms-eval, end to end, offline: the `lmms-eval` command runs the local fixture
 tasks (tests/fixtures/lmms_tasks: a VQAv2-style open-ended task and a POPE-style multiple-choice
-task) on a tiny checkpoint of the suite, and its scores equal the suite's own.
+task) and the world's VQA task (experiments/lmms_tasks) on a tiny checkpoint of the suite, and its
+scores equal the suite's own.
 
 Needs the optional extra (`make setup-eval`); without it every test here is skipped. Marked
 ``lmms_eval``: `make test-eval` runs exactly these (and the offline generation tests beside them).
@@ -75,6 +76,17 @@ def _matched_task(tasks_dir: Path, preds):
     return [json.loads(r) for r in rows]
 
 
+def _world(tmp_path):
+    """A tiny world test split where the world task reads it (runs/data/world/test, relative to the
+    working directory) and its questions and answers as the suite reads them."""
+    from datamodules.world import generate_split
+    from modules.evaluation import iter_records
+
+    test = tmp_path / "cwd" / "runs" / "data" / "world" / "test"
+    generate_split(str(test), "test", {"vqa": 10}, seed=3, size=32)
+    return list(iter_records("vqa-*.tar", str(test)))
+
+
 def _lmms_eval_command():
     exe = Path(sys.executable).parent / "lmms-eval"
     if not exe.is_file():
@@ -101,15 +113,24 @@ def test_lmms_eval_cli_runs_local_tasks_and_scores_like_the_suite(tiny_ckpt, tmp
         expected = answer_batch(net, [_image(d, vdir) for d in vqa_docs], [d["question"] + POST for d in vqa_docs],
                                 generation_settings({"max_new_tokens": 16, "until": ["\n\n"]}))
     matched_docs = _matched_task(tasks_dir, expected)
+    # the world's VQA test split, the task file as shipped in experiments/lmms_tasks
+    shutil.copytree(REPO_ROOT / "experiments" / "lmms_tasks" / "vargpt_world", tasks_dir / "vargpt_world")
+    world = _world(tmp_path)
+    wq = [next(m["content"] for m in s["record"]["messages"] if m["role"] == "user").replace("<image>", "").strip()
+          for s in world]
+    with torch.no_grad():
+        world_expected = net.answer([s["images"][0] for s in world], wq, max_new_tokens=4)
 
     out = tmp_path / "out"
     env = dict(os.environ, HF_DATASETS_CACHE=str(tmp_path / "hf_datasets"), HF_HUB_OFFLINE="1",
                HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(REPO_ROOT))
     cmd = _lmms_eval_command() + [
         "--model", "vargpt_suite", "--model_args", f"ckpt={tiny_ckpt},dtype=float32",
-        "--tasks", "vqav2_local,pope_local,vqav2_local_matched", "--include_path", str(tasks_dir),
+        "--tasks", "vqav2_local,pope_local,vqav2_local_matched,vargpt_world_vqa", "--include_path", str(tasks_dir),
         "--batch_size", "4", "--output_path", str(out), "--log_samples", "--verbosity", "WARNING"]
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+    # working directory: where the world task finds runs/data/world (the fixture tasks' data is
+    # anchored at their YAML files)
+    proc = subprocess.run(cmd, cwd=tmp_path / "cwd", env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     (results_file,) = out.rglob("*_results.json")
     results = json.loads(results_file.read_text())["results"]
@@ -130,6 +151,13 @@ def test_lmms_eval_cli_runs_local_tasks_and_scores_like_the_suite(tiny_ckpt, tmp
     # (0 + 0.3 + 0.6 + 0.9 + 1 + 1) / 6 (more if an original reference happens to match too)
     assert results["vqav2_local_matched"]["exact_match,none"] >= 3.8 / 6 - 1e-6
 
+    # the world task: lmms-eval's VQAv2 rule on the world's answers is the suite's VQA accuracy
+    wpreds = [s["filtered_resps"] for s in samples("vargpt_world_vqa")]
+    assert wpreds == world_expected
+    ours = VQAAccuracy()
+    ours.update(wpreds, [s["record"]["answers"] for s in world])
+    assert results["vargpt_world_vqa"]["exact_match,none"] == pytest.approx(float(ours.compute()), abs=1e-6)
+
     # POPE-style multiple choice: lmms-eval takes the choice with the lowest mean token loss
     pope = _docs("pope_local")
     pdir = FIXTURES / "lmms_tasks" / "pope_local"
@@ -141,3 +169,22 @@ def test_lmms_eval_cli_runs_local_tasks_and_scores_like_the_suite(tiny_ckpt, tmp
             acc.append(float(("yes" if yes.mean_nll <= no.mean_nll else "no") == d["answer"]))
     assert results["pope_local"]["acc,none"] == pytest.approx(sum(acc) / len(acc), abs=1e-6)
     assert len(samples("pope_local")) == len(pope)
+
+
+def test_world_task_scores_with_the_vqav2_rule():
+    """The world task's scorer on its ten (equal) answers: right 1, wrong 0, like VQAAccuracy."""
+    import importlib.util as iu
+
+    from modules.metrics import VQAAccuracy
+
+    spec = iu.spec_from_file_location("world_utils", REPO_ROOT / "experiments/lmms_tasks/vargpt_world/utils.py")
+    utils = iu.module_from_spec(spec)
+    spec.loader.exec_module(utils)
+    doc = {"json": {"id": "w0", "answers": ["green"] * 10,
+                    "messages": [{"role": "user", "content": "<image>\nWhat colour is it? Answer with a single word."}]}}
+    assert utils.world_doc_to_text(doc) == "What colour is it? Answer with a single word."
+    for pred in ("green", "Green.", "red", ""):
+        ours = VQAAccuracy()
+        ours.update([pred], [doc["json"]["answers"]])
+        assert utils.world_process_results(doc, [pred])["exact_match"] == pytest.approx(float(ours.compute()))
+    assert utils.world_process_results(doc, ["green"])["exact_match"] == 1.0

@@ -23,7 +23,10 @@ def world_doc_to_target(doc):
 
 
 def world_process_results(doc, results):
-    """VQAv2 accuracy of the answer against the record's ten answers (lmms-eval's scorer)."""
+    """VQAv2 accuracy of the answer against the record's ten answers (lmms-eval's scorer). Each
+    answer carries its annotator id, as in VQAv2: the scorer leaves one answer out by comparing
+    the answer dicts, so ten equal dicts would leave every answer out and score 0."""
     rec = doc["json"]
-    vqa_doc = {"question_id": rec["id"], "answers": [{"answer": a} for a in rec["answers"]]}
+    vqa_doc = {"question_id": rec["id"],
+               "answers": [{"answer": a, "answer_id": i + 1} for i, a in enumerate(rec["answers"])]}
     return vqav2_process_results_val(vqa_doc, results)
