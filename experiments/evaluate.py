@@ -6,7 +6,8 @@
 Shard sets and the sampling protocol come from the checkpoint's `eval:` config section; any
 `eval.*` (or `data.root`) key can be overridden as key=value. Works on any shard set: the world's,
 or converted VQAv2 (`eval.vqa_shards`) / COCO captions (`eval.gen_shards`, with
-`eval.extractor=inception eval.inception_weights_path=...`). The JSON report records the protocol
+`eval.extractor=inception eval.inception_weights_path=...` and, for the CLIP score,
+`eval.clip_dir=<local CLIP directory>`). The JSON report records the protocol
 (sample counts, seeds, cfg / top-k / top-p / temperature, feature extractor and its weights hash,
 resolution and resize method) and is logged as an MLflow run (experiment `vargpt-eval`).
 `--real-baseline PATTERN` adds FID / IS of real images (PATTERN's targets) against the
@@ -114,7 +115,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    keys = ("vqa_accuracy", "vqa_prior_baseline", "vqa_blind_baseline", "gen_attribute_accuracy", "fid", "inception_score")
+    keys = ("vqa_accuracy", "vqa_prior_baseline", "vqa_blind_baseline", "gen_attribute_accuracy", "fid", "inception_score",
+            "clip_score")
     print(json.dumps({k: report[k] for k in keys if k in report} | ({"real_vs_real": report["real_vs_real"]}
                                                                   if "real_vs_real" in report else {})))
     print(f"report: {out}")

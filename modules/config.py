@@ -76,6 +76,10 @@ class EvalConfig:
     # generation samples for the prompt-use diagnostic (teacher-forced image CE with the right
     # vs rolled prompts, see prompt_gain); 0 = skip
     prompt_gain_samples: int = 64
+    # CLIP score of the generated images against their captions (torchmetrics CLIPScore: 100 x
+    # cosine, floored at 0, averaged) with the CLIP model in a local directory (save_pretrained
+    # layout, e.g. a copy of openai/clip-vit-large-patch14); "" = skip. Never downloaded.
+    clip_dir: str = ""
 
 
 @dataclass

@@ -5,8 +5,9 @@
               question type, beside two blind baselines: the majority answer per question type
               (the prior) and the same model asked without the image.
   generation  images for shard prompts (fixed per-prompt seeds), FID / IS against the prompts'
-              own target images (real statistics cached), and, for the world, attribute accuracy
-              of the reference classifier's reading of each image against the prompt.
+              own target images (real statistics cached), the CLIP score against their captions
+              (``eval.clip_dir``), and, for the world, attribute accuracy of the reference
+              classifier's reading of each image against the prompt.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from modules.checkpoint import load_strict, read_state_dict
 from modules.config import EvalConfig
 from modules.components.classifier import build_classifier
 from modules.metrics import GenMetricsConfig, VQAAccuracy, build_gen_metrics
+from modules.metrics_clip import clip_score
 from modules.metrics_world import attribute_scores, requested_groups
 
 TASKS = ("vqa", "generation")
@@ -154,6 +156,20 @@ def evaluate_generation(net, samples: Sequence[Dict[str, Any]], cfg: EvalConfig,
         if reals is None:
             reals = target_images(samples, images.shape[-1])
         out.update(fid_is(images, reals, cfg, classifier, real_key or "prompts"))
+    if cfg.clip_dir:
+        out.update(clip_score(images, clip_texts(samples), str(resolve_path(cfg.clip_dir)), cfg.batch_size))
+    return out
+
+
+def clip_texts(samples: Sequence[Dict[str, Any]]) -> List[str]:
+    """What each generated image is scored against for the CLIP score: the caption inside the
+    instruction when the record lists its image's captions (COCO from datamodules.convert: the
+    longest caption the prompt contains), else the instruction itself."""
+    out = []
+    for s in samples:
+        prompt = _user_text(s["record"])
+        caps = [c for c in (s["record"].get("captions") or []) if isinstance(c, str) and c and c in prompt]
+        out.append(max(caps, key=len) if caps else prompt)
     return out
 
 
