@@ -188,7 +188,7 @@ def run(ckpt: Path, tasks: List[str], out: Optional[Path] = None, batch_size: in
     summary = {
         "checkpoint": str(ckpt), "checkpoint_id": checkpoint_id(ckpt), "name": checkpoint_name(ckpt),
         "stage": _stage(ckpt), "tasks": summarize(results), "limit": limit, "batch_size": batch_size,
-        "model_args": model_args, "lmms_eval_version": str(results.get("lmms_eval_version", "")),
+        "model_args": model_args, "lmms_eval_version": _lmms_eval_version(),
         "results_file": str(results_file), "samples_files": [str(s) for s in samples], "stamp": stamp,
         "command": cmd, "seconds": seconds,
     }
@@ -199,6 +199,17 @@ def run(ckpt: Path, tasks: List[str], out: Optional[Path] = None, batch_size: in
                                                               out / "table.md"], tracking_uri)
         (out / "benchmarks.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _lmms_eval_version() -> str:
+    """The installed harness (the results file's own "lmms_eval_version" is the git state of the
+    working directory, i.e. of this repository)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("lmms_eval")
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def _stage(ckpt: Path) -> str:
@@ -226,7 +237,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             args.model_args, args.launcher, not args.no_mlflow)
     print(paper_table(s["name"], s["tasks"]), end="")
     print(f"[eval-benchmarks] {len(s['tasks'])} task(s) in {s['seconds']} s; results: {s['results_file']}"
-          + (f"; MLflow run {s['mlflow_run_id']} (experiment {EXPERIMENT})" if "mlflow_run_id" in s else ""))
+          + (f"; MLflow run {s['mlflow_run_id']} (experiment {EXPERIMENT}; in `make mlflow-ui` open "
+             f"#/experiments?workflowType=machine_learning, then {EXPERIMENT})" if "mlflow_run_id" in s else ""))
     return 0
 
 
