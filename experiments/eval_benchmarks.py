@@ -15,7 +15,8 @@ reports for that benchmark), ``bench/<task>/<metric>`` (every metric lmms-eval g
 results as artifacts. Evaluating the same checkpoint again (other tasks, say) adds to its run.
 
 The datasets are lmms-eval's (Hugging Face hub ids); offline, they must already be in the
-Hugging Face datasets cache (README "Benchmarks through lmms-eval"). lmms-eval exits 0 even when
+Hugging Face datasets cache: ``--prefetch`` (with network) puts them there (README "Benchmarks
+through lmms-eval"). lmms-eval exits 0 even when
 a task fails; this command fails when the results file is missing.
 """
 from __future__ import annotations
@@ -221,9 +222,21 @@ def _stage(ckpt: Path) -> str:
     return ""
 
 
+def prefetch(tasks: List[str]) -> None:
+    """Build each task as lmms-eval does (which downloads its dataset into the Hugging Face
+    datasets cache, $HF_HOME): run once with network, then copy $HF_HOME to machines without."""
+    code = ("import sys\nfrom lmms_eval.tasks import TaskManager, get_task_dict\n"
+            "d = get_task_dict(sys.argv[2].split(','), TaskManager(include_path=sys.argv[1]))\n"
+            "print('[eval-benchmarks] datasets ready for', ', '.join(sorted(map(str, d))))\n")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    subprocess.run([sys.executable, "-c", code, str(REPO_ROOT / TASK_DIR), ",".join(tasks)], cwd=REPO_ROOT,
+                   env=env, check=True)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m experiments.eval_benchmarks", description=__doc__.split("\n")[0])
-    ap.add_argument("ckpt", help="checkpoint directory (what experiments.infer loads)")
+    ap.add_argument("ckpt", nargs="?", default="", help="checkpoint directory (what experiments.infer loads)")
     ap.add_argument("--tasks", default=",".join(PAPER_TASKS), help="lmms-eval task names (default: the paper's set)")
     ap.add_argument("--out", default="", help="output folder (default runs/lmms_eval/<checkpoint name>)")
     ap.add_argument("--batch-size", type=int, default=1)
@@ -231,8 +244,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--model-args", default="", help="more vargpt_suite model_args, e.g. dtype=bfloat16")
     ap.add_argument("--launcher", default="", help='e.g. "accelerate launch --num_processes 8" (several GPUs)')
     ap.add_argument("--no-mlflow", action="store_true")
+    ap.add_argument("--prefetch", action="store_true",
+                    help="only download the tasks' datasets into the Hugging Face cache (needs network)")
     args = ap.parse_args(argv)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if args.prefetch:
+        prefetch(tasks)
+        return 0
+    if not args.ckpt:
+        ap.error("give a checkpoint directory (or --prefetch)")
     s = run(Path(args.ckpt), tasks, Path(args.out) if args.out else None, args.batch_size, args.limit,
             args.model_args, args.launcher, not args.no_mlflow)
     print(paper_table(s["name"], s["tasks"]), end="")
