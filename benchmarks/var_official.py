@@ -162,11 +162,13 @@ def compare_depth(off: types.SimpleNamespace, vq: nn.Module, var: nn.Module, B: 
     s_idx, s_img = var.sample(B, labels, generator=gen(), parity=True, **SETTINGS)
     same = len(o_idx) == len(s_idx) and all(torch.equal(a, b) for a, b in zip(o_idx, s_idx))
     img_diff = float((o_img - s_img).abs().max())
-    # decode time on the same latents (both decoders are fp32)
+    # decode time on the same latents (both decoders are fp32; the suite's fast path hands its
+    # decoder a channels-last latent, see sample_next_scale)
     with torch.no_grad():
         f_hat = vq.idx_to_fhat(s_idx)
+        f_cl = f_hat.contiguous(memory_format=torch.channels_last)
         decode = {}
-        for name, fn in (("suite", lambda: vq.fhat_to_img(f_hat)), ("official", lambda: ovq.fhat_to_img(f_hat))):
+        for name, fn in (("suite", lambda: vq.fhat_to_img(f_cl)), ("official", lambda: ovq.fhat_to_img(f_hat))):
             fn()
             t0 = clock()
             fn()

@@ -340,6 +340,8 @@ def test_fast_path_valid_images_and_deterministic(vqvae):
         assert all(t.dtype == torch.long and 0 <= int(t.min()) and int(t.max()) < vqvae.V for t in a)
         assert all(torch.equal(x, y) for x, y in zip(a, b)), dtype
         assert not all(torch.equal(x, y) for x, y in zip(a, c)), dtype
+        # the fast decode (channels-last latent) is the VQVAE's image of the drawn indices
+        assert img.is_contiguous() and (img - vqvae.idx_to_img(a).add(1).mul(0.5)).abs().max() <= 1e-3
     # a frozen model (autocast re-casts its weights per use instead of once) draws the same
     var.requires_grad_(False)
     d, _ = var.sample(4, label, generator=torch.Generator().manual_seed(3), dtype="bf16", decode=False, **kw)
