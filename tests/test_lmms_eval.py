@@ -188,3 +188,22 @@ def test_world_task_scores_with_the_vqav2_rule():
         ours.update([pred], [doc["json"]["answers"]])
         assert utils.world_process_results(doc, [pred])["exact_match"] == pytest.approx(float(ours.compute()))
     assert utils.world_process_results(doc, ["green"])["exact_match"] == 1.0
+
+
+def test_python_api_on_the_released_layout(tmp_path, monkeypatch):
+    """The equivalent Python API (lmms_eval.evaluator.simple_evaluate, the model found through the
+    entry point by name) on a released VARGPT-layout directory (the tiny official checkpoint
+    fixture, through experiments.infer's `vargpt` loader), both request kinds."""
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_datasets"))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.tasks import TaskManager
+
+    ckpt = require_fixture("vargpt_official")
+    out = simple_evaluate(model="vargpt_suite", model_args=f"ckpt={ckpt},dtype=float32",
+                          tasks=["vqav2_local", "pope_local"], batch_size=3,
+                          task_manager=TaskManager(include_path=str(FIXTURES / "lmms_tasks")), log_samples=True)
+    assert out is not None, "simple_evaluate returned nothing (see its log)"
+    res = out["results"]
+    assert 0.0 <= res["vqav2_local"]["exact_match,none"] <= 1.0 and 0.0 <= res["pope_local"]["acc,none"] <= 1.0
+    assert len(out["samples"]["pope_local"]) == 6 and len(out["samples"]["vqav2_local"]) == 6
