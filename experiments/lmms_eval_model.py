@@ -22,8 +22,9 @@ own image transform and chat template (``modules.scoring``):
 Several devices: launched by ``accelerate launch`` or ``torchrun`` (WORLD_SIZE > 1) each process
 takes the GPU of its local rank and lmms-eval splits the requests by rank. VARGPT-1.5 takes one
 image per question: a document with several images is answered with the first (counted and
-logged per task). lmms-eval is an optional extra (`make setup-eval`); only this file, the task
-helpers under experiments/lmms_tasks/ and ``experiments.eval_benchmarks`` import it.
+logged per task). lmms-eval is an optional extra (`make setup-eval`): only this file, the plugin
+entry and the task helpers under experiments/lmms_tasks/ import it (``experiments.eval_benchmarks``
+runs it as a command), so the rest of the suite imports without it.
 """
 from __future__ import annotations
 
