@@ -16,6 +16,7 @@ from dataclasses import asdict
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
+from torchmetrics import Metric
 
 from datamodules.paths import resolve_path
 from datamodules.config import SourceConfig
@@ -55,6 +56,16 @@ def iter_records(pattern: str, root: str = "", limit: int = 0) -> Iterator[Dict[
     yield from read_records(pattern, root, limit)[0]
 
 
+def local(metric: torch.nn.Module) -> torch.nn.Module:
+    """Evaluation runs in one process (rank 0 of a distributed run): its metrics must not wait
+    for the other ranks at compute() (they are training on; that would deadlock)."""
+    for m in metric.modules():
+        if isinstance(m, Metric):
+            m.sync_on_compute = False
+            m._to_sync = False  # what compute() reads (torchmetrics copies sync_on_compute at init)
+    return metric
+
+
 def _user_text(rec: Dict[str, Any]) -> str:
     return next(m["content"] for m in rec["messages"] if m["role"] == "user")
 
@@ -74,8 +85,8 @@ def evaluate_vqa(net, samples: Sequence[Dict[str, Any]], cfg: EvalConfig) -> Dic
     """VQA accuracy of greedy answers, per question type, with the blind baselines."""
     if not samples:
         raise ValueError("evaluate_vqa: no samples")
-    overall, blind = VQAAccuracy(), VQAAccuracy()
-    per_type: Dict[str, VQAAccuracy] = defaultdict(VQAAccuracy)
+    overall, blind = VQAAccuracy(sync_on_compute=False), VQAAccuracy(sync_on_compute=False)
+    per_type: Dict[str, VQAAccuracy] = defaultdict(lambda: VQAAccuracy(sync_on_compute=False))
     rows: List[Dict[str, Any]] = []
     preds_all: List[str] = []
     for chunk in _batches(samples, cfg.batch_size):
@@ -96,7 +107,7 @@ def evaluate_vqa(net, samples: Sequence[Dict[str, Any]], cfg: EvalConfig) -> Dic
     by_type: Dict[str, List[List[str]]] = defaultdict(list)
     for s in samples:
         by_type[s["record"].get("question_type", "all")].append(s["record"].get("answers") or [_first_answer(s["record"])])
-    prior = VQAAccuracy()
+    prior = VQAAccuracy(sync_on_compute=False)
     for qt, answers in by_type.items():
         majority = Counter(a[0] for a in answers).most_common(1)[0][0]
         prior.update([majority] * len(answers), answers)
@@ -212,7 +223,7 @@ def fid_is(fakes: torch.Tensor, reals: torch.Tensor, cfg: EvalConfig, classifier
         is_heads=["class"] if cfg.extractor == "world" else [],
         is_splits=1, real_dataset=real_key, real_split=f"n{len(reals)}", cache_dir=cfg.cache_dir,
     )
-    metrics = build_gen_metrics(gcfg, world_classifier=classifier if cfg.extractor == "world" else None)
+    metrics = local(build_gen_metrics(gcfg, world_classifier=classifier if cfg.extractor == "world" else None))
     metrics.prepare_reals(lambda: [reals[i:i + 64] for i in range(0, len(reals), 64)])
     for i in range(0, len(fakes), 64):
         metrics.update(fakes[i:i + 64])

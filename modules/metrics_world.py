@@ -123,7 +123,7 @@ def attribute_scores(classifier: Any, images: Tensor, groups: Sequence[Sequence[
                      batch: int = 64) -> Dict[str, float]:
     """The classifier's reading of ``images`` (N, 3, H, W) in [0, 1] scored against ``groups``:
     ``{attribute: accuracy, "mean": ...}`` as floats."""
-    metric = WorldAttributeAccuracy()
+    metric = WorldAttributeAccuracy(sync_on_compute=False)  # one process's images (evaluation runs on rank 0)
     for i in range(0, len(images), batch):
         metric.update(classifier.predict_attributes(images[i:i + batch]), groups[i:i + batch])
     return {k: float(v) for k, v in metric.compute().items() if k != "n"}

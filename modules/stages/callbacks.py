@@ -40,7 +40,9 @@ class EvalCallback(L.Callback):
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         tasks = self.evaluator.tasks()
-        if trainer.sanity_checking or not tasks or not trainer.is_global_zero:
+        # trainer.should_stop: a preempted run (SIGTERM/SIGUSR1) stops now; Lightning still runs a
+        # last validation, but its grace period is not spent on sampling images
+        if trainer.sanity_checking or not tasks or not trainer.is_global_zero or trainer.should_stop:
             return
         net = pl_module.net
         step = pl_module.global_step

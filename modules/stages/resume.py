@@ -114,10 +114,10 @@ class TrainingCheckpoint(L.Callback):
             return
         due = (self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0) or \
               (self.every_s > 0 and time.monotonic() - self._t_last >= self.every_s)
+        if self.every_s > 0:  # the clocks differ per rank: agree (a collective every rank makes every step)
+            due = trainer.strategy.reduce_boolean_decision(due, all=False)
         if due and step != self.saved_step:
-            due = trainer.strategy.reduce_boolean_decision(due, all=False)  # the clock differs per rank
-            if due:
-                self.save(trainer, step)
+            self.save(trainer, step)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking and self._stop_requested(trainer):
