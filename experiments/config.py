@@ -371,6 +371,8 @@ def value_problems(cfg: ExperimentConfig) -> List[Tuple[str, str]]:
     need(e.top_k >= 0, "eval.top_k", f"must be >= 0 (0 = off), got {e.top_k}")
     need(finite(e.top_p) and 0 <= e.top_p <= 1, "eval.top_p", f"must be in [0, 1] (0 = off), got {e.top_p}")
     need(finite(e.temperature) and e.temperature > 0, "eval.temperature", f"must be finite and > 0, got {e.temperature}")
+    one_of("eval.sampler", e.sampler, ("auto", "official", "fast"))
+    one_of("eval.sample_dtype", e.sample_dtype, ("auto", "fp32", "bf16", "fp16", "inherit"))
     for k in ("num_vqa", "num_gen", "batch_size"):
         need(getattr(e, k) >= 1, f"eval.{k}", f"must be >= 1, got {getattr(e, k)}")
     return out

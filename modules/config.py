@@ -65,6 +65,13 @@ class EvalConfig:
     top_p: float = 0.0
     temperature: float = 1.0
     seed: int = 0  # prompt i uses seed + i
+    # Sampling speed (VARDecoder.sample): parity false = the fast sampler in the dtype measured best
+    # for the VAR's width (bf16 from width 256 where the CPU/GPU has fast bf16, else fp32);
+    # parity true = the official draws in fp32. sampler: auto | official | fast;
+    # sample_dtype: auto | fp32 | bf16 | fp16 | inherit.
+    parity: bool = False
+    sampler: str = "auto"
+    sample_dtype: str = "auto"
     # feature extractor for FID / IS: "world" (reference classifier) | "inception" (torch-fidelity)
     extractor: str = "world"
     classifier_path: str = ""  # world classifier weights (safetensors); "" = no attribute/FID/IS

@@ -132,7 +132,8 @@ def generate_for(net, prompts: Sequence[str], cfg: EvalConfig) -> torch.Tensor:
         chunk = list(prompts[start:start + cfg.batch_size])
         seeds = [cfg.seed + start + i for i in range(len(chunk))]
         out.append(net.generate_image(chunk, cfg=cfg.cfg, top_k=cfg.top_k, top_p=cfg.top_p,
-                                      temperature=cfg.temperature, seed=seeds).float().cpu())
+                                      temperature=cfg.temperature, seed=seeds, parity=cfg.parity,
+                                      sampler=cfg.sampler, dtype=cfg.sample_dtype).float().cpu())
     return torch.cat(out)
 
 

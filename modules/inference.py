@@ -176,7 +176,8 @@ class VARGPTInference:
     def generate(self, prompt_ids: Sequence[Sequence[int]], cfg: Optional[float] = None, top_k: Optional[int] = None,
                  top_p: Optional[float] = None, temperature: float = 1.0, seed: Union[int, Sequence[int]] = 0,
                  teacher_idx: Optional[Sequence[torch.Tensor]] = None,
-                 logits_out: Optional[List[torch.Tensor]] = None) -> Generation:
+                 logits_out: Optional[List[torch.Tensor]] = None, parity: Optional[bool] = None,
+                 sampler: str = "auto", dtype: str = "auto") -> Generation:
         """Image generation from prompts given as token ids (chat template applied, BOS included).
 
         gen_start (switch): ``forced`` appends <|image_gen_start|> to each prompt; ``greedy`` (the
@@ -191,7 +192,13 @@ class VARGPTInference:
         condition row (released). cfg / top_k / top_p default to the model's sample_* switches.
         `seed` is one int for the batch or one per prompt (a prompt's image then does not depend
         on its batch). `teacher_idx` replaces sampling, `logits_out` collects the raw per-scale
-        logits (2B, l, V)."""
+        logits (2B, l, V).
+
+        Speed (``VARDecoder.sample``): outside parity mode the VAR draws with the fast sampler
+        (top-k candidates, one uniform per row) in the dtype measured best for its width
+        (``default_sampling_dtype``); parity mode keeps the official draws in fp32. ``parity``
+        None means parity for the released behaviour and for teacher-forced checks, else fast;
+        ``sampler`` / ``dtype`` override either."""
         cfg, top_k, top_p = self._sampling_defaults(cfg, top_k, top_p)
         c = self.cfg
         B = len(prompt_ids)
@@ -244,9 +251,12 @@ class VARGPTInference:
             return self.gen_out(h).to(x_2BlC.dtype)
 
         cond_row = torch.full((B,), self.var.null_cond if c.switch("infer_cond_row") == "null" else 0, dtype=torch.long)
+        if parity is None:
+            parity = c.behaviour == "released" or teacher_idx is not None or logits_out is not None
         idx_list, img = self.var.sample(B, cond=cond_row, cfg=cfg, top_k=top_k, top_p=top_p, temperature=temperature,
                                         generator=generator, step_hook=step_hook, vqvae=self.vqvae,
-                                        teacher_idx=teacher_idx, logits_out=logits_out)
+                                        teacher_idx=teacher_idx, logits_out=logits_out,
+                                        parity=parity, sampler=sampler, dtype=dtype)
         out_ids = [s + [a, a] for s, a in zip(ctx, after)]
         return Generation(out_ids, img, idx_list, started)
 
@@ -259,9 +269,11 @@ class VARGPTInference:
     def generate_image(self, prompts: Sequence[str], cfg: Optional[float] = None, top_k: Optional[int] = None,
                        top_p: Optional[float] = None, temperature: float = 1.0, seed: Union[int, Sequence[int]] = 0,
                        return_indices: bool = False, teacher_idx: Optional[Sequence[torch.Tensor]] = None,
-                       logits_out: Optional[List[torch.Tensor]] = None):
+                       logits_out: Optional[List[torch.Tensor]] = None, parity: Optional[bool] = None,
+                       sampler: str = "auto", dtype: str = "auto"):
         """Images (B, 3, H, W) in [0, 1] for text prompts (the chat template applied); see
         ``generate`` for the switches and arguments."""
         out = self.generate(self.generation_prompt_ids(prompts), cfg=cfg, top_k=top_k, top_p=top_p,
-                            temperature=temperature, seed=seed, teacher_idx=teacher_idx, logits_out=logits_out)
+                            temperature=temperature, seed=seed, teacher_idx=teacher_idx, logits_out=logits_out,
+                            parity=parity, sampler=sampler, dtype=dtype)
         return (out.images, out.indices) if return_indices else out.images
