@@ -54,6 +54,32 @@ class OptimConfig:
 
 
 @dataclass
+class FSDPConfig:
+    """``trainer.strategy: fsdp`` (Lightning's FSDPStrategy; CUDA only). Layer groups by name
+    (modules/parallel.py): llm_decoder_layer, var_block, vision_layer."""
+
+    sharding_strategy: str = "FULL_SHARD"  # FULL_SHARD | SHARD_GRAD_OP | HYBRID_SHARD | NO_SHARD
+    wrap: List[str] = field(default_factory=lambda: ["llm_decoder_layer", "var_block", "vision_layer"])
+    activation_checkpointing: List[str] = field(default_factory=list)  # groups recomputed in backward
+    # "" = from trainer.precision; bf16 = parameters, gradient reduction and buffers in bf16
+    mixed_precision: str = ""
+    # full: checkpoints and the export gather a full state dict on rank 0 (one file, the format
+    # every loader reads); sharded: each rank writes its shard (torch distributed checkpoint; the
+    # export still gathers); consolidate with `python -m lightning.pytorch.utilities.consolidate_checkpoint`
+    state_dict_type: str = "full"
+    cpu_offload: bool = False
+    limit_all_gathers: bool = True
+
+
+@dataclass
+class DeepSpeedConfig:
+    """``trainer.strategy: deepspeed_stage_3`` (needs `pip install deepspeed`)."""
+
+    offload_optimizer: bool = False
+    offload_parameters: bool = False
+
+
+@dataclass
 class TrainerConfig:
     max_steps: int = 100
     accelerator: str = "auto"  # cpu | gpu | auto
@@ -76,6 +102,8 @@ class TrainerConfig:
     max_nonfinite_in_a_row: int = 10
     # Write <output_dir>/sample_keys.txt: "batch_index key key ..." per training batch (data audits).
     log_sample_keys: bool = False
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
 
 @dataclass
@@ -129,7 +157,7 @@ class ExperimentConfig:
 # Sections that do not change what a run computes: left out of the config hash, so a rerun
 # with another run name or tracking store is recognised as the same experiment.
 _HASH_EXCLUDE = ("name", "output_dir", "logging", "trainer.enable_progress_bar", "checkpoint",
-                 "trainer.log_sample_keys")
+                 "trainer.log_sample_keys", "trainer.num_threads")
 
 
 # ----------------------------------------------------------------------------------------
@@ -320,6 +348,7 @@ SCHEDULES = ("cosine", "constant")
 PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 ON_NONFINITE = ("stop", "skip")
+STRATEGIES = ("auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true", "fsdp", "deepspeed_stage_3")
 EXTRACTORS = ("world", "inception")
 
 
@@ -357,6 +386,13 @@ def value_problems(cfg: ExperimentConfig) -> List[Tuple[str, str]]:
     one_of("trainer.precision", t.precision, PRECISIONS)
     one_of("trainer.on_nonfinite", t.on_nonfinite, ON_NONFINITE)
     need(t.max_nonfinite_in_a_row >= 1, "trainer.max_nonfinite_in_a_row", f"must be >= 1, got {t.max_nonfinite_in_a_row}")
+    one_of("trainer.strategy", t.strategy, STRATEGIES)
+    one_of("trainer.fsdp.sharding_strategy", t.fsdp.sharding_strategy, ("FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD"))
+    one_of("trainer.fsdp.mixed_precision", t.fsdp.mixed_precision, ("", "bf16"))
+    one_of("trainer.fsdp.state_dict_type", t.fsdp.state_dict_type, ("full", "sharded"))
+    for k in ("wrap", "activation_checkpointing"):
+        for name in getattr(t.fsdp, k):
+            one_of(f"trainer.fsdp.{k}", name, ("llm_decoder_layer", "var_block", "vision_layer"))
     need(t.accumulate_grad_batches >= 1, "trainer.accumulate_grad_batches", f"must be >= 1, got {t.accumulate_grad_batches}")
     need(t.log_every_n_steps >= 1, "trainer.log_every_n_steps", f"must be >= 1, got {t.log_every_n_steps}")
     for k in ("val_every_n_steps", "limit_val_batches", "num_threads"):

@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional
 
 from experiments.config import REPO_ROOT
 from experiments.evaluate import run_evaluation
+from experiments.run_guard import stale_inputs
 from experiments.tracking import git_info
 
 TARGETS = {"vqa_accuracy": 0.90, "gen_attribute_accuracy": 0.80, "fid_over_floor": 3.0}
@@ -33,6 +34,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--num-gen", type=int, default=200)
     args = ap.parse_args(argv)
     runs, out = Path(args.runs), Path(args.out)
+    stale = [m for s in ("stage2", "stage3") for m in stale_inputs(runs / s)]
+    if stale:  # a stage trained from an export that has changed since: its numbers would mislead
+        print("pipeline: stale stage exports:\n  " + "\n  ".join(stale), file=sys.stderr)
+        return 1
     ev = out.parent
     common = [f"eval.num_vqa={args.num_vqa}", f"eval.num_gen={args.num_gen}"]
     vqa = lambda ck, split, name: run_evaluation(  # noqa: E731

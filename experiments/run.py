@@ -24,9 +24,45 @@ from typing import Any, List, Optional, Sequence
 
 from experiments import tracking
 from experiments.config import ConfigError, LoadedConfig, load_config, output_dir, resolve_path
-from experiments.run_guard import Preempted, RunError, RunLock, check_writable, find_resume, is_rank_zero, set_aside_export
+from experiments.run_guard import (Preempted, RunError, RunLock, check_writable, find_resume, init_hash, is_rank_zero,
+                                  set_aside_export)
 from modules.checkpoint import StateDictMismatchError, write_export
 from modules.stages import build_stage
+
+
+def build_strategy(cfg: Any) -> Any:
+    """``trainer.strategy`` with its typed section: FSDP wraps the named layer groups
+    (modules/parallel.py) as units, recomputes the activation-checkpointed ones, and keeps
+    frozen and trainable parameters apart (use_orig_params); other names go to Lightning as is."""
+    t = cfg.trainer
+    if t.strategy == "fsdp":
+        from lightning.pytorch.strategies import FSDPStrategy
+        from torch.distributed.fsdp import MixedPrecision
+
+        from modules.parallel import layer_classes  # lazy: imports every model family's layers
+
+        f = t.fsdp
+        mp = None
+        if f.mixed_precision == "bf16":
+            bf16 = torch_dtype("bfloat16")
+            mp = MixedPrecision(param_dtype=bf16, reduce_dtype=bf16, buffer_dtype=bf16)
+        return FSDPStrategy(auto_wrap_policy=layer_classes(f.wrap),
+                            activation_checkpointing_policy=layer_classes(f.activation_checkpointing) or None,
+                            sharding_strategy=f.sharding_strategy, state_dict_type=f.state_dict_type,
+                            cpu_offload=f.cpu_offload, mixed_precision=mp, limit_all_gathers=f.limit_all_gathers,
+                            use_orig_params=True)
+    if t.strategy == "deepspeed_stage_3":
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        return DeepSpeedStrategy(stage=3, offload_optimizer=t.deepspeed.offload_optimizer,
+                                 offload_parameters=t.deepspeed.offload_parameters)
+    return t.strategy
+
+
+def torch_dtype(name: str) -> Any:
+    import torch
+
+    return getattr(torch, name)
 
 
 def build_trainer(cfg: Any, logger: Any, callbacks: Sequence[Any] = ()):
@@ -38,7 +74,7 @@ def build_trainer(cfg: Any, logger: Any, callbacks: Sequence[Any] = ()):
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
-        strategy=t.strategy,
+        strategy=build_strategy(cfg),
         precision=t.precision,
         accumulate_grad_batches=t.accumulate_grad_batches,
         log_every_n_steps=t.log_every_n_steps,
@@ -62,10 +98,26 @@ def build_trainer(cfg: Any, logger: Any, callbacks: Sequence[Any] = ()):
     return L.Trainer(**kw)
 
 
-def export_weights(module: Any, loaded: LoadedConfig, out: Path) -> Path:
-    """The stage's exports + config.yaml + export.json, each written atomically."""
-    return write_export(out, module.exports(), loaded.to_yaml(),
-                        metadata={"config_hash": loaded.hash, "stage": loaded.cfg.stage})
+def export_weights(module: Any, loaded: LoadedConfig, out: Path, extra: Optional[dict] = None,
+                   files: Optional[dict] = None) -> Path:
+    """The stage's exports (or ``files``, gathered) + config.yaml + export.json, each atomic."""
+    return write_export(out, files if files is not None else module.exports(), loaded.to_yaml(),
+                        metadata={"config_hash": loaded.hash, "stage": loaded.cfg.stage, **(extra or {})})
+
+
+def sharded_exports(trainer: Any, module: Any) -> Optional[dict]:
+    """Under FSDP / DeepSpeed the parameters are sharded over the ranks: gather the full state
+    dict (Lightning's, a collective on every rank) for the export; None when nothing is sharded."""
+    if cfg_strategy(trainer) not in ("fsdp", "deepspeed"):
+        return None
+    full = trainer.strategy.lightning_module_state_dict()
+    return {"model.safetensors": {k[len("net."):]: v for k, v in full.items() if k.startswith("net.")}} \
+        if trainer.is_global_zero else None
+
+
+def cfg_strategy(trainer: Any) -> str:
+    name = type(trainer.strategy).__name__.lower()
+    return "fsdp" if "fsdp" in name else "deepspeed" if "deepspeed" in name else name
 
 
 def fit(loaded: LoadedConfig, resume: Optional[str] = None) -> Path | None:
@@ -120,7 +172,10 @@ def _fit(loaded: LoadedConfig, resume: Optional[str], out: Path, ckpt_dir: Path,
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module, datamodule = build_stage(cfg)
     logger = tracking.make_logger(loaded, run_id=run_id) if cfg.logging.enabled else None
-    meta = {"config_hash": loaded.hash, "stage": cfg.stage, "mlflow_run_id": ""}
+    # what this run started from: recorded in the export, so a changed input is never taken as current
+    start_from = {"init_from": str(resolve_path(cfg.init_from)) if cfg.init_from else "",
+                  "init_from_sha256": init_hash(cfg.init_from)}
+    meta = {"config_hash": loaded.hash, "stage": cfg.stage, "mlflow_run_id": "", **start_from}
     if logger is not None and zero:
         meta["mlflow_run_id"] = logger.run_id
         lock.record(mlflow_run_id=logger.run_id)
@@ -147,9 +202,11 @@ def _fit(loaded: LoadedConfig, resume: Optional[str], out: Path, ckpt_dir: Path,
             tracking.mark_preempted(logger, signal.Signals(saver.signum).name, trainer.global_step)
         raise Preempted(saver.signum, trainer.global_step, saver.last_path)
     path = None
-    if cfg.trainer.save_checkpoint and trainer.is_global_zero:
-        path = export_weights(module, loaded, out)
-        print(f"[run] weights: {path}")
+    if cfg.trainer.save_checkpoint:
+        files = sharded_exports(trainer, module)  # a collective under FSDP / ZeRO-3: every rank
+        if trainer.is_global_zero:
+            path = export_weights(module, loaded, out, start_from, files)
+            print(f"[run] weights: {path}")
     if logger is not None and trainer.is_global_zero:
         logger.log_metrics({"time/fit_seconds": elapsed}, step=trainer.global_step)
         if path is not None:

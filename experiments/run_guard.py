@@ -24,8 +24,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from omegaconf import OmegaConf
 
-from experiments.config import LoadedConfig, flatten
-from modules.checkpoint import EXPORT_MANIFEST, checkpoint_info, latest_valid_checkpoint
+from experiments.config import LoadedConfig, flatten, resolve_path
+from modules.checkpoint import EXPORT_MANIFEST, checkpoint_info, latest_valid_checkpoint, sha256_file
 
 
 class RunError(Exception):
@@ -120,6 +120,33 @@ def set_aside_export(out: Path) -> Optional[Path]:
     for p in files:
         p.replace(dest / p.name)
     return dest
+
+
+def init_hash(init_from: str) -> str:
+    """sha256 of the export a run starts from (``init_from``), from its export.json when it has
+    one (written with it), else hashed now; "" without init_from."""
+    if not init_from:
+        return ""
+    p = resolve_path(init_from)
+    f = p / "model.safetensors" if p.is_dir() else p
+    try:
+        return str(json.loads((f.parent / EXPORT_MANIFEST).read_text())["files"][f.name]["sha256"])
+    except (OSError, ValueError, KeyError):
+        return sha256_file(f) if f.is_file() else ""
+
+
+def stale_inputs(out: Path) -> List[str]:
+    """Why the export in ``out`` is stale: the export it was trained from (its recorded
+    ``init_from_sha256``) has changed since. Empty when current or unknown."""
+    try:
+        meta = json.loads((out / EXPORT_MANIFEST).read_text())["metadata"]
+    except (OSError, ValueError, KeyError):
+        return []
+    want, src = meta.get("init_from_sha256", ""), meta.get("init_from", "")
+    if want and src and init_hash(src) != want:
+        return [f"{out} was trained from {src} (sha256 {want[:12]}), which has changed since "
+                f"(now {init_hash(src)[:12] or 'missing'}): rerun it"]
+    return []
 
 
 def config_diff(saved_yaml: Path, loaded: LoadedConfig) -> List[str]:

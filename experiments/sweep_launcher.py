@@ -32,6 +32,7 @@ from experiments.compare import compare as compare_runs
 from experiments.config import REPO_ROOT
 from experiments.sweep_schema import COMMANDS, Sweep, Variant, eval_report_path, launcher_overrides
 from experiments.sweep_tracking import Attempt, SweepTracker
+from modules.checkpoint import checkpoint_info, latest_valid_checkpoint
 
 # How a child is stopped, by the signal the launcher received: (signal to send, seconds to wait
 # for the child to exit) in turn; SIGKILL's wait is for the kernel to reap it.
@@ -59,7 +60,15 @@ def child_argv(sweep: Sweep, v: Variant, out_dir: Path, threads: int) -> List[st
             *launcher_overrides(sweep.cfg.name, sweep.experiment, v.name, out_dir), *sweep.cfg.args]
     if not any(o.startswith("trainer.num_threads=") for o in v.dotlist):
         argv.append(f"trainer.num_threads={threads}")
+    if resumable(out_dir / v.file_stem / "checkpoints", v.loaded.hash):
+        argv.append("--resume")  # an interrupted variant continues from its checkpoint
     return argv
+
+
+def resumable(ckpt_dir: Path, config_hash: str) -> bool:
+    """A valid checkpoint of exactly this config is there (a relaunched sweep resumes it)."""
+    path = latest_valid_checkpoint(ckpt_dir, warn=lambda m: print(f"[sweep] warning: {m}", flush=True))
+    return path is not None and (checkpoint_info(path) or {}).get("config_hash") == config_hash
 
 
 @dataclass

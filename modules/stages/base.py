@@ -177,6 +177,11 @@ class StageModule(L.LightningModule):
                 h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
         return h.hexdigest()
 
+    def setup(self, stage: str) -> None:
+        # before the strategy wraps (and under FSDP shards) the model: the hash sees whole parameters
+        if getattr(self, "_frozen_sha256", None) is None:
+            self._frozen_sha256 = self.frozen_hash()
+
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         frozen = {f"net.{n}" for n, p in self.net.named_parameters() if not p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
@@ -188,7 +193,7 @@ class StageModule(L.LightningModule):
         mine = checkpoint.get("vargpt")
         if mine is None:
             raise ResumeMismatchError("checkpoint has no run state (not written by experiments.run)")
-        if mine["frozen_sha256"] != self.frozen_hash():
+        if mine["frozen_sha256"] != (getattr(self, "_frozen_sha256", None) or self.frozen_hash()):
             raise ResumeMismatchError("the frozen weights differ from the ones the checkpoint was trained with "
                                       "(model.load / init_from changed?); start a new run instead of resuming")
         want = {f"net.{n}" for n, p in self.net.named_parameters() if p.requires_grad}
