@@ -217,28 +217,43 @@ SWEEP_CONFIG_HASH = "sweep_config_hash"  # config hash without the launcher's th
 PARENT_RUN_ID = "mlflow.parentRunId"
 
 
+_READY: set = set()  # stores this process has initialised
+
+
 def get_client(uri: Optional[str] = None):
+    """An MlflowClient for ``uri``; the first use per process creates the store's tables under a
+    lock (``init_store``), so every entry point is safe to start beside another."""
     import mlflow
 
-    return mlflow.MlflowClient(uri or default_tracking_uri())
+    uri = uri or default_tracking_uri()
+    if uri not in _READY:
+        _init_locked(uri)
+        _READY.add(uri)
+    return mlflow.MlflowClient(uri)
 
 
 def init_store(uri: Optional[str] = None) -> None:
-    """Create the store's tables now (a no-op when they exist). For a SQLite store this happens
-    under an exclusive file lock beside the database: two runs started together on a new store
-    would otherwise both migrate it ("duplicate column name")."""
+    """Create the store's tables now (a no-op when they exist); see ``_init_locked``."""
+    get_client(uri)
+
+
+def _init_locked(uri: str) -> None:
+    """For a SQLite store, the first client creates and migrates the database under an exclusive
+    file lock beside it: two runs started together on a new store would otherwise both migrate
+    it ("duplicate column name")."""
     import fcntl
 
-    uri = uri or default_tracking_uri()
+    import mlflow
+
     if not uri.startswith("sqlite:///"):
-        get_client(uri).search_experiments(max_results=1)
+        mlflow.MlflowClient(uri).search_experiments(max_results=1)
         return
     db = Path(uri[len("sqlite:///"):])
     db.parent.mkdir(parents=True, exist_ok=True)
     with open(db.with_name(db.name + ".lock"), "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
-            get_client(uri).search_experiments(max_results=1)
+            mlflow.MlflowClient(uri).search_experiments(max_results=1)
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
 
