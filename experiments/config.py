@@ -445,7 +445,7 @@ def output_dir(cfg: ExperimentConfig) -> Path:
 
 
 def all_experiment_yamls() -> List[Path]:
-    """Every runnable experiment YAML (sweep files under ablations/ have their own schema)."""
-    return sorted(
-        p for p in EXPERIMENTS_DIR.rglob("*.yaml") if "ablations" not in p.relative_to(EXPERIMENTS_DIR).parts
-    )
+    """Every runnable experiment YAML (sweep files under ablations/ and lmms-eval task files under
+    lmms_tasks/ have schemas of their own)."""
+    other = {"ablations", "lmms_tasks"}
+    return sorted(p for p in EXPERIMENTS_DIR.rglob("*.yaml") if not other & set(p.relative_to(EXPERIMENTS_DIR).parts))
