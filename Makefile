@@ -156,3 +156,10 @@ test-eval: setup-eval ## the lmms-eval tests (pytest marker lmms_eval): local fi
 eval-benchmarks: setup-eval ## lmms-eval on a checkpoint + one MLflow run: make eval-benchmarks CKPT=runs/world/stage2 [TASKS=vargpt_world_vqa]
 	@test -n "$(CKPT)" || { echo "usage: make eval-benchmarks CKPT=<export dir> [TASKS=$(PAPER_TASKS)] [BENCH_ARGS=\"--limit 50 --batch-size 8\"]"; exit 2; }
 	$(PY) -m experiments.eval_benchmarks $(CKPT) --tasks $(TASKS) $(BENCH_ARGS)
+
+# ---------------------------------------------------------------------------------------------
+# The GPU check of the long-runs issue (benchmarks/gpu_check.py). No `setup` prerequisite on
+# purpose: a GPU box may run it with its own Python (`make gpu-check PY=python3`).
+.PHONY: gpu-check
+gpu-check: ## VARGPT-7B on one CUDA device in <= 8 min: step time, MFU, memory, checkpoint, images/s (ARGS="--device cpu": world size)
+	$(PY) -m benchmarks.gpu_check $(ARGS)

@@ -1,0 +1,106 @@
+"""benchmarks.gpu_check: the world-size run on CPU end to end (what CI keeps working), the
+real-size plan on the meta device, and on a CUDA machine the real check itself (marker gpu)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Dict, List
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_check(args: List[str], out: Path, timeout: float) -> Dict[str, Any]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "MPLBACKEND": "Agg",
+           "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    r = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--out", str(out), "--name", "check", *args],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
+    assert (out / "check.md").is_file()
+    return json.loads((out / "check.json").read_text())
+
+
+def check_stage(d: Dict[str, Any], name: str, steps: int) -> None:
+    s = d["stages"][name]
+    t, c, plan = s["train"], s["checkpoint"], s["plan"]
+    assert plan["trainable_params"] > 0 and plan["batch"]["samples"] == 8
+    assert len(t["step_s"]) == steps and all(x > 0 for x in t["step_s"])
+    assert t["tokens_per_s"] > 0 and t["samples_per_s"] > 0
+    assert all(x == x and abs(x) < 1e4 for x in t["losses"]), t["losses"]  # finite
+    f = t["flops"]
+    assert f["hardware"] >= f["model"] > f["forward"] > 0
+    assert 0.5 < t["analytic_over_counted"] < 2.0  # the 2 x weights x tokens estimate agrees
+    assert 0 < t["mfu"] <= t["hfu"]
+    assert c["size_gb"] > 0 and c["save_s"] > 0 and c["resume_s"] > 0 and c["sidecar_ok"]
+    assert c["weights_equal"] and c["optimizer_equal"]
+    assert (c["resumed_at_step"], c["continued_to_step"]) == (2, 3)
+
+
+def test_cpu_world_run(tmp_path):
+    d = run_check(["--device", "cpu", "--max-minutes", "4"], tmp_path, timeout=300)
+    assert d["status"] == "ok" and d["label"].startswith("CPU, world size"), d.get("error") or d["skipped"]
+    assert d["model"]["params"]["total"] > 1e6 and d["peak"]["peak_flops"] > 0
+    for name in ("stage3", "stage2"):
+        check_stage(d, name, steps=3)
+    # gradient checkpointing: the trained LLM reruns its layers (stage 2); the frozen one is in eval
+    # mode, where HF layers do not checkpoint (stage 3)
+    assert d["stages"]["stage2"]["train"]["llm_checkpointing_active"] > 0
+    assert d["stages"]["stage2"]["train"]["flops"]["recompute_full"] > 0
+    assert d["stages"]["stage3"]["train"]["llm_checkpointing_active"] == 0
+    g = d["generation"]
+    assert g["images"] == 4 and g["shape"] == [3, 64, 64] and g["values_ok"] and g["images_per_s"] > 0
+    assert [p["phase"] for p in d["timeline"]][-1] == "stage2 checkpoint"
+
+
+def test_meta_plan_has_the_real_sizes(tmp_path):
+    """The real recipe's model and batches without running anything: VARGPT-7B's 9.2B parameters,
+    576 image tokens per 336-px image, L=680 per 256-px target, the checkpoint sizes."""
+    d = run_check(["--device", "meta"], tmp_path, timeout=180)
+    m = d["model"]
+    assert d["status"] == "ok" and m["vocab_rows"] == 32000 and (m["num_image_tokens"], m["var_L"]) == (576, 680)
+    assert abs(m["params"]["total"] - 9.22e9) < 0.05e9 and m["dtypes"]["llm"] == "bfloat16"
+    s3, s2 = d["stages"]["stage3"]["plan"], d["stages"]["stage2"]["plan"]
+    assert s3["batch"]["gen_tokens"] == 8 * 680 and s3["batch"]["seq_len"] > 680
+    assert s2["batch"]["image_tokens"] == 7 * 576 and s2["batch"]["gen_tokens"] == 680
+    assert s2["trainable_params"] == 6_738_415_616 and abs(s2["est_checkpoint_gb"] - 40.4) < 0.1
+    assert "train" not in d["stages"]["stage3"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_real_check(tmp_path):
+    d = run_check(["--device", "cuda", "--max-minutes", "8", "--workdir", str(tmp_path)], tmp_path / "out",
+                  timeout=9 * 60)
+    assert d["status"] in ("ok", "partial"), d.get("error")
+    check_stage(d, "stage3", steps=3)
+    assert d["stages"]["stage2"]["train"]["step_s_median"] > 0
+    assert 0 < d["stages"]["stage3"]["train"]["mfu"] < 1
+    assert d["generation"]["images"] == 8 and d["generation"]["shape"] == [3, 256, 256]
+
+
+def test_a_failing_phase_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
+    """An out-of-memory in one stage (simulated) leaves status "partial", the error in the report,
+    and the phases after it still run."""
+    from benchmarks import gpu_check, gpu_check_parts
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(gpu_check_parts, "train_steps", oom)
+    threads = torch.get_num_threads()
+    try:  # one thread: in this process OMP_WAIT_POLICY=PASSIVE came too late (torch was imported first)
+        rc = gpu_check.main(["--device", "cpu", "--threads", "1", "--stages", "stage2", "--gen-images", "2",
+                             "--out", str(tmp_path), "--name", "check"])
+    finally:
+        torch.set_num_threads(threads)
+    d = json.loads((tmp_path / "check.json").read_text())
+    assert rc == 0 and d["status"] == "partial"
+    assert [e["phase"] for e in d["errors"]] == ["stage2 training"] and "simulated" in d["errors"][0]["error"]
+    assert "train" not in d["stages"]["stage2"] and "checkpoint" not in d["stages"]["stage2"]
+    assert d["generation"]["images"] == 2
+    assert "Error in stage2 training" in (tmp_path / "check.md").read_text()
