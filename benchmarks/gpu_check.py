@@ -349,8 +349,8 @@ def markdown(d: Dict[str, Any]) -> str:
     for name, s in d["stages"].items():
         p = s["plan"]
         lines.append(f"\n{name} ({p['recipe']}): trains {', '.join(p['trainable_prefixes'])} ({p['trainable_dtype']}); "
-                     f"planned checkpoint ~{p['est_checkpoint_gb']:.1f} GB (trainable weights + 2 AdamW moments), "
-                     f"all weights + the trainable grads and moments ~{p['est_train_state_gb']:.1f} GB; "
+                     f"planned checkpoint ~{p['est_checkpoint_gb']:.3g} GB (trainable weights + 2 AdamW moments), "
+                     f"all weights + the trainable grads and moments ~{p['est_train_state_gb']:.3g} GB; "
                      f"{p['batch']['supervised_text_tokens']} "
                      f"supervised text tokens, {p['batch']['image_tokens']} image tokens, {p['batch']['gen_tokens']} "
                      f"VAR tokens per step.")
