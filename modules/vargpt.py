@@ -187,7 +187,8 @@ class VARGPT(VARGPTInference, nn.Module):
             # its image loss is computed on the LLM states there
             insert = False
         emb, gen_mask, idx_list, uncond = self.embed(batch, insert_gen=insert)
-        h = self.run_llm(emb, batch.get("attention_mask")).last_hidden_state  # (B, T, D)
+        # use_cache=False: a frozen LLM is in eval mode, where HF would otherwise build a KV cache
+        h = self.run_llm(emb, batch.get("attention_mask"), use_cache=False).last_hidden_state  # (B, T, D)
         out: Dict[str, torch.Tensor] = {}
 
         # text: next-token CE on supervised positions
