@@ -339,9 +339,3 @@ def load_component(component: nn.Module, specs: Iterable[LoadSpec], into: str, w
             raise FileNotFoundError(f"model.load into {into}: {resolve_path(s.path)} not found; {hint}")
         load_into(component, s)
     return component
-
-
-def read_export(path: str | Path) -> StateDict:
-    """The state dict of an export directory of experiments.run (or its model.safetensors)."""
-    p = resolve_path(path)
-    return read_state_dict(p / "model.safetensors" if p.is_dir() else p)
