@@ -285,16 +285,19 @@ def _strip_model_prefix(k: str) -> str:
     return k
 
 
-_RULES: Tuple[Tuple[re.Pattern, str], ...] = (
-    (re.compile(r"^multi_modal_projector\.linear_1\.(.*)$"), r"und_proj.0.\1"),
-    (re.compile(r"^multi_modal_projector\.linear_2\.(.*)$"), r"und_proj.2.\1"),
-    (re.compile(r"^language_model\.model\.(.*)$"), r"llm.model.\1"),
-    (re.compile(r"^language_model\.lm_head\.(.*)$"), r"llm.lm_head.\1"),
-    (re.compile(r"^vae_local\.(.*)$"), r"vqvae.\1"),
-    (re.compile(r"^image_gen_projector\.mlp\.(.*)$"), r"gen_in.\1"),
-    (re.compile(r"^image_gen_projector_out\.mlp\.(.*)$"), r"gen_out.\1"),
-    (re.compile(r"^vargpt_gen\.(.*)$"), r"var.\1"),
+# released prefix <-> ours: one table, read one way to load (_RULES) and the other to export (_REVERSE)
+_PREFIXES: Tuple[Tuple[str, str], ...] = (
+    ("multi_modal_projector.linear_1.", "und_proj.0."),
+    ("multi_modal_projector.linear_2.", "und_proj.2."),
+    ("language_model.model.", "llm.model."),
+    ("language_model.lm_head.", "llm.lm_head."),
+    ("vae_local.", "vqvae."),
+    ("image_gen_projector.mlp.", "gen_in."),
+    ("image_gen_projector_out.mlp.", "gen_out."),
+    ("vargpt_gen.", "var."),
 )
+_RULES: Tuple[Tuple[re.Pattern, str], ...] = tuple(
+    (re.compile("^" + re.escape(theirs) + "(.*)$"), ours + r"\1") for theirs, ours in _PREFIXES)
 _LN_Q = re.compile(r"^image_gen_projector(_out)?\.ln_q\.(weight|bias)$")
 
 
@@ -341,16 +344,8 @@ LLAVA_HF_PARTS = ("vision", "und_proj", "llm")
 
 
 # ----------------------------------------------------------------------------------- export
-_REVERSE: Tuple[Tuple[re.Pattern, str], ...] = (
-    (re.compile(r"^und_proj\.0\.(.*)$"), r"multi_modal_projector.linear_1.\1"),
-    (re.compile(r"^und_proj\.2\.(.*)$"), r"multi_modal_projector.linear_2.\1"),
-    (re.compile(r"^llm\.model\.(.*)$"), r"language_model.model.\1"),
-    (re.compile(r"^llm\.lm_head\.(.*)$"), r"language_model.lm_head.\1"),
-    (re.compile(r"^vqvae\.(.*)$"), r"vae_local.\1"),
-    (re.compile(r"^gen_in\.(.*)$"), r"image_gen_projector.mlp.\1"),
-    (re.compile(r"^gen_out\.(.*)$"), r"image_gen_projector_out.mlp.\1"),
-    (re.compile(r"^var\.(.*)$"), r"vargpt_gen.\1"),
-)
+_REVERSE: Tuple[Tuple[re.Pattern, str], ...] = tuple(
+    (re.compile("^" + re.escape(ours) + "(.*)$"), theirs + r"\1") for theirs, ours in _PREFIXES)
 
 
 def check_exportable(model: nn.Module) -> None:
