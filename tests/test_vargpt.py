@@ -162,3 +162,32 @@ def test_prompt_gain_compares_right_and_rolled_prompts(tiny):
     assert r["gen_prompt_gain"] == pytest.approx(r["gen_loss_img_rolled_prompts"] - r["gen_loss_img"])
     with pytest.raises(ValueError, match="at least 2"):
         prompt_gain(net, diff[:1])
+
+
+def test_prompt_gain_one_pass_equals_two_separate_passes(tiny):
+    """The batched prompt gain (right and rolled rows in one pass, targets encoded once) gives
+    the per-target losses of two separate passes."""
+    import copy
+
+    from modules.evaluation import prompt_gain
+
+    net = copy.deepcopy(tiny).eval()
+    with torch.no_grad():
+        for p in net.var.head.parameters():
+            p.normal_(0, 0.5)
+    samples = [gen_sample("a", "Draw a red circle.", colour=(200, 30, 30)),
+               gen_sample("b", "two blue squares at the top please", colour=(30, 30, 200)),
+               gen_sample("c", "Create an image of a small black cross.", colour=(20, 20, 20))]
+    col = net.collator()
+    with torch.no_grad():
+        right = net(col([dict(s, task="generation") for s in samples]))["loss_img_per_target"].mean()
+        rolled = []
+        for s, o in zip(samples, samples[1:] + samples[:1]):
+            rec = dict(s["record"], messages=[dict(m) for m in s["record"]["messages"]])
+            rec["messages"][0]["content"] = next(m["content"] for m in o["record"]["messages"] if m["role"] == "user")
+            rolled.append(dict(s, record=rec, task="generation"))
+        wrong = net(col(rolled))["loss_img_per_target"].mean()
+    for bs in (2, 4, 16):
+        r = prompt_gain(net, samples, batch_size=bs)
+        assert r["gen_loss_img"] == pytest.approx(float(right), abs=1e-5)
+        assert r["gen_loss_img_rolled_prompts"] == pytest.approx(float(wrong), abs=1e-5)
