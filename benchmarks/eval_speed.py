@@ -110,7 +110,7 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"{' (dirty)' if res['git'].get('git_dirty') == 'true' else ''}", "",
           f"`python -m benchmarks.eval_speed --before {args.before} --runs {args.runs}`; {args.reps} alternating "
           f"repetitions, best of each; load {load0:.1f} -> {res['load_avg_start_end'][1]:.1f}; "
-          f"{res['machine'].get('cpu_count', '?')} cores.", "",
+          f"{res['machine'].get('cpus', '?')} cores.", "",
           "| code | wall s | CPU s |", "|---|---|---|",
           *[f"| {m} | {best[m]['wall']:.1f} | {best[m]['cpu']:.1f} |" for m in times],
           f"| **speed-up** | **{ratio['wall']:.2f}x** | **{ratio['cpu']:.2f}x** |", "",

@@ -24,7 +24,7 @@ import os
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import lightning as L
 import numpy as np
@@ -40,7 +40,6 @@ from modules.checkpoint import checkpoint_info
 from modules.components.text_tokenizer import train_world_tokenizer
 from modules.components.vqvae import build_vqvae
 from modules.stages.resume import TrainingCheckpoint
-from modules.stages.vargpt_stages import STAGE_CLASSES
 from modules.vargpt import VARGPT
 from modules.weights import load_weights
 

@@ -139,9 +139,11 @@ class ExperimentConfig:
     seed: int = 0
     output_dir: str = ""  # "" -> runs/<name>; relative paths are from the repo root
     # Start from another run's exported weights (model.safetensors). Loading is strict:
-    # only the parameters listed in init_allow_missing may be absent from the file.
+    # only the parameters listed in init_allow_missing may be absent from the file, and only the
+    # tensors listed in init_allow_unexpected may be in it without a parameter (fnmatch patterns).
     init_from: str = ""
     init_allow_missing: List[str] = field(default_factory=list)
+    init_allow_unexpected: List[str] = field(default_factory=list)
     # Free-form path variables for interpolation, e.g. `paths: {llava: /ckpt/llava-v1.5-7b}` and
     # `model.load: [{path: "${paths.llava}", format: llava}]`: one place to point a recipe at disk.
     paths: Dict[str, str] = field(default_factory=dict)

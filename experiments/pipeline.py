@@ -7,8 +7,9 @@ Reads runs/world/{stage2,stage2_und_only,stage3} (made by `make pipeline`) and m
     blind baselines, and the understanding-only baseline (stage 2 without generation data);
   - after stage 3: generation attribute accuracy, FID and IS on test-split prompts, and the
     real-vs-real floor (test targets against disjoint val targets);
-then checks the scoreboard targets (VQA >= 0.90, attribute accuracy >= 0.80, FID <= 3x floor,
-VQA not below the understanding-only baseline).
+then checks the scoreboard targets (VQA >= 0.90, at least 0.80; attribute accuracy >= 0.80, at
+least 0.50; FID <= 3x floor; VQA not below the understanding-only baseline by more than one
+standard error of the difference).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from experiments.run_guard import stale_inputs
 from experiments.tracking import git_info
 
 TARGETS = {"vqa_accuracy": 0.90, "gen_attribute_accuracy": 0.80, "fid_over_floor": 3.0}
+MINIMUMS = {"vqa_accuracy": 0.80, "gen_attribute_accuracy": 0.50}  # the issue's floor below the stretch targets
 UNDERSTANDING = ("vision.", "und_proj.", "llm.")
 
 
@@ -98,15 +100,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     rep["fid"] = s3.get("fid")
     rep["inception_score"] = s3.get("inception_score")
     floor = (rep["real_vs_real"] or {}).get("fid")
-    checks = {
-        "vqa_accuracy>=0.90": rep["vqa_accuracy"] >= TARGETS["vqa_accuracy"],
-        "gen_attribute_accuracy>=0.80": (rep["gen_attribute_accuracy"] or 0) >= TARGETS["gen_attribute_accuracy"],
-    }
+    checks = {}
+    for k in ("vqa_accuracy", "gen_attribute_accuracy"):
+        checks[f"{k}>={TARGETS[k]:.2f}"] = (rep[k] or 0) >= TARGETS[k]
+        checks[f"{k}>={MINIMUMS[k]:.2f}_minimum"] = (rep[k] or 0) >= MINIMUMS[k]
     if floor:
         rep["fid_over_floor"] = rep["fid"] / floor if floor > 0 else float("inf")
         checks["fid<=3x_floor"] = rep["fid_over_floor"] <= TARGETS["fid_over_floor"]
     if "understanding_only" in rep:
-        checks["vqa_not_below_und_only"] = rep["vqa_accuracy"] >= rep["understanding_only"]["vqa_accuracy"] - 0.01
+        # "not below by more than one standard error": the standard error of the difference of
+        # two accuracies on n questions each (binomial; VQA accuracy here is 0/1 per question)
+        a, b, n = rep["vqa_accuracy"], rep["understanding_only"]["vqa_accuracy"], rep["stage2"]["n"]
+        se = ((a * (1 - a) + b * (1 - b)) / max(n, 1)) ** 0.5
+        rep["vqa_minus_und_only"] = {"difference": a - b, "standard_error": se}
+        checks["vqa_not_below_und_only_by_1se"] = a >= b - se
     rep["targets_met"] = checks
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rep, indent=2, default=str) + "\n")

@@ -20,7 +20,9 @@ from modules.components.vqvae import VQVAEConfig
 
 # Submodule names of the composed model (modules/vargpt.py): what `load[].into` and the stages'
 # trainable sets refer to.
-SUBMODULES = ("vision", "und_proj", "llm", "gen_in", "gen_out", "vqvae", "var")
+SUBMODULES = ("vision", "und_proj", "llm", "gen_in", "gen_out", "gen_cond", "vqvae", "var")
+# How the prompt reaches the VAR blocks (ModelConfig.var_cond).
+VAR_CONDS = ("label", "gen_start", "prompt_attn")
 LOAD_FORMATS = ("native", "official_var", "official_vqvae", "llava", "hf", "timm", "vargpt", "llava_hf")
 # Released-behaviour switches: name -> valid values. Each left at "" (None for the numbers)
 # follows `behaviour`; BEHAVIOURS gives the value of each under "corrected" (the defaults) and
@@ -126,6 +128,9 @@ class ModelConfig:
     # VAR front-end states -> LLM embeddings, and LLM states -> VAR block inputs
     gen_in_projector: ProjectorConfig = field(default_factory=lambda: ProjectorConfig(name="mlp", depth=2))
     gen_out_projector: ProjectorConfig = field(default_factory=lambda: ProjectorConfig(name="mlp", depth=2))
+    # var_cond gen_start: LLM state at <|image_gen_start|> -> an addition to the VAR's AdaLN
+    # condition; prompt_attn: LLM states of the prompt -> the VAR blocks' cross-attention context
+    gen_cond_projector: ProjectorConfig = field(default_factory=lambda: ProjectorConfig(name="mlp", depth=2))
     vqvae: VQVAEConfig = field(default_factory=VQVAEConfig)
     var: VARConfig = field(default_factory=lambda: VARConfig(cond_mode="external"))
     # Not part of VARGPT: the world's reference classifier (stage 0), used by evaluation.
@@ -139,6 +144,16 @@ class ModelConfig:
     # Weight dtype of the VAR decoder (bfloat16 halves its 8 GB at d30; it then computes in bf16);
     # the VQVAE always stays float32.
     var_dtype: str = "float32"
+    # How the prompt reaches the VAR blocks. label (VARGPT v1): the AdaLN condition (and the SOS)
+    # is one of two learned rows, conditional or unconditional, the same for every prompt: the
+    # prompt arrives only through the LLM states at the <|image_gen_pad|> slots. gen_start (beyond
+    # v1; a cheap form of v1.1's decoder that attends to the prompt): the AdaLN condition of the
+    # blocks and the head adds gen_cond(LLM state at <|image_gen_start|>), a projector whose last
+    # layer starts at zero, so training starts from v1's behaviour. prompt_attn (beyond v1, as
+    # v1.1): every VAR block also cross-attends to gen_cond(LLM states of the prompt tokens, up to
+    # and including <|image_gen_start|>); the cross-attention output starts at zero. Neither is
+    # in the released layout.
+    var_cond: str = "label"
     # Loss mix: loss = loss_text + w_img * loss_img (VARGPT v1: 1, v1.1: 3)
     w_img: float = 1.0
     # Released-behaviour switches: `behaviour` sets all of them (corrected | released, see
@@ -188,5 +203,10 @@ class ModelConfig:
         for name in ("projector_dtype", "var_dtype"):
             if getattr(self, name) not in ("float32", "bfloat16", "float16"):
                 raise ValueError(f"model.{name}={getattr(self, name)!r}; valid: float32, bfloat16, float16")
+        if self.var_cond not in VAR_CONDS:
+            raise ValueError(f"model.var_cond={self.var_cond!r}; valid: {', '.join(VAR_CONDS)}")
+        if self.var_cond != "label" and self.switch("cfg_uncond") == "noise":
+            raise ValueError(f"model.var_cond={self.var_cond} needs the trained unconditional branch: set "
+                             "model.cfg_uncond=null_prompt (noise states have no <|image_gen_start|> state)")
         if not 0.0 <= self.cond_drop_rate < 1.0:
             raise ValueError(f"model.cond_drop_rate must be in [0, 1), got {self.cond_drop_rate}")

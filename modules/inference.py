@@ -250,13 +250,20 @@ class VARGPTInference:
                 h = torch.cat([h, draw_noise(tuple(h.shape), h.dtype).to(h.device)])
             return self.gen_out(h).to(x_2BlC.dtype)
 
+        cond_extra = context = None
+        if self.gen_cond is not None and noise:
+            raise ValueError(f"model.var_cond={c.var_cond} needs model.cfg_uncond=null_prompt")
+        if c.var_cond == "gen_start":  # the state at <|image_gen_start|> (the last position), 2B rows
+            cond_extra = self.gen_cond(h0[:, -1].to(self._dtype_of(self.gen_cond))).float()
+        elif c.var_cond == "prompt_attn":  # every (left-padded) prompt state, 2B rows
+            context = (self.gen_cond(h0.to(self._dtype_of(self.gen_cond))).float(), mask.bool())
         cond_row = torch.full((B,), self.var.null_cond if c.switch("infer_cond_row") == "null" else 0, dtype=torch.long)
         if parity is None:
             parity = c.behaviour == "released" or teacher_idx is not None or logits_out is not None
         idx_list, img = self.var.sample(B, cond=cond_row, cfg=cfg, top_k=top_k, top_p=top_p, temperature=temperature,
                                         generator=generator, step_hook=step_hook, vqvae=self.vqvae,
                                         teacher_idx=teacher_idx, logits_out=logits_out,
-                                        parity=parity, sampler=sampler, dtype=dtype)
+                                        parity=parity, sampler=sampler, dtype=dtype, cond_extra=cond_extra, context=context)
         out_ids = [s + [a, a] for s, a in zip(ctx, after)]
         return Generation(out_ids, img, idx_list, started)
 

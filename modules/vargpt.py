@@ -22,7 +22,7 @@ decoding (``answer``, ``generate_image``) lives in modules/inference.py and is m
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -44,7 +44,7 @@ from modules.inference import VARGPTInference
 
 class VARGPT(VARGPTInference, nn.Module):
     """Submodules (the names stages and `load:` refer to): vision, und_proj, llm, gen_in, gen_out,
-    vqvae (always frozen, fp32), var."""
+    gen_cond (var_cond gen_start / prompt_attn, else None), vqvae (always frozen, fp32), var."""
 
     def __init__(self, cfg: ModelConfig, tokenizer: Any = None, template: Optional[ChatTemplateConfig] = None):
         super().__init__()
@@ -58,14 +58,26 @@ class VARGPT(VARGPTInference, nn.Module):
         self.und_proj = build_projector(replace(cfg.und_projector, in_dim=self.vision.out_dim, out_dim=d_llm))
         self.vqvae = build_vqvae(cfg.vqvae)
         self.vqvae.requires_grad_(False)
-        self.var = build_var(cfg.var, self.vqvae)
+        self.var = build_var(replace(cfg.var, cross_attn=cfg.var_cond == "prompt_attn"), self.vqvae)
         c_var = self.var.C
         self.gen_in = build_projector(replace(cfg.gen_in_projector, in_dim=c_var, out_dim=d_llm))
         self.gen_out = build_projector(replace(cfg.gen_out_projector, in_dim=d_llm, out_dim=c_var))
+        # var_cond gen_start: the LLM state at <|image_gen_start|> -> (N, C_var) added to the VAR's
+        # AdaLN condition; the last layer starts at zero so the model starts as v1 (label)
+        # prompt_attn: the LLM states of the prompt -> (N, T, C_var), the VAR's cross-attention
+        # context (there the cross-attention output starts at zero instead)
+        self.gen_cond: Optional[nn.Module] = None
+        if cfg.var_cond != "label":
+            self.gen_cond = build_projector(replace(cfg.gen_cond_projector, in_dim=d_llm, out_dim=c_var))
+        if cfg.var_cond == "gen_start":
+            last = [m for m in self.gen_cond.modules() if isinstance(m, nn.Linear)][-1]
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
         if cfg.projector_dtype != "float32":
             dt = getattr(torch, cfg.projector_dtype)
-            for proj in (self.und_proj, self.gen_in, self.gen_out):
-                proj.to(dt)
+            for proj in (self.und_proj, self.gen_in, self.gen_out, self.gen_cond):
+                if proj is not None:
+                    proj.to(dt)
         if cfg.var_dtype != "float32":
             self.var.to(getattr(torch, cfg.var_dtype))
         self.d_llm, self.c_var = d_llm, c_var
@@ -168,6 +180,40 @@ class VARGPT(VARGPTInference, nn.Module):
         emb = emb.masked_scatter(gen_mask.unsqueeze(-1), gen_in.to(emb.dtype))
         return emb, gen_mask, idx_list, uncond
 
+    def _first_slots(self, gen_mask_BT: torch.Tensor) -> torch.Tensor:
+        """(N, 2): (row, position) of each target's first <|image_gen_pad|> slot."""
+        slots = gen_mask_BT.nonzero()  # (N*L, 2), row-major = the targets' order
+        return slots.view(-1, self.L, 2)[:, 0]
+
+    def prompt_condition(self, h_BTD: torch.Tensor, gen_mask_BT: torch.Tensor) -> Optional[torch.Tensor]:
+        """var_cond gen_start: gen_cond of the LLM state just before each target's first
+        <|image_gen_pad|> slot (its <|image_gen_start|>) -> (N, C_var); else None."""
+        if self.cfg.var_cond != "gen_start":
+            return None
+        first = self._first_slots(gen_mask_BT)
+        h_start = h_BTD[first[:, 0], first[:, 1] - 1]  # (N, D)
+        return self.gen_cond(h_start.to(self._dtype_of(self.gen_cond))).float()
+
+    def prompt_context(self, h_BTD: torch.Tensor, gen_mask_BT: torch.Tensor,
+                       attention_mask_BT: Optional[torch.Tensor]) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """var_cond prompt_attn: per target, gen_cond of the LLM states of its row before its
+        first <|image_gen_pad|> slot (the prompt, up to and including <|image_gen_start|>) ->
+        (ctx (N, P, C_var), keep (N, P)), P the longest such prefix; else None."""
+        if self.cfg.var_cond != "prompt_attn":
+            return None
+        first = self._first_slots(gen_mask_BT)
+        rows, ends = first[:, 0], first[:, 1]
+        P = int(ends.max())
+        keep = torch.arange(P, device=h_BTD.device).view(1, P) < ends.view(-1, 1)  # (N, P)
+        if attention_mask_BT is not None:
+            keep = keep & attention_mask_BT[rows, :P].bool()
+        ctx = self.gen_cond(h_BTD[rows, :P].to(self._dtype_of(self.gen_cond)))
+        return ctx.float(), keep
+
+    @staticmethod
+    def _dtype_of(module: nn.Module) -> torch.dtype:
+        return next(module.parameters()).dtype
+
     def run_llm(self, embeds: torch.Tensor, attention_mask: Optional[torch.Tensor], **kw):
         """Last-layer hidden states (after the final norm) of the decoder stack."""
         out = self.llm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask, **kw)
@@ -212,7 +258,8 @@ class VARGPT(VARGPTInference, nn.Module):
             n_gen = idx_list[0].shape[0]
             h_gen = h[gen_mask].view(n_gen, self.L, self.d_llm)
             h_var = self.gen_out(h_gen)
-            logits_img = self.var.forward_blocks(h_var, uncond)  # (N, L, V)
+            logits_img = self.var.forward_blocks(h_var, uncond, self.prompt_condition(h, gen_mask),
+                                                 self.prompt_context(h, gen_mask, batch.get("attention_mask")))  # (N, L, V)
             target = torch.cat(list(idx_list), dim=1)
             ce_img = F.cross_entropy(logits_img.float().reshape(-1, logits_img.shape[-1]), target.reshape(-1),
                                      reduction="none").view(n_gen, self.L)

@@ -350,6 +350,8 @@ _REVERSE: Tuple[Tuple[re.Pattern, str], ...] = tuple(
 
 def check_exportable(model: nn.Module) -> None:
     """The released layout fixes what our config leaves open: fail naming the setting."""
+    _need(getattr(model, "gen_cond", None) is None, "model.var_cond must be label (the released layout has no "
+                                                    "prompt condition, gen_cond)")
     for name in ("und_proj", "gen_in", "gen_out"):
         m = getattr(model, name)
         _need(isinstance(m, nn.Sequential) and len(m) == 3 and isinstance(m[1], nn.GELU),

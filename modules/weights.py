@@ -116,6 +116,8 @@ def _load_official_var(target: nn.Module, sd: StateDict, spec: LoadSpec, src: st
         # VARGPT conditions VAR with its own two-row embedding, not the class table
         missing.append("cond_emb.weight")
         unexpected.append("class_emb.weight")
+    if getattr(target, "cross", None) is not None:
+        missing.append("cross.*")  # cross-attention to the prompt (VARGPT var_cond prompt_attn) is new
     target.load_official_state_dict(sd, allow_missing=missing, allow_unexpected=unexpected)
 
 
@@ -309,20 +311,20 @@ def apply_load_spec(model: nn.Module, spec: LoadSpec) -> None:
     load_into(getattr(model, into) if into else model, LoadSpec(**{**spec.__dict__, "into": into}))
 
 
-def init_spec(path: str, allow_missing: Sequence[str] = ()) -> LoadSpec:
+def init_spec(path: str, allow_missing: Sequence[str] = (), allow_unexpected: Sequence[str] = ()) -> LoadSpec:
     """``init_from: RUN_DIR`` as the ``model.load`` entry it is: that run's whole exported model."""
     p = resolve_path(path)
     return LoadSpec(path=str(p / "model.safetensors" if p.is_dir() else p), format="native",
-                    allow_missing=list(allow_missing))
+                    allow_missing=list(allow_missing), allow_unexpected=list(allow_unexpected))
 
 
 def load_weights(model: nn.Module, specs: Iterable[LoadSpec], init_from: str = "",
-                 init_allow_missing: Sequence[str] = ()) -> None:
+                 init_allow_missing: Sequence[str] = (), init_allow_unexpected: Sequence[str] = ()) -> None:
     """Every pretrained weight of a composed model: the ``model.load`` entries in order (a later
     file overwrites an earlier one), then ``init_from`` (stage N -> N+1: every key must match)."""
     entries: List[LoadSpec] = list(specs)
     if init_from:
-        entries.append(init_spec(init_from, init_allow_missing))
+        entries.append(init_spec(init_from, init_allow_missing, init_allow_unexpected))
     for spec in entries:
         apply_load_spec(model, spec)
 

@@ -2,7 +2,6 @@
 interfaces evaluation uses (FID/IS extractor protocol, attribute accuracy)."""
 from __future__ import annotations
 
-import random
 
 import pytest
 import torch
@@ -78,7 +77,7 @@ def test_slot_loss_ignores_size_of_empty_slots():
 
 
 def _world_batch(n: int, seed: int = 0):
-    from datamodules.world import SHAPES, make_sample
+    from datamodules.world import make_sample
 
     imgs, scenes = [], []
     for i in range(n):

@@ -1,7 +1,6 @@
 """Config system: merge order, typed objects, errors that name the key and the file."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf

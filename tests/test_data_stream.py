@@ -3,7 +3,6 @@ unreadable samples counted, and the LightningDataModule wiring."""
 import os
 
 import pytest
-import torch
 from torch.utils.data import DataLoader
 
 from datamodules.config import DataConfig, SourceConfig

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from experiments.config import ExperimentConfig, REPO_ROOT, load_config
-from modules.stages.vargpt_stages import STAGE_CLASSES, build_datamodule
+from modules.stages.vargpt_stages import STAGE_CLASSES
 from modules.vargpt import VARGPT
 from tests.tiny import collator_for, gen_sample, tiny_model_config, tiny_tokenizer_dir, und_sample
 

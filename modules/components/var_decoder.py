@@ -63,6 +63,9 @@ class VARConfig(ComponentConfig):
     attn_l2_norm: bool = True  # cosine attention with a learned per-head temperature
     cond_mode: str = COND_CLASS  # "class" | "external"
     num_classes: int = 1000  # class mode only (+1 null class row)
+    # Each block also cross-attends to a context sequence (VARGPT var_cond prompt_attn: the
+    # prompt's LLM states); not in the official model, whose checkpoints then load without `cross.*`.
+    cross_attn: bool = False
     cond_drop_rate: float = 0.1  # class mode, training only: label -> null class with this prob
     patch_nums: List[int] = field(default_factory=list)  # empty -> taken from the VQVAE
     vocab_size: int = 0  # V; 0 -> taken from the VQVAE
@@ -186,6 +189,37 @@ class SelfAttention(nn.Module):
 
 
 Ada6 = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+# A context for cross-attention: (ctx_BTC, keep_BT) with keep_BT True at real (not padded) positions.
+Context = Tuple[torch.Tensor, torch.Tensor]
+
+
+class CrossAttention(nn.Module):
+    """x += proj(attention of LN(x) over LN(context)): every position reads the context sequence
+    (VARGPT var_cond prompt_attn: the prompt's projected LLM states, as VARGPT-v1.1's decoder
+    attends to the prompt). proj starts at zero (VARDecoder.init_weights), so the block computes
+    exactly what it did without this until it trains."""
+
+    def __init__(self, C: int, H: int, norm_eps: float):
+        super().__init__()
+        self.H, self.hd = H, C // H
+        self.ln_q = nn.LayerNorm(C, eps=norm_eps)
+        self.ln_kv = nn.LayerNorm(C, eps=norm_eps)
+        self.q = nn.Linear(C, C)
+        self.kv = nn.Linear(C, 2 * C)
+        self.proj = nn.Linear(C, C)
+
+    def context(self, ctx_BTC: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (B, H, T, hd) of a context: once per sample, reused at every scale."""
+        B, T, C = ctx_BTC.shape
+        k, v = self.kv(self.ln_kv(ctx_BTC)).view(B, T, 2, self.H, self.hd).permute(2, 0, 3, 1, 4).unbind(0)
+        return k, v
+
+    def forward(self, x_BLC: torch.Tensor, kv: Tuple[torch.Tensor, torch.Tensor], keep_B11T: torch.Tensor) -> torch.Tensor:
+        B, L, C = x_BLC.shape
+        q = self.q(self.ln_q(x_BLC)).view(B, L, self.H, self.hd).transpose(1, 2)
+        k, v = kv
+        o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=keep_B11T)
+        return x_BLC + self.proj(o.transpose(1, 2).reshape(B, L, C))
 
 
 class AdaLNSelfAttn(nn.Module):
@@ -290,6 +324,8 @@ class VARDecoder(nn.Module):
                           cfg.norm_eps, cfg.shared_aln, cfg.attn_l2_norm)
             for i in range(cfg.depth)
         ])
+        self.cross = nn.ModuleList([CrossAttention(C, cfg.num_heads, cfg.norm_eps) for _ in range(cfg.depth)]) \
+            if cfg.cross_attn else None
         # 4. block-causal mask: position i attends to j iff scale(j) <= scale(i)  (official buffers)
         d_1L1 = torch.cat([torch.full((pn * pn,), i) for i, pn in enumerate(self.patch_nums)]).view(1, self.L, 1)
         dT_11L = d_1L1.transpose(1, 2)
@@ -330,6 +366,9 @@ class VARDecoder(nn.Module):
                 lin.weight[2 * self.C:].mul_(cfg.init_adaln)
                 lin.weight[: 2 * self.C].mul_(cfg.init_adaln_gamma)  # gates start near 0: blocks start near identity
                 lin.bias.zero_()
+        for xa in self.cross or ():
+            xa.proj.weight.zero_()
+            xa.proj.bias.zero_()
 
     @property
     def vqvae(self) -> Optional[nn.Module]:
@@ -376,6 +415,18 @@ class VARDecoder(nn.Module):
         gss = self.shared_ada_lin(cond_BD)
         return [blk.ada(gss) for blk in self.blocks]
 
+    def context_kv(self, context: Optional[Context]) -> Tuple[Optional[List], Optional[torch.Tensor]]:
+        """Per block the cross-attention keys/values of a context, and its (B, 1, 1, T) mask;
+        (None, None) without a context. A context given to a decoder without cross-attention
+        (or the reverse) is an error, not ignored."""
+        if (context is None) != (self.cross is None):
+            raise ValueError("VAR cross-attention needs a context and a context needs cross-attention "
+                             f"(cross_attn={self.cross is not None}, context given: {context is not None})")
+        if context is None:
+            return None, None
+        ctx_BTC, keep_BT = context
+        return [xa.context(ctx_BTC) for xa in self.cross], keep_BT.bool()[:, None, None, :]
+
     def logits(self, h_BLC: torch.Tensor, cond_BD: torch.Tensor, head_ada=None) -> torch.Tensor:
         return self.head(self.head_nm(h_BLC.float(), cond_BD, head_ada).to(self.head.weight.dtype)).float()
 
@@ -387,21 +438,30 @@ class VARDecoder(nn.Module):
         return cond_B
 
     # -- teacher-forced passes ------------------------------------------------------------
-    def forward_blocks(self, h_BLC: torch.Tensor, cond_B: torch.Tensor) -> torch.Tensor:
+    def forward_blocks(self, h_BLC: torch.Tensor, cond_B: torch.Tensor,
+                       cond_extra_BD: Optional[torch.Tensor] = None, context: Optional[Context] = None) -> torch.Tensor:
         """Blocks + head on given block inputs (B, l, C), l <= L a prefix of the sequence, under
         the block-causal mask -> logits (B, l, V). External mode: h_BLC are the LLM states
-        (after the gen-out projector) and cond_B in {0: conditional, 1: unconditional}."""
+        (after the gen-out projector) and cond_B in {0: conditional, 1: unconditional};
+        cond_extra_BD (B, C), when given, is added to the AdaLN condition (VARGPT var_cond
+        gen_start: the projected LLM state at <|image_gen_start|>); context (cross_attn decoders
+        only): (ctx (B, T, C), keep (B, T)) every block attends to after its self-attention."""
         l = h_BLC.shape[1]
         if l > self.L:
             raise ValueError(f"VAR block input has {l} positions, more than L={self.L}")
         cond_BD = self.cond_embed(cond_B)
+        if cond_extra_BD is not None:
+            cond_BD = cond_BD + cond_extra_BD.to(cond_BD.dtype)
         ada = self.block_conds(cond_BD)
         attn_bias = self.attn_bias_for_masking[:, :, :l, :l]
         x = h_BLC
         if x.dtype != attn_bias.dtype and torch.is_autocast_enabled(x.device.type):
             attn_bias = attn_bias.to(torch.get_autocast_dtype(x.device.type))
+        xkv, keep = self.context_kv(context)
         for i, blk in enumerate(self.blocks):
             x = blk(x, ada[i], attn_bias)
+            if xkv is not None:
+                x = self.cross[i](x, xkv[i], keep)
         return self.logits(x, cond_BD)
 
     def forward(self, cond_B: torch.Tensor, x_BLCv_wo_first_l: torch.Tensor) -> torch.Tensor:

@@ -219,6 +219,8 @@ def sample_next_scale(
     parity: bool = True,
     sampler: str = "auto",
     dtype: DTypeArg = "auto",
+    cond_extra: Optional[torch.Tensor] = None,
+    context: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> Tuple[List[torch.Tensor], Optional[torch.Tensor]]:
     """Generate B images scale by scale. Returns (idx_list, img): idx_list[k] is (B, pn_k^2),
     img (B, 3, H, W) in [0, 1] (None with decode=False).
@@ -246,6 +248,10 @@ def sample_next_scale(
           f_hat, sampling, VQVAE) is fp32.
     use_cache=False: recompute the whole prefix every scale under the block-causal mask (a
           benchmark baseline; same results).
+    cond_extra: (2B, C) added to the AdaLN condition of the blocks and the head (not to the SOS),
+          rows as the fused batch (VARGPT var_cond gen_start).
+    context: (ctx (2B, T, C), keep (2B, T)) for a decoder with cross-attention (VARGPT var_cond
+          prompt_attn): its keys/values are computed once and read at every scale.
     """
     vq = vqvae if vqvae is not None else var.vqvae
     if vq is None:
@@ -268,10 +274,15 @@ def sample_next_scale(
     with _precision(dt, torch.float32):  # the condition front-end in fp32 (as the official sampler)
         cond_2B = _conditions(var, B, cond, generator, device)
         cond_BD = var.cond_embed(cond_2B)  # (2B, C): the SOS and the AdaLN condition
+        sos_BD = cond_BD
+        if cond_extra is not None:
+            if tuple(cond_extra.shape) != tuple(cond_BD.shape):
+                raise ValueError(f"cond_extra has shape {tuple(cond_extra.shape)}, expected {tuple(cond_BD.shape)}")
+            cond_BD = cond_BD + cond_extra.to(device=device, dtype=cond_BD.dtype)
         ada = var.block_conds(cond_BD)  # once for all scales (and in fp32: they scale every row)
         head_ada = var.head_nm.ada(cond_BD)
         lvl_pos_1LC = var.lvl_pos()
-        x_chunk = (cond_BD.unsqueeze(1).expand(2 * B, var.first_l, -1) + var.pos_start.expand(2 * B, -1, -1)
+        x_chunk = (sos_BD.unsqueeze(1).expand(2 * B, var.first_l, -1) + var.pos_start.expand(2 * B, -1, -1)
                    + lvl_pos_1LC[:, :var.first_l])
     # fp32: the last scale is not stored (38% less cache); low precision (half the bytes): the
     # whole sequence, so the last scale attends to the buffer without a torch.cat copy per block
@@ -285,6 +296,7 @@ def sample_next_scale(
     # one region for all scales: autocast then casts a (trainable) weight once per call, not per
     # scale; a frozen weight is re-cast per use (measured ~2% of a VAR-d16 call, not worth more)
     with _precision(dt, compute):
+        xkv, keep = var.context_kv(context)
         for si, pn in enumerate(var.patch_nums):
             l = pn * pn
             if step_hook is not None:
@@ -297,6 +309,8 @@ def sample_next_scale(
                 x = x_chunk
                 for i, blk in enumerate(var.blocks):
                     x = blk(x, ada[i], None, cache.slot(i))
+                    if xkv is not None:
+                        x = var.cross[i](x, xkv[i], keep)
                 cache.pos += l
             else:
                 prefix.append(x_chunk)
@@ -305,6 +319,8 @@ def sample_next_scale(
                 mask = mask.to(low) if low is not None else mask
                 for i, blk in enumerate(var.blocks):
                     x = blk(x, ada[i], mask)
+                    if xkv is not None:
+                        x = var.cross[i](x, xkv[i], keep)
                 x = x[:, cur:]
             cur += l
             logits_2BlV = var.logits(x, cond_BD, head_ada)

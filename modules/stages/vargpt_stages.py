@@ -4,8 +4,9 @@
     llava_align  und_proj                                 captions            (LLaVA-1.5 step 1)
     llava_sft    und_proj + llm                           VQA / conversations (LLaVA-1.5 step 2)
     stage1       gen_in, gen_out, var.cond_emb/pos_start  generation instructions
+                 (+ gen_cond, and var.cross with model.var_cond prompt_attn)
     stage2       llm (+ und_proj with model.train_und_projector)   understanding + a few generation
-    stage3       gen_in, gen_out, var                     generation instructions
+    stage3       gen_in, gen_out, var (+ gen_cond)        generation instructions
 
 Everything outside the trainable set is frozen and kept in eval mode (no dropout / drop-path),
 so a frozen part computes exactly what it did when it was trained. `tests/test_stages.py`
@@ -38,7 +39,7 @@ class VARGPTStage(StageModule):
             raise ValueError("model.var.cond_mode must be 'external' in the VARGPT stages (the LLM conditions VAR)")
         self.net = net if net is not None else VARGPT(cfg.model, template=cfg.data.chat)
         if net is None:  # every pretrained weight: model.load entries, then init_from
-            load_weights(self.net, cfg.model.load, cfg.init_from, cfg.init_allow_missing)
+            load_weights(self.net, cfg.model.load, cfg.init_from, cfg.init_allow_missing, cfg.init_allow_unexpected)
         self.apply_trainable_set()
 
     def trainable_prefixes(self) -> Tuple[str, ...]:
@@ -123,6 +124,11 @@ class LlavaSFT(VARGPTStage):
 class Stage1(VARGPTStage):
     TRAINABLE = ("gen_in", "gen_out", "var.cond_emb", "var.pos_start")
 
+    def trainable_prefixes(self) -> Tuple[str, ...]:
+        # the prompt's way into the VAR (model.var_cond) is condition, not decoder: it aligns here
+        extra = {"label": (), "gen_start": ("gen_cond",), "prompt_attn": ("gen_cond", "var.cross")}
+        return self.TRAINABLE + extra[self.cfg.model.var_cond]
+
 
 class Stage2(VARGPTStage):
     TRAINABLE = ("llm",)
@@ -133,6 +139,9 @@ class Stage2(VARGPTStage):
 
 class Stage3(VARGPTStage):
     TRAINABLE = ("gen_in", "gen_out", "var")
+
+    def trainable_prefixes(self) -> Tuple[str, ...]:
+        return self.TRAINABLE + (("gen_cond",) if self.net.gen_cond is not None else ())
 
 
 STAGE_CLASSES = {"llava_align": LlavaAlign, "llava_sft": LlavaSFT, "stage1": Stage1, "stage2": Stage2, "stage3": Stage3}

@@ -1,0 +1,160 @@
+"""model.var_cond gen_start: the LLM state at <|image_gen_start|> conditions the VAR's AdaLN.
+
+It starts as v1 (label): the projector's last layer is zero, so the logits are v1's until it
+trains. Once it has weights, the prompt changes the VAR condition, KV-cached inference computes
+the training logits, the stage trainable sets include it, and the released layout refuses it."""
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+import pytest
+import torch
+
+from modules.vargpt import VARGPT
+from tests.tiny import collator_for, gen_sample, tiny_model_config
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    cfg = tiny_model_config(tmp_path_factory.mktemp("tiny"))
+    torch.manual_seed(0)
+    v1 = VARGPT(cfg).eval()
+    torch.manual_seed(0)
+    gs = VARGPT(replace(cfg, var_cond="gen_start")).eval()
+    gs.load_state_dict(v1.state_dict(), strict=False)  # the same weights, plus gen_cond (zero last layer)
+    return v1, gs
+
+
+def _give_weights(net):
+    net = copy.deepcopy(net)
+    with torch.no_grad():
+        for p in list(net.gen_cond.parameters()) + list(net.var.head.parameters()):
+            p.normal_(0, 0.5)
+    return net
+
+
+def test_gen_start_starts_as_v1(pair):
+    v1, gs = pair
+    assert v1.gen_cond is None and gs.gen_cond is not None
+    b = collator_for(v1)([gen_sample("g0"), gen_sample("g1", instr="two blue squares at the top")])
+    with torch.no_grad():
+        a, g = v1(b, return_logits=True), gs(b, return_logits=True)
+    torch.testing.assert_close(g["logits_img"], a["logits_img"], atol=0, rtol=0)
+
+
+def test_gen_start_condition_carries_the_prompt(pair):
+    gs = _give_weights(pair[1])
+    col = collator_for(gs)
+    s1, s2 = gen_sample("g0", instr="Draw a red circle."), gen_sample("g0", instr="two blue squares at the top please")
+    with torch.no_grad():
+        b1, b2 = col([s1]), col([s2])
+        _, m1, _, _ = gs.embed(b1)
+        h1 = gs.run_llm(gs.embed(b1)[0], b1["attention_mask"], use_cache=False).last_hidden_state
+        h2 = gs.run_llm(gs.embed(b2)[0], b2["attention_mask"], use_cache=False).last_hidden_state
+        c1, c2 = gs.prompt_condition(h1, m1), gs.prompt_condition(h2, b2["input_ids"] == gs.gen_pad_id)
+    assert c1.shape == (1, gs.c_var) and not torch.allclose(c1, c2)
+    # the state read is the one at <|image_gen_start|>: the token before the first pad slot
+    first_pad = int((b1["input_ids"][0] == gs.gen_pad_id).nonzero()[0])
+    assert int(b1["input_ids"][0, first_pad - 1]) == gs.ids["gen_start"]
+
+
+def test_gen_start_inference_computes_the_training_logits(pair):
+    gs = _give_weights(pair[1])
+    s = gen_sample("g0", instr="Draw a red circle on the left.")
+    with torch.no_grad():
+        out = gs(collator_for(gs)([s]), return_logits=True)
+        idx = gs.encode_targets(collator_for(gs)([s]))
+        per_scale = []
+        gs.generate_image(["Draw a red circle on the left."], cfg=0.0, seed=[0], teacher_idx=idx, logits_out=per_scale)
+    got = torch.cat([l[:1] for l in per_scale], dim=1)
+    torch.testing.assert_close(got, out["logits_img"], atol=1e-4, rtol=1e-4)
+    # and sampling runs with guidance (the unconditional half reads the null prompt's state)
+    img = gs.generate_image(["Draw a red circle.", "two squares"], cfg=2.0, seed=[0, 1])
+    assert img.shape[0] == 2 and torch.isfinite(img).all()
+
+
+def test_gen_start_config_checks(tmp_path):
+    cfg = tiny_model_config(tmp_path)
+    with pytest.raises(ValueError, match="var_cond"):
+        replace(cfg, var_cond="prompt").validate()
+    with pytest.raises(ValueError, match="cfg_uncond=null_prompt"):
+        replace(cfg, var_cond="gen_start", cfg_uncond="noise").validate()
+    from modules.vargpt_format import FormatError, check_exportable
+
+    with pytest.raises(FormatError, match="var_cond must be label"):
+        check_exportable(VARGPT(replace(cfg, var_cond="gen_start")))
+
+
+@pytest.fixture(scope="module")
+def attn_pair(tmp_path_factory):
+    cfg = tiny_model_config(tmp_path_factory.mktemp("tiny_attn"))
+    torch.manual_seed(0)
+    v1 = VARGPT(cfg).eval()
+    pa = VARGPT(replace(cfg, var_cond="prompt_attn")).eval()
+    pa.load_state_dict(v1.state_dict(), strict=False)  # v1's weights; gen_cond and var.cross new
+    return v1, pa
+
+
+def _give_attn_weights(net):
+    net = copy.deepcopy(net)
+    with torch.no_grad():
+        for p in list(net.var.cross.parameters()) + list(net.var.head.parameters()):
+            p.normal_(0, 0.3)
+    return net
+
+
+def test_prompt_attn_starts_as_v1_then_reads_the_prompt(attn_pair):
+    v1, pa = attn_pair
+    assert pa.var.cross is not None and len(pa.var.cross) == pa.var.depth and v1.var.cross is None
+    b = collator_for(v1)([gen_sample("g0"), gen_sample("g1", instr="two blue squares at the top")])
+    with torch.no_grad():
+        torch.testing.assert_close(pa(b, return_logits=True)["logits_img"], v1(b, return_logits=True)["logits_img"],
+                                   atol=0, rtol=0)  # cross-attention output starts at zero
+    net = _give_attn_weights(pa)
+    col = collator_for(net)
+    with torch.no_grad():
+        b1, b2 = col([gen_sample("g0", instr="Draw a red circle.")]), col([gen_sample("g0", instr="a cross please")])
+        ctx1 = net.prompt_context(net.run_llm(net.embed(b1)[0], b1["attention_mask"], use_cache=False).last_hidden_state,
+                                  b1["input_ids"] == net.gen_pad_id, b1["attention_mask"])
+    first_pad = int((b1["input_ids"][0] == net.gen_pad_id).nonzero()[0])
+    assert ctx1[0].shape == (1, first_pad, net.c_var) and bool(ctx1[1].all())  # the prompt, gen_start included
+    # a batch-mate's longer prompt pads this sample's context: the logits do not change
+    with torch.no_grad():
+        alone = net(b1, return_logits=True)["logits_img"]
+        both = net(col([gen_sample("g0", instr="Draw a red circle."),
+                        gen_sample("g1", instr="Can you make an image showing a blue square at the top and a "
+                                               "blue triangle on the left?")]), return_logits=True)["logits_img"]
+        other = net(b2, return_logits=True)["logits_img"]
+    torch.testing.assert_close(both[:1], alone, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(alone, other)
+
+
+def test_prompt_attn_inference_computes_the_training_logits(attn_pair):
+    net = _give_attn_weights(attn_pair[1])
+    s = gen_sample("g0", instr="Draw a red circle on the left.")
+    with torch.no_grad():
+        out = net(collator_for(net)([s]), return_logits=True)
+        idx = net.encode_targets(collator_for(net)([s]))
+        per_scale = []
+        # batched with a longer prompt: left padding on this row must be masked out of the context
+        net.generate_image(["Draw a red circle on the left.", "Can you make an image showing two blue squares at the top?"],
+                           cfg=0.0, seed=[0, 1], teacher_idx=[torch.cat([t, t]) for t in idx], logits_out=per_scale)
+    got = torch.cat([l[:1] for l in per_scale], dim=1)
+    torch.testing.assert_close(got, out["logits_img"], atol=1e-4, rtol=1e-4)
+
+
+def test_official_var_loads_into_a_cross_attention_decoder(attn_pair, tmp_path):
+    """A class-conditional VAR checkpoint (no cross.*) loads into a prompt_attn model: the
+    cross-attention layers are the only new keys."""
+    from modules.config import LoadSpec
+    from modules.weights import apply_load_spec
+    from safetensors.torch import save_file
+
+    _, pa = attn_pair
+    sd = {k: v for k, v in pa.var.state_dict().items() if not k.startswith("cross.") and k != "cond_emb.weight"}
+    sd["class_emb.weight"] = torch.zeros(25, pa.var.C)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "var.safetensors"))
+    net = copy.deepcopy(pa)
+    apply_load_spec(net, LoadSpec(path=str(tmp_path / "var.safetensors"), format="official_var"))
+    torch.testing.assert_close(net.var.blocks[0].attn.proj.weight, pa.var.blocks[0].attn.proj.weight)
