@@ -254,9 +254,9 @@ class VARGPTInference:
         if self.gen_cond is not None and noise:
             raise ValueError(f"model.var_cond={c.var_cond} needs model.cfg_uncond=null_prompt")
         if c.var_cond == "gen_start":  # the state at <|image_gen_start|> (the last position), 2B rows
-            cond_extra = self.gen_cond(h0[:, -1].to(self._dtype_of(self.gen_cond))).float()
+            cond_extra = self.project_cond(h0[:, -1])
         elif c.var_cond == "prompt_attn":  # every (left-padded) prompt state, 2B rows
-            context = (self.gen_cond(h0.to(self._dtype_of(self.gen_cond))).float(), mask.bool())
+            context = (self.project_cond(h0), mask.bool())
         cond_row = torch.full((B,), self.var.null_cond if c.switch("infer_cond_row") == "null" else 0, dtype=torch.long)
         if parity is None:
             parity = c.behaviour == "released" or teacher_idx is not None or logits_out is not None

@@ -192,7 +192,7 @@ class VARGPT(VARGPTInference, nn.Module):
             return None
         first = self._first_slots(gen_mask_BT)
         h_start = h_BTD[first[:, 0], first[:, 1] - 1]  # (N, D)
-        return self.gen_cond(h_start.to(self._dtype_of(self.gen_cond))).float()
+        return self.project_cond(h_start)
 
     def prompt_context(self, h_BTD: torch.Tensor, gen_mask_BT: torch.Tensor,
                        attention_mask_BT: Optional[torch.Tensor]) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
@@ -207,12 +207,12 @@ class VARGPT(VARGPTInference, nn.Module):
         keep = torch.arange(P, device=h_BTD.device).view(1, P) < ends.view(-1, 1)  # (N, P)
         if attention_mask_BT is not None:
             keep = keep & attention_mask_BT[rows, :P].bool()
-        ctx = self.gen_cond(h_BTD[rows, :P].to(self._dtype_of(self.gen_cond)))
-        return ctx.float(), keep
+        return self.project_cond(h_BTD[rows, :P]), keep
 
-    @staticmethod
-    def _dtype_of(module: nn.Module) -> torch.dtype:
-        return next(module.parameters()).dtype
+    def project_cond(self, h: torch.Tensor) -> torch.Tensor:
+        """gen_cond of LLM states (..., D) -> (..., C_var) in fp32, whatever the projector dtype:
+        the one projection training (prompt_condition / prompt_context) and generation share."""
+        return self.gen_cond(h.to(next(self.gen_cond.parameters()).dtype)).float()
 
     def run_llm(self, embeds: torch.Tensor, attention_mask: Optional[torch.Tensor], **kw):
         """Last-layer hidden states (after the final norm) of the decoder stack."""

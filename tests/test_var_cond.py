@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from modules.vargpt import VARGPT
-from tests.tiny import collator_for, gen_sample, tiny_model_config
+from tests.tiny import collator_for, gen_sample, teacher_forced_per_scale, tiny_model_config
 
 
 @pytest.fixture(scope="module")
@@ -61,14 +61,9 @@ def test_gen_start_condition_carries_the_prompt(pair):
 
 def test_gen_start_inference_computes_the_training_logits(pair):
     gs = _give_weights(pair[1])
-    s = gen_sample("g0", instr="Draw a red circle on the left.")
-    with torch.no_grad():
-        out = gs(collator_for(gs)([s]), return_logits=True)
-        idx = gs.encode_targets(collator_for(gs)([s]))
-        per_scale = []
-        gs.generate_image(["Draw a red circle on the left."], cfg=0.0, seed=[0], teacher_idx=idx, logits_out=per_scale)
-    got = torch.cat([l[:1] for l in per_scale], dim=1)
-    torch.testing.assert_close(got, out["logits_img"], atol=1e-4, rtol=1e-4)
+    train, got = teacher_forced_per_scale(gs, ["Draw a red circle on the left."],
+                                          gen_sample("g0", instr="Draw a red circle on the left."))
+    torch.testing.assert_close(got, train, atol=1e-4, rtol=1e-4)
     # and sampling runs with guidance (the unconditional half reads the null prompt's state)
     img = gs.generate_image(["Draw a red circle.", "two squares"], cfg=2.0, seed=[0, 1])
     assert img.shape[0] == 2 and torch.isfinite(img).all()
@@ -132,16 +127,11 @@ def test_prompt_attn_starts_as_v1_then_reads_the_prompt(attn_pair):
 
 def test_prompt_attn_inference_computes_the_training_logits(attn_pair):
     net = _give_attn_weights(attn_pair[1])
-    s = gen_sample("g0", instr="Draw a red circle on the left.")
-    with torch.no_grad():
-        out = net(collator_for(net)([s]), return_logits=True)
-        idx = net.encode_targets(collator_for(net)([s]))
-        per_scale = []
-        # batched with a longer prompt: left padding on this row must be masked out of the context
-        net.generate_image(["Draw a red circle on the left.", "Can you make an image showing two blue squares at the top?"],
-                           cfg=0.0, seed=[0, 1], teacher_idx=[torch.cat([t, t]) for t in idx], logits_out=per_scale)
-    got = torch.cat([l[:1] for l in per_scale], dim=1)
-    torch.testing.assert_close(got, out["logits_img"], atol=1e-4, rtol=1e-4)
+    # batched with a longer prompt: left padding on this row must be masked out of the context
+    train, got = teacher_forced_per_scale(
+        net, ["Draw a red circle on the left.", "Can you make an image showing two blue squares at the top?"],
+        gen_sample("g0", instr="Draw a red circle on the left."))
+    torch.testing.assert_close(got[:1], train, atol=1e-4, rtol=1e-4)
 
 
 def test_official_var_loads_into_a_cross_attention_decoder(attn_pair, tmp_path):

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from modules.vargpt import VARGPT
-from tests.tiny import collator_for, gen_sample, tiny_model_config, und_sample
+from tests.tiny import collator_for, gen_sample, teacher_forced_per_scale, tiny_model_config, und_sample
 
 
 @pytest.fixture(scope="module")
@@ -131,14 +131,9 @@ def test_numeric_answer_first_token_is_supervised(tiny):
 def test_generation_inference_computes_the_training_logits(tiny):
     """Teacher-forced through generate_image's KV-cached LLM chunks + VAR steps, the conditional
     rows' per-scale logits equal the training forward's logits for the same prompt and target."""
-    s = gen_sample("g0", instr="Draw a red circle on the left.")
-    with torch.no_grad():
-        out = tiny(collator_for(tiny)([s]), return_logits=True)
-        idx = tiny.encode_targets(collator_for(tiny)([s]))
-        per_scale = []
-        tiny.generate_image(["Draw a red circle on the left."], cfg=0.0, seed=[0], teacher_idx=idx, logits_out=per_scale)
-    got = torch.cat([l[:1] for l in per_scale], dim=1)  # conditional half, all scales
-    torch.testing.assert_close(got, out["logits_img"], atol=1e-4, rtol=1e-4)
+    train, got = teacher_forced_per_scale(tiny, ["Draw a red circle on the left."],
+                                          gen_sample("g0", instr="Draw a red circle on the left."))
+    torch.testing.assert_close(got, train, atol=1e-4, rtol=1e-4)
 
 
 def test_prompt_gain_compares_right_and_rolled_prompts(tiny):

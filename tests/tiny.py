@@ -87,3 +87,20 @@ def collator_for(net, **data_kw):
     """``net.collator`` with DataConfig options (prompt dropout off unless given)."""
     data = DataConfig(chat=net.template, **{"prompt_dropout": 0.0, **data_kw})
     return net.collator(data, train=True)
+
+
+def teacher_forced_per_scale(net, prompts: Sequence[str], sample: Dict[str, Any]):
+    """(training-forward logits_img (1, L, V) of `sample`; the conditional rows' logits of
+    generate_image teacher-forced through the KV caches with `sample`'s target for every prompt,
+    all scales, (len(prompts), L, V)). prompts[0] should be `sample`'s instruction."""
+    import torch
+
+    col = collator_for(net)
+    with torch.no_grad():
+        out = net(col([sample]), return_logits=True)
+        idx = net.encode_targets(col([sample]))
+        per_scale: List[Any] = []
+        n = len(prompts)
+        net.generate_image(list(prompts), cfg=0.0, seed=list(range(n)), teacher_idx=[t.repeat(n, 1) for t in idx],
+                           logits_out=per_scale)
+    return out["logits_img"], torch.cat([l[:n] for l in per_scale], dim=1)
