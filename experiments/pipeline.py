@@ -93,6 +93,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                             "gen_attr_count", "gen_attr_position", "fid", "inception_score", "gen_n",
                                             "gen_loss_img", "gen_loss_img_rolled_prompts", "gen_prompt_gain")}
     rep["real_vs_real"] = s3.get("real_vs_real")
+    rep["vqvae_reconstruction"] = s3.get("vqvae_reconstruction")  # the generation ceiling of this tokenizer
     rep["protocol"] = s3["protocol"]
     # the flat keys the issue asks for
     rep["vqa_accuracy"] = rep["stage2"]["vqa_accuracy"]

@@ -313,12 +313,14 @@ class Evaluator:
 def report_metrics(report: Dict[str, Any], prefix: str) -> Dict[str, float]:
     """The scalar metrics of an evaluation report, flat: ``<prefix><k>`` for every numeric
     top-level value (not bools), ``<prefix>vqa_<type>`` per question type and
-    ``<prefix>real_vs_real_<k>`` for the real-vs-real floor. The one flattening of reports: the
+    ``<prefix>real_vs_real_<k>`` / ``<prefix>vqvae_reconstruction_<k>`` for the real-vs-real
+    floor and the tokenizer's ceiling. The one flattening of reports: the
     in-loop callback logs ``val/...``, ``experiments.evaluate`` and sweeps ``eval/...``."""
     flat = {f"{prefix}{k}": float(v) for k, v in report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     for k, v in (report.get("vqa_per_type") or {}).items():
         flat[f"{prefix}vqa_{k}"] = float(v)
-    for k, v in (report.get("real_vs_real") or {}).items():
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            flat[f"{prefix}real_vs_real_{k}"] = float(v)
+    for part in ("real_vs_real", "vqvae_reconstruction"):
+        for k, v in (report.get(part) or {}).items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                flat[f"{prefix}{part}_{k}"] = float(v)
     return flat

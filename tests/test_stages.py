@@ -169,6 +169,8 @@ def test_evaluate_cli_writes_report_with_protocol(tiny_world, tmp_path, tracking
               "inception_score"):
         assert k in rep, k
     assert rep["real_vs_real"]["n"] == 4 and rep["real_vs_real"]["fid"] >= 0
+    rc = rep["vqvae_reconstruction"]  # the tokenizer's ceiling on the same real images
+    assert rc["n"] == 4 and rc["fid"] >= 0 and 0.0 <= rc["attribute_accuracy"] <= 1.0
     assert rep["gen_prompt_gain"] == pytest.approx(rep["gen_loss_img_rolled_prompts"] - rep["gen_loss_img"])
     p = rep["protocol"]
     assert p["num_gen"] == 4 and p["seed"] == 0 and p["extractor"] == "world" and p["resolution"] == 16
@@ -180,3 +182,4 @@ def test_evaluate_cli_writes_report_with_protocol(tiny_world, tmp_path, tracking
     c = mlflow.MlflowClient(tracking_uri)
     (run,) = c.search_runs([c.get_experiment_by_name("vargpt-eval").experiment_id])
     assert "eval/fid" in run.data.metrics and "eval/vqa_accuracy" in run.data.metrics
+    assert "eval/vqvae_reconstruction_attribute_accuracy" in run.data.metrics
