@@ -142,7 +142,9 @@ class TrainingCheckpoint(L.Callback):
         try:
             if trainer.is_global_zero:
                 self.dir.mkdir(parents=True, exist_ok=True)
-            trainer.save_checkpoint(str(tmp))  # every rank (collective under FSDP); rank 0 writes
+            # every rank (collective under FSDP); rank 0 writes. weights_only=False said outright:
+            # a resume checkpoint needs the optimiser, schedulers, loops and callbacks too.
+            trainer.save_checkpoint(str(tmp), weights_only=False)
             if trainer.is_global_zero:
                 finalize_checkpoint(tmp, final, {**self.meta, "step": step, "time": time.time()})
                 prune_checkpoints(self.dir, self.keep_last)
