@@ -64,17 +64,16 @@ def _run_evaluation(ckpt: str, tasks: List[str], overrides: List[str], real_base
         rr = ev.fid_is(reals_b, reals_a, e, clf, real_key=evaluator.real_key)
         report["real_vs_real"] = {"fid": rr["fid"], "inception_score": rr["inception_score"],
                                   "n": len(other), "shards": real_baseline}
-        groups_b = [requested_groups(s["record"]) for s in other] if clf is not None else []
-        if clf is not None:
-            report["real_vs_real"]["attribute_accuracy"] = attribute_scores(clf, reals_b, groups_b)["mean"]
         # The tokenizer's ceiling: the same real images through the VQVAE (multi-scale indices,
         # then decoded). A generator can only draw what its tokenizer can draw, so this is the
         # best attribute accuracy / FID any sampler reaches with these VQVAE weights.
-        recon_b = reconstruct(net.vqvae, reals_b)
+        recon_b = ev.vqvae_reconstructions(net.vqvae, reals_b)
         rc = ev.fid_is(recon_b, reals_a, e, clf, real_key=evaluator.real_key)
         report["vqvae_reconstruction"] = {"fid": rc["fid"], "inception_score": rc["inception_score"],
                                           "n": len(other), "shards": real_baseline}
         if clf is not None:
+            groups_b = [requested_groups(s["record"]) for s in other]
+            report["real_vs_real"]["attribute_accuracy"] = attribute_scores(clf, reals_b, groups_b)["mean"]
             report["vqvae_reconstruction"]["attribute_accuracy"] = attribute_scores(clf, recon_b, groups_b)["mean"]
     report["protocol"] = report.pop("protocol")  # last, as before
     report["seconds"] = round(time.perf_counter() - t0, 1)
@@ -86,13 +85,6 @@ def _run_evaluation(ckpt: str, tasks: List[str], overrides: List[str], real_base
     if log_mlflow:
         _log(report, cfg, out)
     return report
-
-
-@torch.no_grad()
-def reconstruct(vqvae: torch.nn.Module, images: torch.Tensor, batch: int = 64) -> torch.Tensor:
-    """Images (N, 3, H, W) in [0, 1] -> their VQVAE reconstructions, same shape and range."""
-    out = [vqvae.img_to_recon(images[i:i + batch].mul(2).sub(1)).add(1).mul(0.5) for i in range(0, len(images), batch)]
-    return torch.cat(out).clamp_(0, 1)
 
 
 def _log(report: Dict[str, Any], cfg: Any, out: Optional[Path]) -> None:

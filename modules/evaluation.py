@@ -143,6 +143,14 @@ def target_images(samples: Sequence[Dict[str, Any]], resolution: int) -> torch.T
     return torch.stack([tf(s["images"][-1]).add(1).mul(0.5) for s in samples])
 
 
+@torch.no_grad()
+def vqvae_reconstructions(vqvae: torch.nn.Module, images: torch.Tensor, batch: int = 64) -> torch.Tensor:
+    """Images (N, 3, H, W) in [0, 1] (as ``target_images`` gives them) -> their VQVAE
+    reconstructions (encode to the multi-scale indices, decode), same shape and range."""
+    out = [vqvae.img_to_recon(images[i:i + batch].mul(2).sub(1)).add_(1).mul_(0.5) for i in range(0, len(images), batch)]
+    return torch.cat(out).clamp_(0, 1)
+
+
 def load_world_classifier(path: str, cfg_model) -> torch.nn.Module:
     """The world's reference classifier (``model.classifier`` sizes) from a safetensors file."""
     clf = build_classifier(cfg_model.classifier)
