@@ -83,6 +83,11 @@ class DataConfig:
     gen_num_tokens: int = 680  # L = sum(pn^2); the model fills this in
     use_pretokenized: bool = True  # use stored VQ indices when their fingerprint matches
     load_gen_images: bool = True  # decode target images even when indices are present
+    # base_var only: the class of a record without a `label` (a world generation scene).
+    # "label": every record must carry one (the `class` task); "scene": a one-object scene gets
+    # its (shape, colour) class, any other scene the null class (unconditional), so the VAR base
+    # also learns the multi-object scenes VARGPT will ask it to draw.
+    scene_labels: str = "label"
     chat: ChatTemplateConfig = field(default_factory=ChatTemplateConfig)
 
 
@@ -99,6 +104,8 @@ def validate_data_config(cfg: DataConfig) -> None:
                 raise ValueError(f"{where}.weight must be > 0, got {src.weight}")
     if cfg.text_loss_on not in TEXT_LOSS_ON:
         raise ValueError(f"data.text_loss_on={cfg.text_loss_on!r}; valid: {', '.join(TEXT_LOSS_ON)}")
+    if cfg.scene_labels not in ("label", "scene"):
+        raise ValueError(f"data.scene_labels={cfg.scene_labels!r}; valid: label, scene")
     if cfg.overlong not in ("clip", "drop"):
         raise ValueError(f"data.overlong={cfg.overlong!r}; valid: clip, drop")
     if not 0.0 <= cfg.prompt_dropout < 1.0:

@@ -3,6 +3,8 @@
 `make bases` trains every base under runs/bases/ (see the Makefile for the order) and then runs
 
     python -m experiments.bases pack            # runs/bases/* -> assets/world/*.safetensors (fp16)
+    python -m experiments.bases pack --only var --src runs/explore   # one retrained base; the
+                                                # other entries of MANIFEST.json stay as they are
 
 so that a fresh clone's `make stage1` starts from trained bases in minutes. `check` verifies that
 the shipped files are complete and match MANIFEST.json (sha256); world configs read assets/world/.
@@ -19,7 +21,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -44,15 +46,27 @@ PARTS = {
 }
 
 
-def pack(src: Path = SRC, dst: Path = ASSETS, dtype: str = "float16") -> Dict[str, Dict]:
-    missing = [str(src / rel) for rel, _ in PARTS.values() if not (src / rel).is_file()]
-    if missing or not (src / "tokenizer" / "tokenizer.json").is_file():
-        raise SystemExit("bases pack: missing " + ", ".join(missing + [str(src / "tokenizer")]) +
-                         "\n  run `make bases` (it trains them) first")
+def pack(src: Path = SRC, dst: Path = ASSETS, dtype: str = "float16", only: Sequence[str] = ()) -> Dict[str, Dict]:
+    """Pack every base (and the tokenizer) from `src` into `dst`; with `only`, just those bases,
+    the rest of an existing MANIFEST.json kept (a base retrained on its own)."""
+    unknown = [n for n in only if n not in PARTS]
+    if unknown:
+        raise SystemExit(f"bases pack: unknown base(s) {unknown}; valid: {', '.join(PARTS)}")
+    names = list(only) or list(PARTS)
+    missing = [str(src / PARTS[n][0]) for n in names if not (src / PARTS[n][0]).is_file()]
+    if not only and not (src / "tokenizer" / "tokenizer.json").is_file():
+        missing.append(str(src / "tokenizer"))
+    if missing:
+        raise SystemExit("bases pack: missing " + ", ".join(missing) + "\n  run `make bases` (it trains them) first")
     dst.mkdir(parents=True, exist_ok=True)
     tdt = getattr(torch, dtype)
-    manifest: Dict[str, Dict] = {"_created": time.strftime("%Y-%m-%d %H:%M:%S"), "_dtype": dtype}
-    for name, (rel, keep) in PARTS.items():
+    mf = dst / "MANIFEST.json"
+    manifest: Dict[str, Dict] = json.loads(mf.read_text()) if only and mf.is_file() else {}
+    if only and manifest.get("_dtype", dtype) != dtype:
+        raise SystemExit(f"bases pack: {mf} is {manifest['_dtype']}, not {dtype}: pack every base")
+    manifest.update({"_created": time.strftime("%Y-%m-%d %H:%M:%S"), "_dtype": dtype})
+    for name in names:
+        rel, keep = PARTS[name]
         sd = read_state_dict(src / rel)
         if keep:
             sd = {k: v for k, v in sd.items() if k.startswith(keep)}
@@ -62,6 +76,9 @@ def pack(src: Path = SRC, dst: Path = ASSETS, dtype: str = "float16") -> Dict[st
         save_state_dict(sd, out, metadata={"source": rel, "dtype": dtype})
         manifest[name] = {"file": out.name, "sha256": sha256_file(out), "tensors": len(sd),
                           "params": int(sum(v.numel() for v in sd.values())), "bytes": out.stat().st_size}
+    if only:
+        mf.write_text(json.dumps(manifest, indent=2) + "\n")
+        return manifest
     tok_dst = dst / "tokenizer"
     if tok_dst.exists():
         shutil.rmtree(tok_dst)
@@ -98,6 +115,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = sub.add_parser("pack", help="runs/bases/* -> assets/world/ (fp16) + MANIFEST.json")
     p.add_argument("--src", default=str(SRC))
     p.add_argument("--dst", default=str(ASSETS))
+    p.add_argument("--only", nargs="+", default=[], metavar="BASE",
+                   help=f"pack just these ({', '.join(PARTS)}); MANIFEST.json keeps the others")
     c = sub.add_parser("check", help="exit 1 unless assets/world/ is complete and matches its manifest")
     c.add_argument("--dst", default=str(ASSETS))
     t = sub.add_parser("tokenizer", help="train the world tokenizer on world shards")
@@ -111,9 +130,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"world tokenizer: {len(tok)} tokens from {len(records)} records -> {args.out}")
         return 0
     if args.cmd == "pack":
-        m = pack(Path(args.src), Path(args.dst))
+        m = pack(Path(args.src), Path(args.dst), only=args.only)
         total = sum(v["bytes"] for k, v in m.items() if not k.startswith("_") and "bytes" in v)
-        print(f"packed {len(PARTS)} bases + tokenizer into {args.dst} ({total / 1e6:.1f} MB)")
+        what = ", ".join(args.only) if args.only else f"{len(PARTS)} bases + tokenizer"
+        print(f"packed {what} into {args.dst} (assets now {total / 1e6:.1f} MB)")
         return 0
     problems = check(Path(args.dst))
     for pr in problems:

@@ -152,6 +152,26 @@ def test_base_var_overfits_one_batch(vqvae_run, world, tmp_path):
     assert last < 0.8 * first, (first, last)
 
 
+def test_base_var_scene_labels():
+    """data.scene_labels: `label` records keep theirs; with "scene" a one-object generation scene
+    gets its (shape, colour) class and a multi-object one the null class; without it, or with
+    neither, the error names the records and the key to set."""
+    from datamodules.world import class_label
+    from modules.stages.bases.var import record_labels
+
+    obj = lambda shape, colour: {"shape": shape, "colour": colour}
+    recs = [{"id": "c", "label": 5},
+            {"id": "g1", "scene": {"objects": [obj("cross", "blue")]}},
+            {"id": "g3", "scene": {"objects": [obj("circle", "red"), obj("square", "red"), obj("cross", "red")]}}]
+    assert record_labels(recs, 24, "scene") == [5, class_label("cross", "blue"), 24]
+    with pytest.raises(ValueError, match=r"2 records have none, e.g. \['g1', 'g3'\].*scene_labels: scene"):
+        record_labels(recs, 24, "label")
+    with pytest.raises(ValueError, match="record c: label 5 outside 0..3"):
+        record_labels(recs, 4, "scene")
+    with pytest.raises(ValueError, match="neither"):
+        record_labels([{"id": "x"}], 24, "scene")
+
+
 def test_base_var_without_vqvae_weights_says_how(world, tmp_path):
     from modules.stages import build_stage
 

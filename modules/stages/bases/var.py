@@ -14,6 +14,7 @@ from torchmetrics import MeanMetric
 
 from datamodules.paths import run_dir
 from datamodules.pretokenize import tokenizer_fingerprint
+from datamodules.world import class_label
 from modules.components.var_decoder import build_var
 from modules.components.vqvae import build_vqvae
 from modules.stages.base import StageModule
@@ -34,6 +35,30 @@ def encode_indices(vqvae: nn.Module, images_u8: torch.Tensor, batch: int = ENCOD
     return torch.cat(out, 0)
 
 
+def record_labels(records: List[Dict[str, Any]], num_classes: int, scene_labels: str = "label") -> List[int]:
+    """Class index per record: its `label`; with scene_labels "scene", a record without one (a
+    world generation scene) gets its object's class when the scene has exactly one object, else
+    the null class `num_classes` (the row classifier-free guidance trains as unconditional)."""
+    out, missing = [], []
+    for r in records:
+        if "label" in r:
+            if not 0 <= int(r["label"]) < num_classes:
+                raise ValueError(f"record {r.get('id', '?')}: label {r['label']} outside 0..{num_classes - 1} "
+                                 f"(model.var.num_classes={num_classes})")
+            out.append(int(r["label"]))
+        elif scene_labels == "scene" and isinstance(r.get("scene"), dict):
+            objs = r["scene"].get("objects") or []
+            out.append(class_label(objs[0]["shape"], objs[0]["colour"]) if len(objs) == 1 else num_classes)
+        else:
+            missing.append(r.get("id", "?"))
+    if missing:
+        hint = ("set data.scene_labels: scene to train on generation scenes" if scene_labels == "label"
+                else "these records have neither a `label` nor a `scene`")
+        raise ValueError(f"base_var needs a class per record (the world `class` task has `label`); "
+                         f"{len(missing)} records have none, e.g. {missing[:3]}: {hint}, or check data.sources")
+    return out
+
+
 class VARData(InMemoryData):
     """Class-task shards -> (label, VQ indices). Indices come from the shards when they were
     pre-tokenized by this VQVAE (``python -m experiments.pretokenize``), else they are encoded once and
@@ -47,14 +72,8 @@ class VARData(InMemoryData):
 
     def _tensors(self, data: Dict[str, Any], split: str) -> Dict[str, torch.Tensor]:
         records = data["records"]
-        missing = [r.get("id", "?") for r in records if "label" not in r]
-        if missing:
-            raise ValueError(f"base_var trains on the world `class` task (records with `label`); "
-                             f"{len(missing)} records have none, e.g. {missing[:3]}: check data.sources")
-        labels = torch.tensor([int(r["label"]) for r in records], dtype=torch.long)
         ncls = self.cfg.model.var.num_classes
-        if int(labels.max()) >= ncls:
-            raise ValueError(f"label {int(labels.max())} >= model.var.num_classes={ncls}")
+        labels = torch.tensor(record_labels(records, ncls, self.cfg.data.scene_labels), dtype=torch.long)
         h = hashlib.sha256("\n".join(data["keys"]).encode()).hexdigest()[:12]
         fp = self.fingerprint.replace("sha256:", "")
         path = self.cache_dir / f"{fp}-{split}-{h}.pt"
