@@ -154,6 +154,12 @@ class ModelConfig:
     # and including <|image_gen_start|>); the cross-attention output starts at zero. Neither is
     # in the released layout.
     var_cond: str = "label"
+    # What the VAR blocks read at the image positions. False (VARGPT v1): gen_out(LLM states)
+    # only, so every bit of the image so far reaches the VAR through the LLM. True (beyond v1): a
+    # residual around the LLM, front_end(x) + gen_out(LLM states), where front_end is the VAR's
+    # own input (what its pretrained blocks were trained on); gen_out's last layer starts at zero,
+    # so the pretrained VAR works unchanged from the first step and the LLM adds the prompt.
+    var_skip: bool = False
     # Loss mix: loss = loss_text + w_img * loss_img (VARGPT v1: 1, v1.1: 3)
     w_img: float = 1.0
     # Released-behaviour switches: `behaviour` sets all of them (corrected | released, see

@@ -248,7 +248,8 @@ class VARGPTInference:
             state["mask"], state["next_pos"] = m, p[:, -1:] + 1
             if noise:
                 h = torch.cat([h, draw_noise(tuple(h.shape), h.dtype).to(h.device)])
-            return self.gen_out(h).to(x_2BlC.dtype)
+            out = self.gen_out(h).to(x_2BlC.dtype)
+            return out + x_2BlC if c.var_skip else out  # model.var_skip: the residual around the LLM
 
         cond_extra = context = None
         if self.gen_cond is not None and noise:

@@ -73,6 +73,10 @@ class VARGPT(VARGPTInference, nn.Module):
             last = [m for m in self.gen_cond.modules() if isinstance(m, nn.Linear)][-1]
             nn.init.zeros_(last.weight)
             nn.init.zeros_(last.bias)
+        if cfg.var_skip:  # start as the bare pretrained VAR: its own inputs, nothing added yet
+            last = [m for m in self.gen_out.modules() if isinstance(m, nn.Linear)][-1]
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
         if cfg.projector_dtype != "float32":
             dt = getattr(torch, cfg.projector_dtype)
             for proj in (self.und_proj, self.gen_in, self.gen_out, self.gen_cond):
@@ -140,11 +144,13 @@ class VARGPT(VARGPTInference, nn.Module):
         x_NLCv = self.vqvae.idx_to_var_input(idx_list)
         return self.var.front_end(uncond_N.long(), x_NLCv)
 
-    def embed(self, batch: Dict[str, Any], with_gen: bool = True, insert_gen: bool = True):
+    def embed(self, batch: Dict[str, Any], with_gen: bool = True, insert_gen: bool = True,
+              front_out: Optional[List[torch.Tensor]] = None):
         """LLM input embeddings (B, T, D) with image features and generation inputs scattered into
         their slots (row-major over (sample, position) = the collator's placeholder order).
         ``insert_gen=False`` leaves the <|image_gen_pad|> embeddings in place (the released
-        mixed batch) but still returns the targets.
+        mixed batch) but still returns the targets. ``front_out`` (a list) receives the VAR
+        front end (N, L, C_var) of the targets (model.var_skip adds it to the block inputs).
         Returns (embeds, gen_mask (B,T) or None, idx_list or None, uncond (N,) or None)."""
         ids = batch["input_ids"]
         emb = self.llm.get_input_embeddings()(ids)
@@ -174,9 +180,12 @@ class VARGPT(VARGPTInference, nn.Module):
         if int(gen_mask.sum()) != n_gen * self.L:
             raise ValueError(f"batch has {int(gen_mask.sum())} {GEN_PAD} slots but {n_gen} targets x L={self.L}: "
                              f"collator gen_num_tokens must equal the VAR decoder's L")
+        front = self.gen_front_end(idx_list, uncond) if insert_gen or front_out is not None else None
+        if front_out is not None:
+            front_out.append(front)
         if not insert_gen:
             return emb, gen_mask, idx_list, uncond
-        gen_in = self.gen_in(self.gen_front_end(idx_list, uncond).to(emb.dtype))
+        gen_in = self.gen_in(front.to(emb.dtype))
         emb = emb.masked_scatter(gen_mask.unsqueeze(-1), gen_in.to(emb.dtype))
         return emb, gen_mask, idx_list, uncond
 
@@ -232,7 +241,9 @@ class VARGPT(VARGPTInference, nn.Module):
             # released if/elif: a batch with input images gets no VAR inputs in its pad slots, yet
             # its image loss is computed on the LLM states there
             insert = False
-        emb, gen_mask, idx_list, uncond = self.embed(batch, insert_gen=insert)
+        front: List[torch.Tensor] = []
+        emb, gen_mask, idx_list, uncond = self.embed(batch, insert_gen=insert,
+                                                     front_out=front if self.cfg.var_skip else None)
         # use_cache=False: a frozen LLM is in eval mode, where HF would otherwise build a KV cache
         h = self.run_llm(emb, batch.get("attention_mask"), use_cache=False).last_hidden_state  # (B, T, D)
         out: Dict[str, torch.Tensor] = {}
@@ -257,7 +268,9 @@ class VARGPT(VARGPTInference, nn.Module):
         if gen_mask is not None:
             n_gen = idx_list[0].shape[0]
             h_gen = h[gen_mask].view(n_gen, self.L, self.d_llm)
-            h_var = self.gen_out(h_gen)
+            h_var = self.gen_out(h_gen)  # (N, L, C_var)
+            if self.cfg.var_skip:  # the residual around the LLM (model.var_skip)
+                h_var = h_var + front[0].to(h_var.dtype)
             logits_img = self.var.forward_blocks(h_var, uncond, self.prompt_condition(h, gen_mask),
                                                  self.prompt_context(h, gen_mask, batch.get("attention_mask")))  # (N, L, V)
             target = torch.cat(list(idx_list), dim=1)

@@ -148,3 +148,41 @@ def test_official_var_loads_into_a_cross_attention_decoder(attn_pair, tmp_path):
     net = copy.deepcopy(pa)
     apply_load_spec(net, LoadSpec(path=str(tmp_path / "var.safetensors"), format="official_var"))
     torch.testing.assert_close(net.var.blocks[0].attn.proj.weight, pa.var.blocks[0].attn.proj.weight)
+
+
+# ------------------------------------------------------------------ model.var_skip
+@pytest.fixture(scope="module")
+def skip_net(tmp_path_factory):
+    cfg = tiny_model_config(tmp_path_factory.mktemp("tiny_skip"))
+    torch.manual_seed(0)
+    return VARGPT(replace(cfg, var_cond="prompt_attn", var_skip=True)).eval()
+
+
+def test_var_skip_starts_as_the_bare_var(skip_net):
+    """gen_out's last layer starts at zero: the blocks read exactly the VAR's own front end, so a
+    pretrained VAR computes what it did before VARGPT (the LLM adds nothing yet)."""
+    net = skip_net
+    b = collator_for(net)([gen_sample("g0"), gen_sample("g1", instr="two blue squares at the top")])
+    with torch.no_grad():
+        got = net(b, return_logits=True)["logits_img"]
+        idx = net.encode_targets(b)
+        front = net.gen_front_end(idx, torch.zeros(2, dtype=torch.long))  # (N, L, C_var)
+        prompt = net.prompt_context(net.run_llm(net.embed(b)[0], b["attention_mask"], use_cache=False).last_hidden_state,
+                                    b["input_ids"] == net.gen_pad_id, b["attention_mask"])
+        bare = net.var.forward_blocks(front, torch.zeros(2, dtype=torch.long), None, prompt)
+    torch.testing.assert_close(got, bare, atol=1e-5, rtol=1e-5)
+
+
+def test_var_skip_inference_computes_the_training_logits(skip_net):
+    net = copy.deepcopy(skip_net)
+    with torch.no_grad():  # give the LLM path and the cross-attention weights
+        for p in list(net.gen_out.parameters()) + list(net.var.cross.parameters()):
+            p.normal_(0, 0.3)
+    train, got = teacher_forced_per_scale(
+        net, ["Draw a red circle on the left.", "Can you make an image showing two blue squares at the top?"],
+        gen_sample("g0", instr="Draw a red circle on the left."))
+    torch.testing.assert_close(got[:1], train, atol=1e-4, rtol=1e-4)
+    with torch.no_grad():  # and the LLM path now changes the logits
+        b = collator_for(net)([gen_sample("g0")])
+        assert not torch.allclose(net(b, return_logits=True)["logits_img"],
+                                  skip_net(b, return_logits=True)["logits_img"])

@@ -109,6 +109,22 @@ def test_cached_logits_equal_teacher_forced_class_mode(vqvae, shared_aln):
     assert not torch.allclose(other[-1], per_scale[-1], atol=1e-4)
 
 
+def test_teacher_idx_prefix_forces_the_first_scales_then_samples(vqvae):
+    """teacher_idx shorter than the scales: those scales are the given indices, the rest are
+    drawn, and the draws after the prefix are those of a full sample that drew the same prefix."""
+    var = make_var(vqvae)
+    g = torch.Generator().manual_seed(0)
+    idx = random_idx(vqvae, 2, g)
+    label = torch.tensor([0, 3])
+    out, _ = var.sample(2, label, teacher_idx=idx[:2], generator=torch.Generator().manual_seed(5), decode=False)
+    assert len(out) == len(var.patch_nums)
+    assert all(torch.equal(a, b) for a, b in zip(out[:2], idx[:2]))
+    again, _ = var.sample(2, label, teacher_idx=idx[:2], generator=torch.Generator().manual_seed(5), decode=False)
+    assert all(torch.equal(a, b) for a, b in zip(out, again))
+    free, _ = var.sample(2, label, teacher_idx=idx[:1], generator=torch.Generator().manual_seed(5), decode=False)
+    assert not all(torch.equal(a, b) for a, b in zip(out[1:], free[1:]))  # scale 1 is drawn now
+
+
 def test_cached_logits_equal_teacher_forced_external_mode(vqvae):
     var = make_var(vqvae, cond_mode="external")
     assert not hasattr(var, "class_emb") and var.cond_emb.weight.shape == (2, var.C)

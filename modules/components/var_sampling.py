@@ -236,8 +236,10 @@ def sample_next_scale(
           states). Rows [:B] are conditional, [B:] unconditional. Called for every scale, under
           the caller's autocast state (the `dtype` below applies to the VAR blocks only); x_chunk
           is fp32.
-    teacher_idx: use these indices instead of sampling (teacher forcing through the cache);
-          with logits_out (a list) the raw per-scale logits (2B, l, V) before guidance are appended.
+    teacher_idx: use these indices instead of sampling (teacher forcing through the cache) for
+          the first len(teacher_idx) scales, then sample the rest (a prefix of the scales: is it
+          the coarse layout or the fine detail that a model gets wrong?); with logits_out (a list)
+          the raw per-scale logits (2B, l, V) before guidance are appended.
     parity: True (default) = the official draws: sampler "official" and fp32. False = the fast
           path: sampler "fast" and `default_sampling_dtype(var)` (bf16 autocast for wide models
           on bf16 hardware). `sampler` / `dtype` override either; see `resolve_sampling`.
@@ -328,7 +330,7 @@ def sample_next_scale(
                 logits_out.append(logits_2BlV.clone())
 
             with _precision(dt, torch.float32):
-                if teacher_idx is not None:
+                if teacher_idx is not None and si < len(teacher_idx):
                     idx_Bl = teacher_idx[si].to(device)
                 else:
                     t = cfg * si / (K - 1) if K > 1 else cfg
