@@ -160,6 +160,11 @@ class ModelConfig:
     # own input (what its pretrained blocks were trained on); gen_out's last layer starts at zero,
     # so the pretrained VAR works unchanged from the first step and the LLM adds the prompt.
     var_skip: bool = False
+    # How the image loss averages its L tokens. token (VAR, VARGPT): every token alike, so the 64
+    # tokens of the last scale outweigh the 14 of the first three 4.6 to 1, though those decide the
+    # layout the prompt asks for; scale (beyond v1, as Infinity reweights by scale): the mean of
+    # the per-scale means. Only the training objective changes; loss_img (logged) stays the token mean.
+    img_loss_weighting: str = "token"
     # Loss mix: loss = loss_text + w_img * loss_img (VARGPT v1: 1, v1.1: 3)
     w_img: float = 1.0
     # Released-behaviour switches: `behaviour` sets all of them (corrected | released, see
@@ -209,6 +214,8 @@ class ModelConfig:
         for name in ("projector_dtype", "var_dtype"):
             if getattr(self, name) not in ("float32", "bfloat16", "float16"):
                 raise ValueError(f"model.{name}={getattr(self, name)!r}; valid: float32, bfloat16, float16")
+        if self.img_loss_weighting not in ("token", "scale"):
+            raise ValueError(f"model.img_loss_weighting={self.img_loss_weighting!r}; valid: token, scale")
         if self.var_cond not in VAR_CONDS:
             raise ValueError(f"model.var_cond={self.var_cond!r}; valid: {', '.join(VAR_CONDS)}")
         if self.var_cond != "label" and self.switch("cfg_uncond") == "noise":

@@ -289,5 +289,8 @@ class VARGPT(VARGPTInference, nn.Module):
             # keep the graph connected to every trainable parameter set (DDP) at zero cost
             out["loss_img"] = h.new_zeros(())
             out["n_img_tokens"] = torch.tensor(0, device=h.device)
-        out["loss"] = out["loss_text"] + self.cfg.w_img * out["loss_img"]
+        img_obj = out["loss_img"]
+        if gen_mask is not None and self.cfg.img_loss_weighting == "scale":  # each scale alike
+            img_obj = torch.stack([ce_img[:, b:e].mean() for b, e in self.var.begin_ends]).mean()
+        out["loss"] = out["loss_text"] + self.cfg.w_img * img_obj
         return out

@@ -1,6 +1,9 @@
 """The composed model: per-sample insertion, switches, KV-cached inference."""
 from __future__ import annotations
 
+import copy
+from dataclasses import replace
+
 import pytest
 import torch
 from PIL import Image
@@ -186,3 +189,22 @@ def test_prompt_gain_one_pass_equals_two_separate_passes(tiny):
         r = prompt_gain(net, samples, batch_size=bs)
         assert r["gen_loss_img"] == pytest.approx(float(right), abs=1e-5)
         assert r["gen_loss_img_rolled_prompts"] == pytest.approx(float(wrong), abs=1e-5)
+
+
+def test_img_loss_weighting_scale_averages_the_scales(tiny):
+    """model.img_loss_weighting scale: the objective is the mean of the per-scale token means (the
+    coarse scales weigh as much as the last); loss_img, the logged figure, stays the token mean."""
+    import torch.nn.functional as F
+
+    net = tiny
+    b = collator_for(net)([gen_sample("g0"), gen_sample("g1", instr="two blue squares at the top")])
+    scaled = copy.deepcopy(net)
+    scaled.cfg = replace(net.cfg, img_loss_weighting="scale")
+    with torch.no_grad():
+        tok, sc = net(b, return_logits=True), scaled(b)
+        ce = F.cross_entropy(tok["logits_img"].transpose(1, 2), torch.cat(net.encode_targets(b), 1), reduction="none")
+    per_scale = torch.stack([ce[:, s:e].mean() for s, e in net.var.begin_ends])
+    torch.testing.assert_close(sc["loss_img"], tok["loss_img"])
+    torch.testing.assert_close(tok["loss"], tok["loss_text"] + ce.mean())
+    torch.testing.assert_close(sc["loss"], sc["loss_text"] + per_scale.mean())
+    assert not torch.allclose(sc["loss"], tok["loss"])
