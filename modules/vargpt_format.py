@@ -352,6 +352,11 @@ def check_exportable(model: nn.Module) -> None:
     """The released layout fixes what our config leaves open: fail naming the setting."""
     _need(getattr(model, "gen_cond", None) is None, "model.var_cond must be label (the released layout has no "
                                                     "prompt condition, gen_cond)")
+    cfg = getattr(model, "cfg", None)
+    # var_skip changes what the blocks compute, not which tensors exist: the released code would
+    # load the weights and silently run without the residual
+    _need(not getattr(cfg, "var_skip", False), "model.var_skip must be false (the released VAR blocks read "
+                                               "gen_out(LLM states) only)")
     for name in ("und_proj", "gen_in", "gen_out"):
         m = getattr(model, name)
         _need(isinstance(m, nn.Sequential) and len(m) == 3 and isinstance(m[1], nn.GELU),

@@ -79,6 +79,8 @@ def test_gen_start_config_checks(tmp_path):
 
     with pytest.raises(FormatError, match="var_cond must be label"):
         check_exportable(VARGPT(replace(cfg, var_cond="gen_start")))
+    with pytest.raises(FormatError, match="var_skip must be false"):
+        check_exportable(VARGPT(replace(cfg, var_skip=True)))
 
 
 @pytest.fixture(scope="module")
