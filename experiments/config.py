@@ -413,6 +413,7 @@ def value_problems(cfg: ExperimentConfig) -> List[Tuple[str, str]]:
     one_of("eval.sample_dtype", e.sample_dtype, ("auto", "fp32", "bf16", "fp16", "inherit"))
     for k in ("num_vqa", "num_gen", "batch_size"):
         need(getattr(e, k) >= 1, f"eval.{k}", f"must be >= 1, got {getattr(e, k)}")
+    need(e.teacher_scales >= 0, "eval.teacher_scales", f"must be >= 0 (0 = off), got {e.teacher_scales}")
     return out
 
 

@@ -67,6 +67,11 @@ class EvalConfig:
     top_p: float = 0.0
     temperature: float = 1.0
     seed: int = 0  # prompt i uses seed + i
+    # Diagnostic, not a protocol: the first teacher_scales scales of each image are the prompt's
+    # own target indices (VQVAE of its target image) and only the rest are sampled. Attribute
+    # accuracy against it says whether the coarse layout or the fine detail is what a model
+    # misses (all K scales = the VQVAE reconstruction: the tokenizer's ceiling). 0 = off.
+    teacher_scales: int = 0
     # Sampling speed (VARDecoder.sample): parity false = the fast sampler in the dtype measured best
     # for the VAR's width (bf16 from width 256 where the CPU/GPU has fast bf16, else fp32);
     # parity true = the official draws in fp32. sampler: auto | official | fast;

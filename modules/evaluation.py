@@ -125,15 +125,18 @@ def evaluate_vqa(net, samples: Sequence[Dict[str, Any]], cfg: EvalConfig) -> Dic
 
 # ------------------------------------------------------------------------------------ generation
 @torch.no_grad()
-def generate_for(net, prompts: Sequence[str], cfg: EvalConfig) -> torch.Tensor:
-    """Images (N, 3, H, W) in [0, 1]; prompt i always gets seed cfg.seed + i."""
+def generate_for(net, prompts: Sequence[str], cfg: EvalConfig,
+                 teacher_idx: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
+    """Images (N, 3, H, W) in [0, 1]; prompt i always gets seed cfg.seed + i. teacher_idx: per
+    scale (N, pn^2) indices forced for those first scales (eval.teacher_scales), the rest sampled."""
     out = []
     for start in range(0, len(prompts), cfg.batch_size):
         chunk = list(prompts[start:start + cfg.batch_size])
         seeds = [cfg.seed + start + i for i in range(len(chunk))]
+        tf = None if teacher_idx is None else [t[start:start + len(chunk)] for t in teacher_idx]
         out.append(net.generate_image(chunk, cfg=cfg.cfg, top_k=cfg.top_k, top_p=cfg.top_p,
                                       temperature=cfg.temperature, seed=seeds, parity=cfg.parity,
-                                      sampler=cfg.sampler, dtype=cfg.sample_dtype).float().cpu())
+                                      sampler=cfg.sampler, dtype=cfg.sample_dtype, teacher_idx=tf).float().cpu())
     return torch.cat(out)
 
 
@@ -164,7 +167,16 @@ def evaluate_generation(net, samples: Sequence[Dict[str, Any]], cfg: EvalConfig,
     """Generate for each sample's prompt; FID / IS / attribute accuracy when a classifier (or
     Inception weights) is configured. Returns metrics, the protocol, and the images."""
     prompts = [_user_text(s["record"]) for s in samples]
-    images = generate_for(net, prompts, cfg)
+    teacher = None
+    if cfg.teacher_scales > 0:
+        K = len(net.var.patch_nums)
+        if cfg.teacher_scales > K:
+            raise ValueError(f"eval.teacher_scales={cfg.teacher_scales} but the VAR has {K} scales")
+        dev = next(net.vqvae.parameters()).device
+        reals_t = target_images(samples, net.cfg.vqvae.resolution).to(dev)
+        with torch.autocast(device_type=dev.type, enabled=False):  # fp32 tokenization, as for training
+            teacher = net.vqvae.img_to_idx(reals_t.mul(2).sub(1))[:cfg.teacher_scales]
+    images = generate_for(net, prompts, cfg, teacher)
     out: Dict[str, Any] = {"gen_n": len(prompts), "gen_images": images, "gen_prompts": prompts}
     if cfg.prompt_gain_samples > 0:  # callers evaluate in eval mode (no dropout), as for sampling
         out.update(prompt_gain(net, samples[:cfg.prompt_gain_samples], cfg.batch_size))

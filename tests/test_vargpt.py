@@ -208,3 +208,23 @@ def test_img_loss_weighting_scale_averages_the_scales(tiny):
     torch.testing.assert_close(tok["loss"], tok["loss_text"] + ce.mean())
     torch.testing.assert_close(sc["loss"], sc["loss_text"] + per_scale.mean())
     assert not torch.allclose(sc["loss"], tok["loss"])
+
+
+def test_teacher_scales_all_give_the_vqvae_reconstruction(tiny):
+    """eval.teacher_scales = K forces every scale from the target: the images are the VQVAE's
+    reconstructions of the targets (the tokenizer's ceiling); fewer scales sample the rest."""
+    from modules.config import EvalConfig
+    from modules.evaluation import generate_for, vqvae_reconstructions
+
+    net = tiny
+    targets = torch.rand(3, 3, net.cfg.vqvae.resolution, net.cfg.vqvae.resolution)
+    idx = net.vqvae.img_to_idx(targets.mul(2).sub(1))
+    prompts = ["Draw a red circle.", "two blue squares", "a green cross at the top"]
+    e = EvalConfig(batch_size=2, cfg=1.5)
+    with torch.no_grad():
+        full = generate_for(net, prompts, e, idx)
+        recon = vqvae_reconstructions(net.vqvae, targets)
+        part = generate_for(net, prompts, e, idx[:1])
+        free = generate_for(net, prompts, e)
+    torch.testing.assert_close(full, recon, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(part, recon, atol=1e-3) and not torch.allclose(part, free, atol=1e-3)
