@@ -3,8 +3,8 @@
 `make bases` trains every base under runs/bases/ (see the Makefile for the order) and then runs
 
     python -m experiments.bases pack            # runs/bases/* -> assets/world/*.safetensors (fp16)
-    python -m experiments.bases pack --only var --src runs/explore   # one retrained base; the
-                                                # other entries of MANIFEST.json stay as they are
+    python -m experiments.bases pack --only var # one retrained base (runs/bases/var); the other
+                                                # entries of MANIFEST.json stay as they are
 
 so that a fresh clone's `make stage1` starts from trained bases in minutes. `check` verifies that
 the shipped files are complete and match MANIFEST.json (sha256); world configs read assets/world/.
