@@ -3,6 +3,8 @@
     base_vqvae       vqvae.py       multi-scale VQVAE on world images          self.net = MultiScaleVQVAE
     base_var         var.py         class-conditional VAR on VQ indices of the  self.net = VARDecoder
                                     world's `class` task (24 (shape, colour) classes)
+                                    and, with data.scene_labels scene, its generation
+                                    scenes (null class for 2-3 objects)
     base_classifier  classifier.py  reference classifier (FID/IS features,      self.net = WorldCNN
                                     attribute read-back)
     base_vision      vision.py      tiny_vit tower + per-slot attribute heads   self.net = VisionEncoder

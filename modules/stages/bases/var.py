@@ -1,5 +1,6 @@
 """base_var: the class-conditional VAR on VQ indices of the world's ``class`` task
-(24 (shape, colour) classes; ``self.net`` = VARDecoder). The VQ indices are computed once
+(24 (shape, colour) classes; ``self.net`` = VARDecoder), and with ``data.scene_labels: scene`` of
+its generation scenes too (``record_labels``). The VQ indices are computed once
 (fp32, eval mode) and cached under the run's output dir, keyed by the VQVAE fingerprint."""
 from __future__ import annotations
 
