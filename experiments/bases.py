@@ -76,15 +76,13 @@ def pack(src: Path = SRC, dst: Path = ASSETS, dtype: str = "float16", only: Sequ
         save_state_dict(sd, out, metadata={"source": rel, "dtype": dtype})
         manifest[name] = {"file": out.name, "sha256": sha256_file(out), "tensors": len(sd),
                           "params": int(sum(v.numel() for v in sd.values())), "bytes": out.stat().st_size}
-    if only:
-        mf.write_text(json.dumps(manifest, indent=2) + "\n")
-        return manifest
-    tok_dst = dst / "tokenizer"
-    if tok_dst.exists():
-        shutil.rmtree(tok_dst)
-    shutil.copytree(src / "tokenizer", tok_dst)
-    manifest["tokenizer"] = {"file": "tokenizer/", "sha256": sha256_file(tok_dst / "tokenizer.json")}
-    (dst / "MANIFEST.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    if not only:
+        tok_dst = dst / "tokenizer"
+        if tok_dst.exists():
+            shutil.rmtree(tok_dst)
+        shutil.copytree(src / "tokenizer", tok_dst)
+        manifest["tokenizer"] = {"file": "tokenizer/", "sha256": sha256_file(tok_dst / "tokenizer.json")}
+    mf.write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 

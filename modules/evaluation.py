@@ -173,9 +173,10 @@ def evaluate_generation(net, samples: Sequence[Dict[str, Any]], cfg: EvalConfig,
         if cfg.teacher_scales > K:
             raise ValueError(f"eval.teacher_scales={cfg.teacher_scales} but the VAR has {K} scales")
         dev = next(net.vqvae.parameters()).device
-        reals_t = target_images(samples, net.cfg.vqvae.resolution).to(dev)
-        with torch.autocast(device_type=dev.type, enabled=False):  # fp32 tokenization, as for training
-            teacher = net.vqvae.img_to_idx(reals_t.mul(2).sub(1))[:cfg.teacher_scales]
+        targets = target_images(samples, net.cfg.vqvae.resolution)  # the prompts' own images
+        # the model's own fp32 tokenization of generation targets ([-1, 1] images)
+        teacher = net.encode_targets({"gen_images": targets.to(dev).mul(2).sub(1)})[:cfg.teacher_scales]
+        reals = targets if reals is None else reals  # FID's default reals, made once
     images = generate_for(net, prompts, cfg, teacher)
     out: Dict[str, Any] = {"gen_n": len(prompts), "gen_images": images, "gen_prompts": prompts}
     if cfg.prompt_gain_samples > 0:  # callers evaluate in eval mode (no dropout), as for sampling
