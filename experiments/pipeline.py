@@ -91,7 +91,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         rep["stage3_vqa_from_stage2"] = "stage 3 kept stage 2's understanding weights (compared tensor by tensor)"
     rep["stage3"] = {k: s3.get(k) for k in ("vqa_accuracy", "gen_attribute_accuracy", "gen_attr_all", "gen_attr_object",
                                             "gen_attr_count", "gen_attr_position", "fid", "inception_score", "gen_n",
-                                            "gen_loss_img", "gen_loss_img_rolled_prompts", "gen_prompt_gain")}
+                                            "gen_loss_img", "gen_loss_img_rolled_prompts", "gen_prompt_gain",
+                                            "gen_attr_by_objects")}
     rep["real_vs_real"] = s3.get("real_vs_real")
     rep["vqvae_reconstruction"] = s3.get("vqvae_reconstruction")  # the generation ceiling of this tokenizer
     rep["protocol"] = s3["protocol"]

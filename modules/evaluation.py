@@ -28,7 +28,7 @@ from modules.config import EvalConfig
 from modules.components.classifier import build_classifier
 from modules.metrics import GenMetricsConfig, VQAAccuracy, build_gen_metrics
 from modules.metrics_clip import clip_score
-from modules.metrics_world import attribute_scores, requested_groups
+from modules.metrics_world import predict_scenes, requested_groups, score_scenes, scores_by_objects
 
 TASKS = ("vqa", "generation")
 
@@ -182,9 +182,12 @@ def evaluate_generation(net, samples: Sequence[Dict[str, Any]], cfg: EvalConfig,
     if cfg.prompt_gain_samples > 0:  # callers evaluate in eval mode (no dropout), as for sampling
         out.update(prompt_gain(net, samples[:cfg.prompt_gain_samples], cfg.batch_size))
     if classifier is not None and all("scene" in s["record"] for s in samples):
-        scores = attribute_scores(classifier, images, [requested_groups(s["record"]) for s in samples])
+        groups = [requested_groups(s["record"]) for s in samples]
+        predicted = predict_scenes(classifier, images)
+        scores = score_scenes(predicted, groups)
         out.update({f"gen_attr_{k}": v for k, v in scores.items()})
         out["gen_attribute_accuracy"] = scores["mean"]
+        out["gen_attr_by_objects"] = scores_by_objects(predicted, groups)  # one- vs multi-object prompts
     if classifier is not None or cfg.extractor == "inception":
         if reals is None:
             reals = target_images(samples, images.shape[-1])
@@ -335,11 +338,15 @@ def report_metrics(report: Dict[str, Any], prefix: str) -> Dict[str, float]:
     """The scalar metrics of an evaluation report, flat: ``<prefix><k>`` for every numeric
     top-level value (not bools), ``<prefix>vqa_<type>`` per question type and
     ``<prefix>real_vs_real_<k>`` / ``<prefix>vqvae_reconstruction_<k>`` for the real-vs-real
-    floor and the tokenizer's ceiling. The one flattening of reports: the
+    floor and the tokenizer's ceiling, ``<prefix>gen_attr_objects<n>_<k>`` per number of requested
+    objects (``gen_attr_by_objects``). The one flattening of reports: the
     in-loop callback logs ``val/...``, ``experiments.evaluate`` and sweeps ``eval/...``."""
     flat = {f"{prefix}{k}": float(v) for k, v in report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     for k, v in (report.get("vqa_per_type") or {}).items():
         flat[f"{prefix}vqa_{k}"] = float(v)
+    for n, scores in (report.get("gen_attr_by_objects") or {}).items():
+        for k, v in scores.items():
+            flat[f"{prefix}gen_attr_objects{n}_{k}"] = float(v)
     for part in ("real_vs_real", "vqvae_reconstruction"):
         for k, v in (report.get(part) or {}).items():
             if isinstance(v, (int, float)) and not isinstance(v, bool):

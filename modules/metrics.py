@@ -34,7 +34,11 @@ from modules.metrics_world import (  # noqa: F401
     WorldAttributeAccuracy,
     attribute_scores,
     check_scene,
+    predict_scenes,
     requested_groups,
+    requested_objects,
+    score_scenes,
+    scores_by_objects,
 )
 
 __all__ = [
@@ -42,5 +46,6 @@ __all__ = [
     "GenMetricsConfig", "GenerationMetrics", "GenFeatureExtractor", "InceptionExtractor",
     "WorldExtractor", "WorldClassifier", "build_feature_extractor", "build_gen_metrics",
     "hash_state_dict", "EXTRACTORS", "INCEPTION_WEIGHTS_FILENAME", "INCEPTION_WEIGHTS_URL",
-    "WorldAttributeAccuracy", "attribute_scores", "check_scene", "requested_groups",
+    "WorldAttributeAccuracy", "attribute_scores", "check_scene", "requested_groups", "predict_scenes",
+    "score_scenes", "scores_by_objects", "requested_objects",
 ]

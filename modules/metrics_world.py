@@ -119,11 +119,40 @@ class WorldAttributeAccuracy(Metric):
         return out
 
 
+def predict_scenes(classifier: Any, images: Tensor, batch: int = 64) -> List[Mapping[str, Any]]:
+    """The classifier's reading of ``images`` (N, 3, H, W) in [0, 1], one scene per image."""
+    out: List[Mapping[str, Any]] = []
+    for i in range(0, len(images), batch):
+        out.extend(classifier.predict_attributes(images[i:i + batch]))
+    return out
+
+
+def score_scenes(predicted: Sequence[Mapping[str, Any]], groups: Sequence[Sequence[Mapping[str, Any]]]) -> Dict[str, float]:
+    """Predicted scenes scored against their requested groups: ``{attribute: accuracy, "mean": ...}``."""
+    metric = WorldAttributeAccuracy(sync_on_compute=False)  # one process's images (evaluation runs on rank 0)
+    metric.update(predicted, groups)
+    return {k: float(v) for k, v in metric.compute().items() if k != "n"}
+
+
+def requested_objects(groups: Sequence[Mapping[str, Any]]) -> int:
+    """How many objects a prompt asks for (the sum of its groups' counts)."""
+    return sum(int(g["count"]) for g in groups)
+
+
+def scores_by_objects(predicted: Sequence[Mapping[str, Any]],
+                      groups: Sequence[Sequence[Mapping[str, Any]]]) -> Dict[str, Dict[str, float]]:
+    """``score_scenes`` per number of requested objects: ``{"1": {..., "prompts": n}, "2": ...}``.
+    Where generation fails by scene complexity (a one-object prompt against a three-object one),
+    which the pooled mean hides."""
+    by: Dict[int, List[int]] = {}
+    for i, g in enumerate(groups):
+        by.setdefault(requested_objects(g), []).append(i)
+    return {str(n): {**score_scenes([predicted[i] for i in ix], [groups[i] for i in ix]), "prompts": float(len(ix))}
+            for n, ix in sorted(by.items())}
+
+
 def attribute_scores(classifier: Any, images: Tensor, groups: Sequence[Sequence[Mapping[str, Any]]],
                      batch: int = 64) -> Dict[str, float]:
     """The classifier's reading of ``images`` (N, 3, H, W) in [0, 1] scored against ``groups``:
     ``{attribute: accuracy, "mean": ...}`` as floats."""
-    metric = WorldAttributeAccuracy(sync_on_compute=False)  # one process's images (evaluation runs on rank 0)
-    for i in range(0, len(images), batch):
-        metric.update(classifier.predict_attributes(images[i:i + batch]), groups[i:i + batch])
-    return {k: float(v) for k, v in metric.compute().items() if k != "n"}
+    return score_scenes(predict_scenes(classifier, images, batch), groups)

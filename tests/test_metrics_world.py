@@ -4,7 +4,9 @@ One scorer (modules/metrics_world.py) for the loop, experiments.evaluate and the
 import pytest
 import torch
 
-from modules.metrics import WorldAttributeAccuracy, attribute_scores, check_scene, requested_groups
+from modules.evaluation import report_metrics
+from modules.metrics import (WorldAttributeAccuracy, attribute_scores, check_scene, requested_groups,
+                             requested_objects, scores_by_objects)
 
 
 def obj(shape, colour, position="left", size="small"):
@@ -62,6 +64,21 @@ def test_attribute_scores_runs_the_classifier_in_batches():
 
     out = attribute_scores(Clf(), torch.zeros(4, 3, 8, 8), REQUESTED, batch=3)
     assert seen == [3, 1] and out["mean"] == pytest.approx(6 / 10) and "n" not in out
+
+
+def test_scores_by_number_of_requested_objects():
+    assert [requested_objects(g) for g in REQUESTED] == [2, 1, 1, 2]
+    by = scores_by_objects(PREDICTED, REQUESTED)
+    assert list(by) == ["1", "2"] and by["1"]["prompts"] == 2 and by["2"]["prompts"] == 2
+    # one object: prompt 1 wrong colour (object/count false), prompt 2 wrong size -> object 1/2,
+    # count 1/2, size 0/1: mean 2/5
+    assert by["1"]["object"] == pytest.approx(1 / 2) and "position" not in by["1"]
+    assert by["1"]["mean"] == pytest.approx(2 / 5)
+    # two objects: prompt 0 all right, prompt 3 count wrong -> object 2/2, count 1/2, position 1/1
+    assert by["2"]["count"] == pytest.approx(1 / 2) and by["2"]["mean"] == pytest.approx(4 / 5)
+    # the report's flattening names each part (MLflow metrics, in-loop val/...)
+    flat = report_metrics({"gen_attribute_accuracy": 0.6, "gen_attr_by_objects": by}, "eval/")
+    assert flat["eval/gen_attr_objects2_mean"] == pytest.approx(4 / 5) and flat["eval/gen_attr_objects1_prompts"] == 2
 
 
 def test_errors_name_the_problem():

@@ -171,6 +171,11 @@ def test_evaluate_cli_writes_report_with_protocol(tiny_world, tmp_path, tracking
     assert rep["real_vs_real"]["n"] == 4 and rep["real_vs_real"]["fid"] >= 0
     rc = rep["vqvae_reconstruction"]  # the tokenizer's ceiling on the same real images
     assert rc["n"] == 4 and rc["fid"] >= 0 and 0.0 <= rc["attribute_accuracy"] <= 1.0
+    # per number of requested objects: the generator and the ceiling, over the same prompt split
+    by = rep["gen_attr_by_objects"]
+    assert sum(v["prompts"] for v in by.values()) == 4 and all(k.isdigit() for k in by)
+    assert rc["attribute_accuracy_by_objects"] and all(
+        k.isdigit() and 0.0 <= v <= 1.0 for k, v in rc["attribute_accuracy_by_objects"].items())
     assert rep["gen_prompt_gain"] == pytest.approx(rep["gen_loss_img_rolled_prompts"] - rep["gen_loss_img"])
     p = rep["protocol"]
     assert p["num_gen"] == 4 and p["seed"] == 0 and p["extractor"] == "world" and p["resolution"] == 16
@@ -183,3 +188,4 @@ def test_evaluate_cli_writes_report_with_protocol(tiny_world, tmp_path, tracking
     (run,) = c.search_runs([c.get_experiment_by_name("vargpt-eval").experiment_id])
     assert "eval/fid" in run.data.metrics and "eval/vqa_accuracy" in run.data.metrics
     assert "eval/vqvae_reconstruction_attribute_accuracy" in run.data.metrics
+    assert any(k.startswith("eval/gen_attr_objects") and k.endswith("_mean") for k in run.data.metrics)
