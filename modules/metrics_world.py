@@ -12,7 +12,12 @@ scoreboard all use it). A world generation prompt asks for groups of objects, on
     position  ... at the requested positions (only when the prompt states them)
     size      ... with the requested sizes (only when the prompt states them)
     exact     no unrequested object either (reported, not part of ``all`` / ``mean``)
+    colour    every requested colour is on some object, whatever its shape (reported only)
+    shape     every requested shape is there, whatever its colour (reported only)
     all       every requested attribute right
+
+``colour`` and ``shape`` against ``object`` measure binding: a generator that draws the right
+colours and the right shapes but pairs them at random scores high on both and low on ``object``.
 
 ``WorldAttributeAccuracy`` accumulates these as summed tensor states, so it gathers across
 processes like every other torchmetrics metric. ``compute()`` gives the accuracy of each
@@ -27,8 +32,8 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-# Attributes check_scene reports, in state order; ``exact`` and ``all`` are not averaged in ``mean``.
-ATTRIBUTES = ("object", "count", "position", "size", "exact", "all")
+# Attributes check_scene reports, in state order; only _IN_MEAN are averaged in ``mean``.
+ATTRIBUTES = ("object", "count", "position", "size", "exact", "colour", "shape", "all")
 _IN_MEAN = ("object", "count", "position", "size")
 
 
@@ -75,6 +80,8 @@ def check_scene(groups: Sequence[Mapping[str, Any]], predicted: Mapping[str, Any
         res["size"] = all(size)
     res["exact"] = len(objs) == sum(g["count"] for g in groups) and res["count"]
     res["all"] = all(v for k, v in res.items() if k != "exact")
+    res["colour"] = {g["colour"] for g in groups} <= {o["colour"] for o in objs}
+    res["shape"] = {g["shape"] for g in groups} <= {o["shape"] for o in objs}
     return res
 
 

@@ -34,12 +34,21 @@ def test_groups_and_checks():
     assert REQUESTED[0] == [{"shape": "circle", "colour": "red", "count": 2, "positions": ["left", "right"]}]
     assert "positions" not in REQUESTED[1][0] and "sizes" in REQUESTED[2][0]
     assert check_scene(REQUESTED[0], PREDICTED[0]) == {"object": True, "count": True, "position": True,
-                                                       "exact": True, "all": True}
-    assert check_scene(REQUESTED[1], PREDICTED[1])["object"] is False
+                                                       "exact": True, "all": True, "colour": True, "shape": True}
+    r1 = check_scene(REQUESTED[1], PREDICTED[1])  # a green square for a blue one: shape right, colour not
+    assert r1["object"] is False and r1["shape"] is True and r1["colour"] is False
     assert check_scene(REQUESTED[2], PREDICTED[2]) == {"object": True, "count": True, "size": False,
-                                                       "exact": True, "all": False}
+                                                       "exact": True, "all": False, "colour": True, "shape": True}
     r3 = check_scene(REQUESTED[3], PREDICTED[3])
     assert r3["object"] and not r3["count"] and not r3["exact"] and not r3["all"]
+
+
+def test_colour_and_shape_without_binding():
+    # a red circle and a blue square asked for; a blue circle and a red square drawn: both colours
+    # and both shapes are there, neither object is
+    asked = requested_groups({"scene": {"objects": [obj("circle", "red"), obj("square", "blue")]}, "checks": {}})
+    r = check_scene(asked, {"objects": [obj("circle", "blue"), obj("square", "red")]})
+    assert r["colour"] and r["shape"] and not r["object"] and not r["all"]
 
 
 def test_metric_per_attribute_mean_and_accumulation():
