@@ -20,7 +20,7 @@ from modules.components.vqvae import VQVAEConfig
 
 # Submodule names of the composed model (modules/vargpt.py): what `load[].into` and the stages'
 # trainable sets refer to.
-SUBMODULES = ("vision", "und_proj", "llm", "gen_in", "gen_out", "gen_cond", "vqvae", "var")
+SUBMODULES = ("vision", "und_proj", "llm", "gen_in", "gen_out", "gen_cond", "prompt_enc", "vqvae", "var")
 # How the prompt reaches the VAR blocks (ModelConfig.var_cond).
 VAR_CONDS = ("label", "gen_start", "prompt_attn")
 LOAD_FORMATS = ("native", "official_var", "official_vqvae", "llava", "hf", "timm", "vargpt", "llava_hf")
@@ -159,6 +159,11 @@ class ModelConfig:
     # and including <|image_gen_start|>); the cross-attention output starts at zero. Neither is
     # in the released layout.
     var_cond: str = "label"
+    # var_cond prompt_attn only (beyond v1): this many small self-attention layers over the
+    # projected prompt states, with positions, before the VAR cross-attends to them
+    # (modules/components/prompt_encoder.py: the frozen LLM's states alone pair colours with
+    # shapes poorly). Their output layers start at zero, so 0 and a fresh N compute the same.
+    prompt_encoder_layers: int = 0
     # What the VAR blocks read at the image positions. False (VARGPT v1): gen_out(LLM states)
     # only, so every bit of the image so far reaches the VAR through the LLM. True (beyond v1): a
     # residual around the LLM, front_end(x) + gen_out(LLM states), where front_end is the VAR's
@@ -223,6 +228,9 @@ class ModelConfig:
             raise ValueError(f"model.img_loss_weighting={self.img_loss_weighting!r}; valid: token, scale")
         if self.var_cond not in VAR_CONDS:
             raise ValueError(f"model.var_cond={self.var_cond!r}; valid: {', '.join(VAR_CONDS)}")
+        if self.prompt_encoder_layers < 0 or (self.prompt_encoder_layers and self.var_cond != "prompt_attn"):
+            raise ValueError(f"model.prompt_encoder_layers={self.prompt_encoder_layers} needs model.var_cond=prompt_attn "
+                             f"(it encodes the prompt the VAR cross-attends to) and a count >= 0; set it to 0 otherwise")
         if self.var_cond != "label" and self.switch("cfg_uncond") == "noise":
             raise ValueError(f"model.var_cond={self.var_cond} needs the trained unconditional branch: set "
                              "model.cfg_uncond=null_prompt (noise states have no <|image_gen_start|> state)")

@@ -34,6 +34,7 @@ from datamodules.tokens import GEN_PAD, IGNORE_INDEX
 from datamodules.transforms import GenTransform
 from modules.components.llm import build_llm, llm_hidden_size
 from modules.components.projectors import build_projector
+from modules.components.prompt_encoder import PromptEncoder
 from modules.components.text_tokenizer import build_tokenizer, special_token_ids
 from modules.components.var_decoder import build_var
 from modules.components.vision_encoders import build_vision_encoder
@@ -44,7 +45,8 @@ from modules.inference import VARGPTInference
 
 class VARGPT(VARGPTInference, nn.Module):
     """Submodules (the names stages and `load:` refer to): vision, und_proj, llm, gen_in, gen_out,
-    gen_cond (var_cond gen_start / prompt_attn, else None), vqvae (always frozen, fp32), var."""
+    gen_cond (var_cond gen_start / prompt_attn, else None), prompt_enc (model.prompt_encoder_layers
+    > 0, else None), vqvae (always frozen, fp32), var."""
 
     def __init__(self, cfg: ModelConfig, tokenizer: Any = None, template: Optional[ChatTemplateConfig] = None):
         super().__init__()
@@ -69,6 +71,10 @@ class VARGPT(VARGPTInference, nn.Module):
         self.gen_cond: Optional[nn.Module] = None
         if cfg.var_cond != "label":
             self.gen_cond = build_projector(replace(cfg.gen_cond_projector, in_dim=d_llm, out_dim=c_var))
+        # model.prompt_encoder_layers: self-attention with positions over that context (identity at init)
+        self.prompt_enc: Optional[nn.Module] = None
+        if cfg.prompt_encoder_layers > 0:
+            self.prompt_enc = PromptEncoder(c_var, cfg.var.num_heads, cfg.prompt_encoder_layers)
         if cfg.var_cond == "gen_start":
             last = [m for m in self.gen_cond.modules() if isinstance(m, nn.Linear)][-1]
             nn.init.zeros_(last.weight)
@@ -216,7 +222,14 @@ class VARGPT(VARGPTInference, nn.Module):
         keep = torch.arange(P, device=h_BTD.device).view(1, P) < ends.view(-1, 1)  # (N, P)
         if attention_mask_BT is not None:
             keep = keep & attention_mask_BT[rows, :P].bool()
-        return self.project_cond(h_BTD[rows, :P]), keep
+        return self.encode_prompt(self.project_cond(h_BTD[rows, :P]), keep), keep
+
+    def encode_prompt(self, ctx_NPC: torch.Tensor, keep_NP: torch.Tensor) -> torch.Tensor:
+        """The cross-attention context: projected prompt states through the prompt encoder when
+        there is one (model.prompt_encoder_layers); training and generation share this."""
+        if self.prompt_enc is None:
+            return ctx_NPC
+        return self.prompt_enc(ctx_NPC, keep_NP)
 
     def project_cond(self, h: torch.Tensor) -> torch.Tensor:
         """gen_cond of LLM states (..., D) -> (..., C_var) in fp32, whatever the projector dtype:

@@ -188,3 +188,80 @@ def test_var_skip_inference_computes_the_training_logits(skip_net):
         b = collator_for(net)([gen_sample("g0")])
         assert not torch.allclose(net(b, return_logits=True)["logits_img"],
                                   skip_net(b, return_logits=True)["logits_img"])
+
+
+# ------------------------------------------------------------------ model.prompt_encoder_layers
+@pytest.fixture(scope="module")
+def enc_pair(tmp_path_factory):
+    cfg = replace(tiny_model_config(tmp_path_factory.mktemp("tiny_enc")), var_cond="prompt_attn", var_skip=True)
+    torch.manual_seed(0)
+    plain = VARGPT(cfg).eval()
+    with torch.no_grad():
+        for p in plain.var.cross.parameters():  # a model that already reads its prompt
+            p.normal_(0, 0.3)
+    enc = VARGPT(replace(cfg, prompt_encoder_layers=2)).eval()
+    missing, unexpected = enc.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith("prompt_enc.") for k in missing)
+    return plain, enc
+
+
+def test_prompt_encoder_starts_as_the_identity(enc_pair):
+    """An export without the encoder, loaded into a model with it, computes the same logits."""
+    plain, enc = enc_pair
+    b = collator_for(plain)([gen_sample("g0"), gen_sample("g1", instr="two blue squares at the top")])
+    with torch.no_grad():
+        torch.testing.assert_close(enc(b, return_logits=True)["logits_img"], plain(b, return_logits=True)["logits_img"],
+                                   atol=0, rtol=0)
+
+
+def _give_enc_weights(net):
+    net = copy.deepcopy(net)
+    with torch.no_grad():
+        for p in net.prompt_enc.parameters():
+            p.normal_(0, 0.3)
+    return net
+
+
+def test_prompt_encoder_positions_count_back_from_the_prompt_end():
+    from modules.components.prompt_encoder import PromptEncoder
+
+    enc = PromptEncoder(8, 2, 1, max_len=16)
+    with torch.no_grad():
+        for p in enc.parameters():
+            p.normal_(0, 0.5)
+    x = torch.randn(1, 3, 8)
+    right = enc(torch.cat([x, torch.randn(1, 2, 8)], 1), torch.tensor([[True, True, True, False, False]]))
+    left = enc(torch.cat([torch.randn(1, 2, 8), x], 1), torch.tensor([[False, False, True, True, True]]))
+    # the same 3-token prompt, padded on either side with anything: the same encoding
+    torch.testing.assert_close(right[:, :3], left[:, 2:], atol=1e-5, rtol=1e-5)
+    # and order matters: positions make a permuted prompt encode differently
+    perm = enc(x[:, [1, 0, 2]], torch.ones(1, 3, dtype=torch.bool))
+    assert not torch.allclose(perm[:, 2], enc(x, torch.ones(1, 3, dtype=torch.bool))[:, 2], atol=1e-4)
+
+
+def test_prompt_encoder_inference_computes_the_training_logits(enc_pair):
+    net = _give_enc_weights(enc_pair[1])
+    train, got = teacher_forced_per_scale(
+        net, ["Draw a red circle on the left.", "Can you make an image showing two blue squares at the top?"],
+        gen_sample("g0", instr="Draw a red circle on the left."))
+    torch.testing.assert_close(got[:1], train, atol=1e-4, rtol=1e-4)
+    with torch.no_grad():  # the encoder now changes what the VAR reads
+        b = collator_for(net)([gen_sample("g0")])
+        assert not torch.allclose(net(b, return_logits=True)["logits_img"], enc_pair[0](b, return_logits=True)["logits_img"])
+
+
+def test_prompt_encoder_trains_in_stages_1_and_3_and_needs_prompt_attn(enc_pair):
+    from types import SimpleNamespace
+
+    from modules.config import ModelConfig
+    from modules.stages.vargpt_stages import Stage1, Stage2, Stage3
+
+    enc = enc_pair[1]
+    for cls, trains in ((Stage1, True), (Stage2, False), (Stage3, True)):
+        cfg = SimpleNamespace(model=enc.cfg)
+        if cls is Stage2:
+            cfg.model = replace(enc.cfg, train_und_projector=False)
+        stage = cls(cfg, net=copy.deepcopy(enc))
+        assert all(p.requires_grad == trains for p in stage.net.prompt_enc.parameters()), cls.__name__
+    with pytest.raises(ValueError, match="prompt_encoder_layers=1 needs model.var_cond=prompt_attn"):
+        ModelConfig(var_cond="label", prompt_encoder_layers=1).validate()

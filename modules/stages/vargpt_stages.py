@@ -126,7 +126,7 @@ class Stage1(VARGPTStage):
 
     def trainable_prefixes(self) -> Tuple[str, ...]:
         # the prompt's way into the VAR (model.var_cond) is condition, not decoder: it aligns here
-        extra = {"label": (), "gen_start": ("gen_cond",), "prompt_attn": ("gen_cond", "var.cross")}
+        extra = {"label": (), "gen_start": ("gen_cond",), "prompt_attn": ("gen_cond", "prompt_enc", "var.cross")}
         return self.TRAINABLE + extra[self.cfg.model.var_cond]
 
 
@@ -141,7 +141,8 @@ class Stage3(VARGPTStage):
     TRAINABLE = ("gen_in", "gen_out", "var")
 
     def trainable_prefixes(self) -> Tuple[str, ...]:
-        return self.TRAINABLE + (("gen_cond",) if self.net.gen_cond is not None else ())
+        return self.TRAINABLE + (("gen_cond",) if self.net.gen_cond is not None else ()) + \
+            (("prompt_enc",) if self.net.prompt_enc is not None else ())
 
 
 STAGE_CLASSES = {"llava_align": LlavaAlign, "llava_sft": LlavaSFT, "stage1": Stage1, "stage2": Stage2, "stage3": Stage3}
