@@ -10,6 +10,15 @@ linear softmax classifier per attribute on the flattened tokens (N, n_tokens * C
 with low VQA accuracy on the same attribute puts the gap after the vision tower.
 
 Expected runtime: about a minute on 2 CPU cores for 3000 images.
+
+    python -m experiments.probe runs/world/stage3 --prompt-binding [--shards "train/gen-*.tar"] [--n 2000]
+
+The generation side instead: does the state at each object's shape word in a generation prompt
+carry that object's colour (what the VAR's cross-attention needs to pair colours with shapes)?
+One colour probe per LLM layer (0 = the input embeddings), on the projected context the VAR
+cross-attends to (`gen_cond`) and after `prompt_enc` when the model has one. Prompts whose shape
+words do not line up one-to-one with the scene's objects (plurals: "two red circles") are skipped
+and counted.
 """
 from __future__ import annotations
 
@@ -46,16 +55,78 @@ def linear_probe(x_NF: torch.Tensor, y_N: torch.Tensor, n_train: int, steps: int
         return float(((x[n_train:] @ W + b).argmax(1) == y_N[n_train:]).float().mean())
 
 
+def shape_word_positions(pieces: List[str], shapes: List[str]) -> List[int]:
+    """Token positions whose text holds a whole shape word, in order (the world tokenizer keeps
+    each shape word in one token; a prompt where it does not is skipped by the caller)."""
+    return [t for t, piece in enumerate(pieces) if any(sh in piece.lower() for sh in shapes)]
+
+
+def prompt_binding(net, samples: List[Dict], train_frac: float) -> Dict[str, float]:
+    """Colour-at-shape-word probe accuracies per representation (see the module docstring)."""
+    from modules.evaluation import _user_text
+
+    shapes = sorted({o["shape"] for s in samples for o in s["record"]["scene"]["objects"]})
+    colours = sorted({o["colour"] for s in samples for o in s["record"]["scene"]["objects"]})
+    feats, ys, skipped = [], [], 0
+    for s in samples:
+        rec = s["record"]
+        ids = net.generation_prompt_ids([_user_text(rec)])[0]
+        pos = shape_word_positions([net.tokenizer.decode([i]) for i in ids], shapes)
+        objs = rec["scene"]["objects"]
+        if len(pos) != len(objs):
+            skipped += 1
+            continue
+        with torch.no_grad():
+            emb = net.llm.get_input_embeddings()(torch.tensor([ids]))
+            hs = list(net.llm.get_decoder()(inputs_embeds=emb, output_hidden_states=True, use_cache=False).hidden_states)
+            if net.gen_cond is not None:
+                ctx = net.project_cond(hs[-1])  # (1, T, C_var)
+                hs.append(ctx)
+                if getattr(net, "prompt_enc", None) is not None:
+                    hs.append(net.encode_prompt(ctx, torch.ones(ctx.shape[:2], dtype=torch.bool)))
+        for t, o in zip(pos, objs):
+            feats.append([h[0, t].float() for h in hs])
+            ys.append(colours.index(o["colour"]))
+    if len(ys) < 10:
+        raise SystemExit(f"probe: only {len(ys)} objects with a lined-up shape word; use generation shards "
+                         f"(task generation, records with `scene`)")
+    y = torch.tensor(ys)
+    n_train = int(len(ys) * train_frac)
+    names = [f"llm_layer_{i}" for i in range(len(hs) - (net.gen_cond is not None)
+                                             - (getattr(net, "prompt_enc", None) is not None))]
+    if net.gen_cond is not None:
+        names.append("gen_cond_context")
+        if getattr(net, "prompt_enc", None) is not None:
+            names.append("prompt_enc_output")
+    out: Dict[str, float] = {"objects_train": n_train, "objects_test": len(ys) - n_train, "prompts_skipped": skipped,
+                             "chance_colour": round(float(torch.bincount(y[n_train:]).max()) / (len(y) - n_train), 4)}
+    for j, name in enumerate(names):
+        x = torch.stack([f[j] for f in feats])
+        out[f"colour_at_shape_word_{name}"] = round(linear_probe(x, y, n_train, steps=300, lr=0.05, l2=1e-3), 4)
+    return out
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m experiments.probe", description=__doc__.split("\n")[0])
     ap.add_argument("ckpt")
     ap.add_argument("--shards", default="train/class-*.tar", help="world class shards (records with `label`)")
     ap.add_argument("--n", type=int, default=3000)
     ap.add_argument("--train-frac", type=float, default=2 / 3)
+    ap.add_argument("--prompt-binding", action="store_true",
+                    help="probe the prompt states the VAR reads instead (default shards train/gen-*.tar, n 2000)")
+    ap.add_argument("--data-root", default="", help="world data root (default: the checkpoint's data.root)")
     args = ap.parse_args(argv)
 
     net, cfg = load_exported(args.ckpt)
-    root = str(resolve_path(cfg.data.root)) if cfg.data.root else ""
+    root = args.data_root or (str(resolve_path(cfg.data.root)) if cfg.data.root else "")
+    if args.prompt_binding:
+        shards = args.shards if args.shards != "train/class-*.tar" else "train/gen-*.tar"
+        samples = list(iter_records(shards, root, args.n if args.n != 3000 else 2000))
+        if any("scene" not in s["record"] for s in samples):
+            raise SystemExit(f"probe: records of {shards!r} have no `scene`; use the world's generation shards")
+        out = {"checkpoint": args.ckpt, "shards": shards, **prompt_binding(net, samples, args.train_frac)}
+        print(json.dumps(out, indent=1))
+        return 0
     samples = list(iter_records(args.shards, root, args.n))
     if any("label" not in s["record"] for s in samples):
         raise SystemExit(f"probe: records of {args.shards!r} have no `label`; use the world's class shards")

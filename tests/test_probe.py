@@ -14,3 +14,39 @@ def test_linear_probe_reads_a_planted_attribute_and_not_noise():
     assert linear_probe(x, y, n_train=400) > 0.9
     y_noise = torch.randint(0, 4, (600,), generator=g)
     assert linear_probe(x, y_noise, n_train=400) < 0.45  # chance is 0.25
+
+
+def test_shape_word_positions_in_prompt_order():
+    from experiments.probe import shape_word_positions
+
+    pieces = ["<s>", "Draw", " a", " red", " circle", " and", " a", " blue", " Square", "."]
+    assert shape_word_positions(pieces, ["circle", "square", "triangle"]) == [4, 8]
+    assert shape_word_positions(["a", " circ", "le"], ["circle"]) == []  # split word: not lined up
+
+
+def test_prompt_binding_probes_every_representation(tmp_path):
+    """On a tiny prompt_attn model with a prompt encoder: one probe per LLM layer, the gen_cond
+    context and the encoder output; prompts whose shape words do not line up are counted."""
+    from dataclasses import replace
+
+    from experiments.probe import prompt_binding
+    from modules.vargpt import VARGPT
+    from tests.tiny import gen_sample, tiny_model_config
+
+    torch.manual_seed(0)
+    net = VARGPT(replace(tiny_model_config(tmp_path), var_cond="prompt_attn", prompt_encoder_layers=1)).eval()
+    colours, shapes = ["red", "blue", "green"], ["circle", "square"]
+    samples = []
+    for i in range(40):
+        c, sh = colours[i % 3], shapes[(i // 3) % 2]
+        s = gen_sample(f"g{i}", instr=f"Draw a {c} {sh}.")
+        s["record"]["scene"] = {"objects": [{"shape": sh, "colour": c}]}
+        samples.append(s)
+    odd = gen_sample("odd", instr="Draw two red circles.")  # one shape word, two objects: skipped
+    odd["record"]["scene"] = {"objects": [{"shape": "circle", "colour": "red"}] * 2}
+    out = prompt_binding(net, samples + [odd], train_frac=0.5)
+    n_layers = net.llm.config.num_hidden_layers
+    assert out["prompts_skipped"] >= 1 and out["objects_train"] + out["objects_test"] <= 40
+    keys = [k for k in out if k.startswith("colour_at_shape_word_")]
+    assert keys[-2:] == ["colour_at_shape_word_gen_cond_context", "colour_at_shape_word_prompt_enc_output"]
+    assert len(keys) == n_layers + 3 and all(0.0 <= out[k] <= 1.0 for k in keys)
