@@ -338,15 +338,15 @@ def report_metrics(report: Dict[str, Any], prefix: str) -> Dict[str, float]:
     """The scalar metrics of an evaluation report, flat: ``<prefix><k>`` for every numeric
     top-level value (not bools), ``<prefix>vqa_<type>`` per question type and
     ``<prefix>real_vs_real_<k>`` / ``<prefix>vqvae_reconstruction_<k>`` for the real-vs-real
-    floor and the tokenizer's ceiling, ``<prefix>gen_attr_objects<n>_<k>`` per number of requested
-    objects (``gen_attr_by_objects``). The one flattening of reports: the
+    floor and the tokenizer's ceiling, ``<prefix>gen_attr_objects<n>_mean`` per number of requested
+    objects (the mean only: the full ``gen_attr_by_objects`` stays in the report, and sweep tables
+    stay readable). The one flattening of reports: the
     in-loop callback logs ``val/...``, ``experiments.evaluate`` and sweeps ``eval/...``."""
     flat = {f"{prefix}{k}": float(v) for k, v in report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     for k, v in (report.get("vqa_per_type") or {}).items():
         flat[f"{prefix}vqa_{k}"] = float(v)
     for n, scores in (report.get("gen_attr_by_objects") or {}).items():
-        for k, v in scores.items():
-            flat[f"{prefix}gen_attr_objects{n}_{k}"] = float(v)
+        flat[f"{prefix}gen_attr_objects{n}_mean"] = float(scores["mean"])
     for part in ("real_vs_real", "vqvae_reconstruction"):
         for k, v in (report.get(part) or {}).items():
             if isinstance(v, (int, float)) and not isinstance(v, bool):
