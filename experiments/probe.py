@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from datamodules.paths import resolve_path
 from datamodules.world import COLOURS
 from experiments.infer import load_exported
-from modules.evaluation import iter_records
+from modules.evaluation import _user_text, iter_records
 
 
 def linear_probe(x_NF: torch.Tensor, y_N: torch.Tensor, n_train: int, steps: int = 200, lr: float = 1e-2,
@@ -63,8 +63,6 @@ def shape_word_positions(pieces: List[str], shapes: List[str]) -> List[int]:
 
 def prompt_binding(net, samples: List[Dict], train_frac: float) -> Dict[str, float]:
     """Colour-at-shape-word probe accuracies per representation (see the module docstring)."""
-    from modules.evaluation import _user_text
-
     shapes = sorted({o["shape"] for s in samples for o in s["record"]["scene"]["objects"]})
     colours = sorted({o["colour"] for s in samples for o in s["record"]["scene"]["objects"]})
     feats, ys, skipped = [], [], 0
