@@ -76,26 +76,22 @@ def prompt_binding(net, samples: List[Dict], train_frac: float) -> Dict[str, flo
             continue
         with torch.no_grad():
             emb = net.llm.get_input_embeddings()(torch.tensor([ids]))
-            hs = list(net.llm.get_decoder()(inputs_embeds=emb, output_hidden_states=True, use_cache=False).hidden_states)
+            hs = net.llm.get_decoder()(inputs_embeds=emb, output_hidden_states=True, use_cache=False).hidden_states
+            reps = [(f"llm_layer_{i}", h) for i, h in enumerate(hs)]  # (1, T, D) each, 0 = embeddings
             if net.gen_cond is not None:
-                ctx = net.project_cond(hs[-1])  # (1, T, C_var)
-                hs.append(ctx)
+                ctx = net.project_cond(hs[-1])  # (1, T, C_var): what the VAR cross-attends to
+                reps.append(("gen_cond_context", ctx))
                 if getattr(net, "prompt_enc", None) is not None:
-                    hs.append(net.encode_prompt(ctx, torch.ones(ctx.shape[:2], dtype=torch.bool)))
+                    reps.append(("prompt_enc_output", net.encode_prompt(ctx, torch.ones(ctx.shape[:2], dtype=torch.bool))))
+        names = [name for name, _ in reps]
         for t, o in zip(pos, objs):
-            feats.append([h[0, t].float() for h in hs])
+            feats.append([h[0, t].float() for _, h in reps])
             ys.append(colours.index(o["colour"]))
     if len(ys) < 10:
         raise SystemExit(f"probe: only {len(ys)} objects with a lined-up shape word; use generation shards "
                          f"(task generation, records with `scene`)")
     y = torch.tensor(ys)
     n_train = int(len(ys) * train_frac)
-    names = [f"llm_layer_{i}" for i in range(len(hs) - (net.gen_cond is not None)
-                                             - (getattr(net, "prompt_enc", None) is not None))]
-    if net.gen_cond is not None:
-        names.append("gen_cond_context")
-        if getattr(net, "prompt_enc", None) is not None:
-            names.append("prompt_enc_output")
     out: Dict[str, float] = {"objects_train": n_train, "objects_test": len(ys) - n_train, "prompts_skipped": skipped,
                              "chance_colour": round(float(torch.bincount(y[n_train:]).max()) / (len(y) - n_train), 4)}
     for j, name in enumerate(names):
@@ -107,8 +103,10 @@ def prompt_binding(net, samples: List[Dict], train_frac: float) -> Dict[str, flo
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m experiments.probe", description=__doc__.split("\n")[0])
     ap.add_argument("ckpt")
-    ap.add_argument("--shards", default="train/class-*.tar", help="world class shards (records with `label`)")
-    ap.add_argument("--n", type=int, default=3000)
+    ap.add_argument("--shards", default=None,
+                    help="world class shards (records with `label`; default train/class-*.tar), with "
+                         "--prompt-binding generation shards (default train/gen-*.tar)")
+    ap.add_argument("--n", type=int, default=None, help="records to read (default 3000; 2000 with --prompt-binding)")
     ap.add_argument("--train-frac", type=float, default=2 / 3)
     ap.add_argument("--prompt-binding", action="store_true",
                     help="probe the prompt states the VAR reads instead (default shards train/gen-*.tar, n 2000)")
@@ -118,16 +116,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     net, cfg = load_exported(args.ckpt)
     root = args.data_root or (str(resolve_path(cfg.data.root)) if cfg.data.root else "")
     if args.prompt_binding:
-        shards = args.shards if args.shards != "train/class-*.tar" else "train/gen-*.tar"
-        samples = list(iter_records(shards, root, args.n if args.n != 3000 else 2000))
+        shards = args.shards or "train/gen-*.tar"
+        samples = list(iter_records(shards, root, args.n or 2000))
         if any("scene" not in s["record"] for s in samples):
             raise SystemExit(f"probe: records of {shards!r} have no `scene`; use the world's generation shards")
         out = {"checkpoint": args.ckpt, "shards": shards, **prompt_binding(net, samples, args.train_frac)}
         print(json.dumps(out, indent=1))
         return 0
-    samples = list(iter_records(args.shards, root, args.n))
+    shards = args.shards or "train/class-*.tar"
+    samples = list(iter_records(shards, root, args.n or 3000))
     if any("label" not in s["record"] for s in samples):
-        raise SystemExit(f"probe: records of {args.shards!r} have no `label`; use the world's class shards")
+        raise SystemExit(f"probe: records of {shards!r} have no `label`; use the world's class shards")
     tf = net.vision.image_transform()
     px = torch.stack([tf(s["images"][0]) for s in samples])
     with torch.no_grad():
@@ -135,7 +134,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     label = torch.tensor([s["record"]["label"] for s in samples])
     targets: Dict[str, torch.Tensor] = {"shape": label // len(COLOURS), "colour": label % len(COLOURS)}
     n_train = int(len(samples) * args.train_frac)
-    out = {"checkpoint": args.ckpt, "shards": args.shards, "n_train": n_train, "n_test": len(samples) - n_train,
+    out = {"checkpoint": args.ckpt, "shards": shards, "n_train": n_train, "n_test": len(samples) - n_train,
            "features": f"{feats_NTC.shape[1]} tokens x {feats_NTC.shape[2]} (feature_layer {cfg.model.vision.feature_layer})"}
     for name, y in targets.items():
         out[f"probe_{name}_accuracy"] = round(linear_probe(feats_NTC.flatten(1), y, n_train), 4)
