@@ -30,7 +30,7 @@ from experiments.config import ConfigError
 from experiments.infer import load_exported
 from modules import evaluation as ev
 from modules.evaluation import Evaluator
-from modules.metrics_world import predict_scenes, requested_groups, score_scenes, scores_by_objects
+from modules.metrics_world import attribute_scores, requested_groups
 
 
 def run_evaluation(ckpt: str, tasks: List[str], overrides: List[str], real_baseline: str = "",
@@ -74,11 +74,10 @@ def _run_evaluation(ckpt: str, tasks: List[str], overrides: List[str], real_base
         if clf is not None:
             groups_b = [requested_groups(s["record"]) for s in other]
             for part, imgs in (("real_vs_real", reals_b), ("vqvae_reconstruction", recon_b)):
-                predicted = predict_scenes(clf, imgs)
-                report[part]["attribute_accuracy"] = score_scenes(predicted, groups_b)["mean"]
+                scores = attribute_scores(clf, imgs, groups_b)
+                report[part]["attribute_accuracy"] = scores["mean"]
                 # the ceiling per number of requested objects, beside the generator's gen_attr_by_objects
-                report[part]["attribute_accuracy_by_objects"] = {
-                    n: s["mean"] for n, s in scores_by_objects(predicted, groups_b).items()}
+                report[part]["attribute_accuracy_by_objects"] = {n: s["mean"] for n, s in scores["by_objects"].items()}
     report["protocol"] = report.pop("protocol")  # last, as before
     report["seconds"] = round(time.perf_counter() - t0, 1)
     if out is not None:

@@ -76,13 +76,13 @@ def prompt_binding(net, samples: List[Dict], train_frac: float) -> Dict[str, flo
             continue
         with torch.no_grad():
             emb = net.llm.get_input_embeddings()(torch.tensor([ids]))
-            hs = net.llm.get_decoder()(inputs_embeds=emb, output_hidden_states=True, use_cache=False).hidden_states
+            hs = net.run_llm(emb, None, output_hidden_states=True, use_cache=False).hidden_states
             reps = [(f"llm_layer_{i}", h) for i, h in enumerate(hs)]  # (1, T, D) each, 0 = embeddings
             if net.gen_cond is not None:
                 ctx = net.project_cond(hs[-1])  # (1, T, C_var): what the VAR cross-attends to
                 reps.append(("gen_cond_context", ctx))
                 if getattr(net, "prompt_enc", None) is not None:
-                    reps.append(("prompt_enc_output", net.encode_prompt(ctx, torch.ones(ctx.shape[:2], dtype=torch.bool))))
+                    reps.append(("prompt_enc_output", net.prompt_enc(ctx, torch.ones(ctx.shape[:2], dtype=torch.bool))))
         names = [name for name, _ in reps]
         for t, o in zip(pos, objs):
             feats.append([h[0, t].float() for _, h in reps])

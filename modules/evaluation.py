@@ -28,7 +28,7 @@ from modules.config import EvalConfig
 from modules.components.classifier import build_classifier
 from modules.metrics import GenMetricsConfig, VQAAccuracy, build_gen_metrics
 from modules.metrics_clip import clip_score
-from modules.metrics_world import predict_scenes, requested_groups, score_scenes, scores_by_objects
+from modules.metrics_world import attribute_scores, requested_groups
 
 TASKS = ("vqa", "generation")
 
@@ -182,12 +182,10 @@ def evaluate_generation(net, samples: Sequence[Dict[str, Any]], cfg: EvalConfig,
     if cfg.prompt_gain_samples > 0:  # callers evaluate in eval mode (no dropout), as for sampling
         out.update(prompt_gain(net, samples[:cfg.prompt_gain_samples], cfg.batch_size))
     if classifier is not None and all("scene" in s["record"] for s in samples):
-        groups = [requested_groups(s["record"]) for s in samples]
-        predicted = predict_scenes(classifier, images)
-        scores = score_scenes(predicted, groups)
+        scores = attribute_scores(classifier, images, [requested_groups(s["record"]) for s in samples])
+        # gen_attr_<attribute>, and gen_attr_by_objects: one- vs multi-object prompts
         out.update({f"gen_attr_{k}": v for k, v in scores.items()})
         out["gen_attribute_accuracy"] = scores["mean"]
-        out["gen_attr_by_objects"] = scores_by_objects(predicted, groups)  # one- vs multi-object prompts
     if classifier is not None or cfg.extractor == "inception":
         if reals is None:
             reals = target_images(samples, images.shape[-1])

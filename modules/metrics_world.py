@@ -159,7 +159,9 @@ def scores_by_objects(predicted: Sequence[Mapping[str, Any]],
 
 
 def attribute_scores(classifier: Any, images: Tensor, groups: Sequence[Sequence[Mapping[str, Any]]],
-                     batch: int = 64) -> Dict[str, float]:
-    """The classifier's reading of ``images`` (N, 3, H, W) in [0, 1] scored against ``groups``:
-    ``{attribute: accuracy, "mean": ...}`` as floats."""
-    return score_scenes(predict_scenes(classifier, images, batch), groups)
+                     batch: int = 64) -> Dict[str, Any]:
+    """The classifier's reading of ``images`` (N, 3, H, W) in [0, 1] scored against ``groups``
+    (one classifier pass): ``{attribute: accuracy, "mean": ..., "by_objects": scores_by_objects}``,
+    the accuracies as floats. The one scorer of generated and reference images."""
+    predicted = predict_scenes(classifier, images, batch)
+    return {**score_scenes(predicted, groups), "by_objects": scores_by_objects(predicted, groups)}

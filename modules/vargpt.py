@@ -222,14 +222,14 @@ class VARGPT(VARGPTInference, nn.Module):
         keep = torch.arange(P, device=h_BTD.device).view(1, P) < ends.view(-1, 1)  # (N, P)
         if attention_mask_BT is not None:
             keep = keep & attention_mask_BT[rows, :P].bool()
-        return self.encode_prompt(self.project_cond(h_BTD[rows, :P]), keep), keep
+        return self.cross_context(h_BTD[rows, :P], keep), keep
 
-    def encode_prompt(self, ctx_NPC: torch.Tensor, keep_NP: torch.Tensor) -> torch.Tensor:
-        """The cross-attention context: projected prompt states through the prompt encoder when
-        there is one (model.prompt_encoder_layers); training and generation share this."""
-        if self.prompt_enc is None:
-            return ctx_NPC
-        return self.prompt_enc(ctx_NPC, keep_NP)
+    def cross_context(self, h_NPD: torch.Tensor, keep_NP: torch.Tensor) -> torch.Tensor:
+        """The VAR's cross-attention context from the LLM states of the prompt (N, P, D) ->
+        (N, P, C_var): gen_cond, then the prompt encoder when there is one
+        (model.prompt_encoder_layers). Training (prompt_context) and generation share this."""
+        ctx_NPC = self.project_cond(h_NPD)
+        return ctx_NPC if self.prompt_enc is None else self.prompt_enc(ctx_NPC, keep_NP)
 
     def project_cond(self, h: torch.Tensor) -> torch.Tensor:
         """gen_cond of LLM states (..., D) -> (..., C_var) in fp32, whatever the projector dtype:

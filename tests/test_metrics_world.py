@@ -73,6 +73,7 @@ def test_attribute_scores_runs_the_classifier_in_batches():
 
     out = attribute_scores(Clf(), torch.zeros(4, 3, 8, 8), REQUESTED, batch=3)
     assert seen == [3, 1] and out["mean"] == pytest.approx(6 / 10) and "n" not in out
+    assert out["by_objects"] == scores_by_objects(PREDICTED, REQUESTED)  # the same single classifier pass
 
 
 def test_scores_by_number_of_requested_objects():
