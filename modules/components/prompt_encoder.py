@@ -3,8 +3,8 @@
 Why: with ``var_cond: prompt_attn`` the VAR's cross-attention reads the frozen LLM's prompt
 states as an unordered set (the LLM's rotary positions do not reach the keys), so it can pair a
 colour with a shape only if the state at one word already carries the other. On the world, a
-linear probe reads an object's colour from the frozen LLM's state at its shape word only about
-60% of the time (6 colours), and generated multi-object scenes show it: the right colours and
+linear probe reads an object's colour from the frozen LLM's state at its shape word only
+0.59-0.65 of the time (6 colours; `experiments.probe --prompt-binding`), and generated multi-object scenes show it: the right colours and
 the right shapes, paired at random. These layers let the generation side relate neighbouring
 words itself: bidirectional self-attention over the projected prompt states, with learned
 positions counted back from the prompt's end (the <|image_gen_start|> state is position 0), so
