@@ -20,7 +20,7 @@ from modules.components.vqvae import VQVAEConfig
 
 # Submodule names of the composed model (modules/vargpt.py): what `load[].into` and the stages'
 # trainable sets refer to.
-SUBMODULES = ("vision", "und_proj", "llm", "gen_in", "gen_out", "gen_cond", "prompt_enc", "vqvae", "var")
+SUBMODULES = ("vision", "und_proj", "llm", "gen_lora", "gen_in", "gen_out", "gen_cond", "prompt_enc", "vqvae", "var")
 # How the prompt reaches the VAR blocks (ModelConfig.var_cond).
 VAR_CONDS = ("label", "gen_start", "prompt_attn")
 LOAD_FORMATS = ("native", "official_var", "official_vqvae", "llava", "hf", "timm", "vargpt", "llava_hf")
@@ -164,6 +164,14 @@ class ModelConfig:
     # (modules/components/prompt_encoder.py: the frozen LLM's states alone pair colours with
     # shapes poorly). Their output layers start at zero, so 0 and a fresh N compute the same.
     prompt_encoder_layers: int = 0
+    # Beyond v1: LoRA deltas of this rank on the LLM's linear layers that act only at the
+    # <|image_gen_pad|> slots (modules/components/gen_lora.py), trained with the generation side
+    # (stages 1 and 3): the image positions get their own trainable LLM while every text position,
+    # hence understanding and the prompt states, computes exactly what the frozen LLM computes.
+    # 0 (v1): none. B starts at zero, so a fresh rank computes what 0 does. Scale alpha / rank
+    # (gen_lora_alpha 0: alpha = rank, scale 1).
+    gen_lora_rank: int = 0
+    gen_lora_alpha: float = 0.0
     # What the VAR blocks read at the image positions. False (VARGPT v1): gen_out(LLM states)
     # only, so every bit of the image so far reaches the VAR through the LLM. True (beyond v1): a
     # residual around the LLM, front_end(x) + gen_out(LLM states), where front_end is the VAR's
@@ -231,6 +239,9 @@ class ModelConfig:
         if self.prompt_encoder_layers < 0 or (self.prompt_encoder_layers and self.var_cond != "prompt_attn"):
             raise ValueError(f"model.prompt_encoder_layers={self.prompt_encoder_layers} needs model.var_cond=prompt_attn "
                              f"(it encodes the prompt the VAR cross-attends to) and a count >= 0; set it to 0 otherwise")
+        if self.gen_lora_rank < 0 or self.gen_lora_alpha < 0:
+            raise ValueError(f"model.gen_lora_rank={self.gen_lora_rank} / gen_lora_alpha={self.gen_lora_alpha}: both "
+                             "must be >= 0 (rank 0 = no deltas, VARGPT v1; alpha 0 = the rank)")
         if self.var_cond != "label" and self.switch("cfg_uncond") == "noise":
             raise ValueError(f"model.var_cond={self.var_cond} needs the trained unconditional branch: set "
                              "model.cfg_uncond=null_prompt (noise states have no <|image_gen_start|> state)")

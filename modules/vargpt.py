@@ -32,6 +32,7 @@ from datamodules.collate import Collator, released_text_labels
 from datamodules.config import ChatTemplateConfig, DataConfig
 from datamodules.tokens import GEN_PAD, IGNORE_INDEX
 from datamodules.transforms import GenTransform
+from modules.components.gen_lora import GenLoRA
 from modules.components.llm import build_llm, llm_hidden_size
 from modules.components.projectors import build_projector
 from modules.components.prompt_encoder import PromptEncoder
@@ -44,9 +45,10 @@ from modules.inference import VARGPTInference
 
 
 class VARGPT(VARGPTInference, nn.Module):
-    """Submodules (the names stages and `load:` refer to): vision, und_proj, llm, gen_in, gen_out,
-    gen_cond (var_cond gen_start / prompt_attn, else None), prompt_enc (model.prompt_encoder_layers
-    > 0, else None), vqvae (always frozen, fp32), var."""
+    """Submodules (the names stages and `load:` refer to): vision, und_proj, llm, gen_lora
+    (model.gen_lora_rank > 0, else None), gen_in, gen_out, gen_cond (var_cond gen_start /
+    prompt_attn, else None), prompt_enc (model.prompt_encoder_layers > 0, else None), vqvae
+    (always frozen, fp32), var."""
 
     def __init__(self, cfg: ModelConfig, tokenizer: Any = None, template: Optional[ChatTemplateConfig] = None):
         super().__init__()
@@ -57,6 +59,10 @@ class VARGPT(VARGPTInference, nn.Module):
         self.vision = build_vision_encoder(cfg.vision)
         self.llm = build_llm(cfg.llm, len(self.tokenizer))
         d_llm = llm_hidden_size(self.llm)
+        # model.gen_lora_rank: the LLM's own deltas at the image slots (hooks on its linears)
+        self.gen_lora: Optional[GenLoRA] = None
+        if cfg.gen_lora_rank > 0:
+            self.gen_lora = GenLoRA(self.llm.get_decoder().layers, cfg.gen_lora_rank, cfg.gen_lora_alpha)
         self.und_proj = build_projector(replace(cfg.und_projector, in_dim=self.vision.out_dim, out_dim=d_llm))
         self.vqvae = build_vqvae(cfg.vqvae)
         self.vqvae.requires_grad_(False)
@@ -236,10 +242,14 @@ class VARGPT(VARGPTInference, nn.Module):
         the one projection training (prompt_condition / prompt_context) and generation share."""
         return self.gen_cond(h.to(next(self.gen_cond.parameters()).dtype)).float()
 
-    def run_llm(self, embeds: torch.Tensor, attention_mask: Optional[torch.Tensor], **kw):
-        """Last-layer hidden states (after the final norm) of the decoder stack."""
-        out = self.llm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask, **kw)
-        return out
+    def run_llm(self, embeds: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                gen_mask: Optional[torch.Tensor] = None, **kw):
+        """Last-layer hidden states (after the final norm) of the decoder stack. ``gen_mask``
+        (B, T): the <|image_gen_pad|> slots of these inputs, where model.gen_lora's deltas act
+        (None: no such slot). Every LLM call goes through here so that the mask is this call's."""
+        if self.gen_lora is not None:
+            self.gen_lora.set_mask(gen_mask)
+        return self.llm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask, **kw)
 
     # ------------------------------------------------------------------ training forward
     def forward(self, batch: Dict[str, Any], return_logits: bool = False) -> Dict[str, torch.Tensor]:
@@ -258,7 +268,7 @@ class VARGPT(VARGPTInference, nn.Module):
         emb, gen_mask, idx_list, uncond = self.embed(batch, insert_gen=insert,
                                                      front_out=front if self.cfg.var_skip else None)
         # use_cache=False: a frozen LLM is in eval mode, where HF would otherwise build a KV cache
-        h = self.run_llm(emb, batch.get("attention_mask"), use_cache=False).last_hidden_state  # (B, T, D)
+        h = self.run_llm(emb, batch.get("attention_mask"), gen_mask=gen_mask, use_cache=False).last_hidden_state  # (B, T, D)
         out: Dict[str, torch.Tensor] = {}
 
         # text: next-token CE on supervised positions

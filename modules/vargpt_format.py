@@ -352,6 +352,8 @@ def check_exportable(model: nn.Module) -> None:
     """The released layout fixes what our config leaves open: fail naming the setting."""
     _need(getattr(model, "gen_cond", None) is None, "model.var_cond must be label (the released layout has no "
                                                     "prompt condition, gen_cond)")
+    _need(getattr(model, "gen_lora", None) is None, "model.gen_lora_rank must be 0 (the released layout has no "
+                                                    "LLM deltas at the image slots, gen_lora)")
     cfg = getattr(model, "cfg", None)
     # var_skip changes what the blocks compute, not which tensors exist: the released code would
     # load the weights and silently run without the residual

@@ -20,18 +20,48 @@ EXPECTED = {
 }
 
 
+# the parts a model variant adds to the generation side's trainable sets (stages 1 and 3)
+VARIANTS = {
+    "v1": ({}, {}),
+    # the world default: the VAR cross-attends to the prompt (gen_cond + var.cross), var_skip
+    "world": (dict(var_cond="prompt_attn", var_skip=True), {"stage1": ("gen_cond", "var.cross"), "stage3": ("gen_cond",)}),
+    "world+encoder+gen_lora": (dict(var_cond="prompt_attn", var_skip=True, prompt_encoder_layers=1, gen_lora_rank=2),
+                               {"stage1": ("gen_cond", "var.cross", "prompt_enc", "gen_lora"),
+                                "stage3": ("gen_cond", "prompt_enc", "gen_lora")}),
+}
+
+
 @pytest.fixture(scope="module")
-def base_net(tmp_path_factory):
-    torch.manual_seed(0)
-    return VARGPT(tiny_model_config(tmp_path_factory.mktemp("stages")))
+def nets(tmp_path_factory):
+    from dataclasses import replace
+
+    cfg = tiny_model_config(tmp_path_factory.mktemp("stages"))
+    out = {}
+    for name, (over, _) in VARIANTS.items():
+        torch.manual_seed(0)
+        net = VARGPT(replace(cfg, **over))
+        with torch.no_grad():  # the zero-initialised outputs (var_skip's gen_out, cross-attention, LoRA B)
+            for part in (net.gen_out, net.var, net.prompt_enc, net.gen_lora):
+                for n, p in (part.named_parameters() if part is not None else ()):
+                    if not p.abs().sum() > 0:
+                        p.normal_(0, 0.05)
+        out[name] = net
+    return out
+
+
+@pytest.fixture(scope="module")
+def base_net(nets):
+    return nets["v1"]
 
 
 def _under(name, prefixes):
     return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
+@pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("stage", list(EXPECTED))
-def test_step_changes_exactly_the_trainable_set(stage, base_net):
+def test_step_changes_exactly_the_trainable_set(stage, variant, nets):
+    base_net = nets[variant]
     cfg = ExperimentConfig(stage=stage)
     cfg.model = base_net.cfg
     cfg.optim.lr = 1e-2
@@ -39,7 +69,8 @@ def test_step_changes_exactly_the_trainable_set(stage, base_net):
     module = STAGE_CLASSES[stage](cfg, net=copy.deepcopy(base_net))
     net = module.net
     names = set(module.trainable_parameter_names())
-    assert names == {n for n, _ in net.named_parameters() if _under(n, EXPECTED[stage])}
+    expected = EXPECTED[stage] + VARIANTS[variant][1].get(stage, ())
+    assert names == {n for n, _ in net.named_parameters() if _under(n, expected)}
     assert names, stage
     module.train()
     assert all(not m.training for m in net.vqvae.modules())
@@ -189,3 +220,12 @@ def test_evaluate_cli_writes_report_with_protocol(tiny_world, tmp_path, tracking
     assert "eval/fid" in run.data.metrics and "eval/vqa_accuracy" in run.data.metrics
     assert "eval/vqvae_reconstruction_attribute_accuracy" in run.data.metrics
     assert any(k.startswith("eval/gen_attr_objects") and k.endswith("_mean") for k in run.data.metrics)
+
+
+@pytest.mark.parametrize("stage", ["stage1", "stage2", "stage3"])
+def test_world_recipes_build_their_stage(stage):
+    """Each shipped world stage builds its module with the recipe's model (random weights: no
+    load, no init_from): its trainable set matches parameters of that model."""
+    loaded = load_config(REPO_ROOT / f"experiments/world/{stage}.yaml", ["init_from=", "model.load=[]"])
+    module = STAGE_CLASSES[loaded.cfg.stage](loaded.cfg)
+    assert module.trainable_parameter_names()

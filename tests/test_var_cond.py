@@ -12,16 +12,7 @@ import pytest
 import torch
 
 from modules.vargpt import VARGPT
-from tests.tiny import collator_for, gen_sample, teacher_forced_per_scale, tiny_model_config
-
-
-def _assert_inference_is_training(net):
-    """KV-cached generation, teacher-forced, gives the training forward's logits for the first
-    prompt, batched with a longer one (its left padding must not reach the VAR's context)."""
-    train, got = teacher_forced_per_scale(
-        net, ["Draw a red circle on the left.", "Can you make an image showing two blue squares at the top?"],
-        gen_sample("g0", instr="Draw a red circle on the left."))
-    torch.testing.assert_close(got[:1], train, atol=1e-4, rtol=1e-4)
+from tests.tiny import assert_inference_is_training, collator_for, gen_sample, teacher_forced_per_scale, tiny_model_config
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +129,7 @@ def test_prompt_attn_starts_as_v1_then_reads_the_prompt(attn_pair):
 
 def test_prompt_attn_inference_computes_the_training_logits(attn_pair):
     net = _give_attn_weights(attn_pair[1])
-    _assert_inference_is_training(net)
+    assert_inference_is_training(net)
 
 
 def test_official_var_loads_into_a_cross_attention_decoder(attn_pair, tmp_path):
@@ -185,7 +176,7 @@ def test_var_skip_inference_computes_the_training_logits(skip_net):
     with torch.no_grad():  # give the LLM path and the cross-attention weights
         for p in list(net.gen_out.parameters()) + list(net.var.cross.parameters()):
             p.normal_(0, 0.3)
-    _assert_inference_is_training(net)
+    assert_inference_is_training(net)
     with torch.no_grad():  # and the LLM path now changes the logits
         b = collator_for(net)([gen_sample("g0")])
         assert not torch.allclose(net(b, return_logits=True)["logits_img"],
@@ -243,7 +234,7 @@ def test_prompt_encoder_positions_count_back_from_the_prompt_end():
 
 def test_prompt_encoder_inference_computes_the_training_logits(enc_pair):
     net = _give_enc_weights(enc_pair[1])
-    _assert_inference_is_training(net)
+    assert_inference_is_training(net)
     with torch.no_grad():  # the encoder now changes what the VAR reads
         b = collator_for(net)([gen_sample("g0")])
         assert not torch.allclose(net(b, return_logits=True)["logits_img"], enc_pair[0](b, return_logits=True)["logits_img"])

@@ -104,3 +104,14 @@ def teacher_forced_per_scale(net, prompts: Sequence[str], sample: Dict[str, Any]
         net.generate_image(list(prompts), cfg=0.0, seed=list(range(n)), teacher_idx=[t.repeat(n, 1) for t in idx],
                            logits_out=per_scale)
     return out["logits_img"], torch.cat([l[:n] for l in per_scale], dim=1)
+
+
+def assert_inference_is_training(net):
+    """KV-cached generation, teacher-forced, gives the training forward's logits for the first
+    prompt, batched with a longer one (its left padding must not reach the VAR's context)."""
+    import torch
+
+    train, got = teacher_forced_per_scale(
+        net, ["Draw a red circle on the left.", "Can you make an image showing two blue squares at the top?"],
+        gen_sample("g0", instr="Draw a red circle on the left."))
+    torch.testing.assert_close(got[:1], train, atol=1e-4, rtol=1e-4)

@@ -4,9 +4,10 @@
     llava_align  und_proj                                 captions            (LLaVA-1.5 step 1)
     llava_sft    und_proj + llm                           VQA / conversations (LLaVA-1.5 step 2)
     stage1       gen_in, gen_out, var.cond_emb/pos_start  generation instructions
-                 (+ gen_cond, and var.cross with model.var_cond prompt_attn)
+                 (+ gen_cond, and var.cross with model.var_cond prompt_attn; + gen_lora, prompt_enc)
     stage2       llm (+ und_proj with model.train_und_projector)   understanding + a few generation
-    stage3       gen_in, gen_out, var (+ gen_cond)        generation instructions
+    stage3       gen_in, gen_out, var (+ gen_cond, gen_lora,  generation instructions
+                 prompt_enc when the model has them)
 
 Everything outside the trainable set is frozen and kept in eval mode (no dropout / drop-path),
 so a frozen part computes exactly what it did when it was trained. `tests/test_stages.py`
@@ -126,8 +127,8 @@ class Stage1(VARGPTStage):
 
     def trainable_prefixes(self) -> Tuple[str, ...]:
         # the prompt's way into the VAR (model.var_cond) is condition, not decoder: it aligns here
-        extra = {"label": (), "gen_start": ("gen_cond",), "prompt_attn": ("gen_cond", "prompt_enc", "var.cross")}
-        return self.TRAINABLE + extra[self.cfg.model.var_cond]
+        extra = {"label": (), "gen_start": ("gen_cond",), "prompt_attn": ("gen_cond", "var.cross")}
+        return self.TRAINABLE + extra[self.cfg.model.var_cond] + _optional(self.net, "prompt_enc", "gen_lora")
 
 
 class Stage2(VARGPTStage):
@@ -141,8 +142,13 @@ class Stage3(VARGPTStage):
     TRAINABLE = ("gen_in", "gen_out", "var")
 
     def trainable_prefixes(self) -> Tuple[str, ...]:
-        return self.TRAINABLE + (("gen_cond",) if self.net.gen_cond is not None else ()) + \
-            (("prompt_enc",) if self.net.prompt_enc is not None else ())
+        return self.TRAINABLE + _optional(self.net, "gen_cond", "prompt_enc", "gen_lora")
+
+
+def _optional(net: nn.Module, *names: str) -> Tuple[str, ...]:
+    """The generation-side parts this model has (gen_cond with model.var_cond, prompt_enc with
+    model.prompt_encoder_layers, gen_lora with model.gen_lora_rank): they train with that side."""
+    return tuple(n for n in names if getattr(net, n, None) is not None)
 
 
 STAGE_CLASSES = {"llava_align": LlavaAlign, "llava_sft": LlavaSFT, "stage1": Stage1, "stage2": Stage2, "stage3": Stage3}
