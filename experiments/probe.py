@@ -19,6 +19,12 @@ One colour probe per LLM layer (0 = the input embeddings), on the projected cont
 cross-attends to (`gen_cond`) and after `prompt_enc` when the model has one. Prompts whose shape
 words do not line up one-to-one with the scene's objects (plurals: "two red circles") are skipped
 and counted.
+
+    python -m experiments.probe runs/world/stage3 --llm-path [--shards "val/gen-*.tar"] [--n 64]
+
+How much of what the VAR blocks read at the image slots comes through the LLM: the RMS of
+gen_out(LLM states) against the RMS of the VAR's own front end (what `model.var_skip` adds it
+to), and the image loss of the records as they are and with gen_out's output set to zero.
 """
 from __future__ import annotations
 
@@ -100,6 +106,48 @@ def prompt_binding(net, samples: List[Dict], train_frac: float) -> Dict[str, flo
     return out
 
 
+def llm_path(net, samples: List[Dict], batch_size: int = 16) -> Dict[str, float]:
+    """RMS of the VAR front end and of gen_out(LLM states) over the image slots, and the image
+    loss with and without the LLM path (gen_out's output zeroed by a forward hook)."""
+    col = net.collator()
+    sums = {"front": 0.0, "gen_out": 0.0, "loss": 0.0, "loss_zero": 0.0}
+    n_el = n_tgt = 0
+    state: Dict[str, object] = {"zero": False}
+
+    def hook(module, inputs, out):
+        state["gen_out"] = out
+        return torch.zeros_like(out) if state["zero"] else None
+
+    handle = net.gen_out.register_forward_hook(hook)
+    try:
+        for b0 in range(0, len(samples), batch_size):
+            b = col(samples[b0:b0 + batch_size])
+            with torch.no_grad():
+                _, _, idx, uncond = net.embed(b, insert_gen=False)
+                if idx is None:
+                    continue  # no generation target in this batch
+                front = net.gen_front_end(idx, uncond)  # (N, L, C_var)
+                loss = float(net(b)["loss_img"])
+                g = state["gen_out"]
+                state["zero"] = True
+                loss_zero = float(net(b)["loss_img"])
+                state["zero"] = False
+            n = front.shape[0]
+            sums["front"] += float(front.float().pow(2).sum())
+            sums["gen_out"] += float(g.float().pow(2).sum())
+            sums["loss"] += loss * n
+            sums["loss_zero"] += loss_zero * n
+            n_el += front.numel()
+            n_tgt += n
+    finally:
+        handle.remove()
+    if n_tgt == 0:
+        raise SystemExit("probe --llm-path: no generation targets in these records; use generation shards")
+    return {"targets": n_tgt, "var_skip": bool(net.cfg.var_skip),
+            "rms_front_end": round((sums["front"] / n_el) ** 0.5, 5), "rms_gen_out": round((sums["gen_out"] / n_el) ** 0.5, 5),
+            "loss_img": round(sums["loss"] / n_tgt, 4), "loss_img_without_llm_path": round(sums["loss_zero"] / n_tgt, 4)}
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m experiments.probe", description=__doc__.split("\n")[0])
     ap.add_argument("ckpt")
@@ -110,11 +158,23 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--train-frac", type=float, default=2 / 3)
     ap.add_argument("--prompt-binding", action="store_true",
                     help="probe the prompt states the VAR reads instead (default shards train/gen-*.tar, n 2000)")
+    ap.add_argument("--llm-path", action="store_true",
+                    help="how much the VAR's input at the image slots gets from the LLM (default shards "
+                         "val/gen-*.tar, n 64)")
     ap.add_argument("--data-root", default="", help="world data root (default: the checkpoint's data.root)")
     args = ap.parse_args(argv)
+    if args.prompt_binding and args.llm_path:
+        ap.error("--prompt-binding and --llm-path are separate probes: give one")
 
     net, cfg = load_exported(args.ckpt)
     root = args.data_root or (str(resolve_path(cfg.data.root)) if cfg.data.root else "")
+    if args.llm_path:
+        shards = args.shards or "val/gen-*.tar"
+        samples = [s for s in iter_records(shards, root, args.n or 64) if s.get("task") == "generation"]
+        if not samples:
+            raise SystemExit(f"probe --llm-path: no generation records in {shards!r}; use the world's generation shards")
+        print(json.dumps({"checkpoint": args.ckpt, "shards": shards, **llm_path(net, samples)}, indent=1))
+        return 0
     if args.prompt_binding:
         shards = args.shards or "train/gen-*.tar"
         samples = list(iter_records(shards, root, args.n or 2000))

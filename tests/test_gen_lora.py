@@ -7,29 +7,22 @@ generation side (stages 1 and 3), not in stage 2; the released layout refuses th
 from __future__ import annotations
 
 import copy
-from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from modules.vargpt import VARGPT
-from tests.tiny import assert_inference_is_training, collator_for, gen_sample, tiny_model_config, und_sample
+from tests.tiny import (assert_inference_is_training, collator_for, gen_sample, plain_and_variant, tiny_model_config,
+                        und_sample)
 
 
 @pytest.fixture(scope="module")
 def lora_pair(tmp_path_factory):
-    cfg = replace(tiny_model_config(tmp_path_factory.mktemp("tiny_lora")), var_cond="prompt_attn", var_skip=True)
-    torch.manual_seed(0)
-    plain = VARGPT(cfg).eval()
-    with torch.no_grad():
-        for p in list(plain.var.cross.parameters()) + list(plain.gen_out.parameters()):  # reads prompt and LLM
-            p.normal_(0, 0.3)
-    lora = VARGPT(replace(cfg, gen_lora_rank=4)).eval()
-    missing, unexpected = lora.load_state_dict(plain.state_dict(), strict=False)
-    # the LLM's own keys are unchanged (hooks, not wrapped modules): only the deltas are new
-    assert not unexpected and missing and all(k.startswith("gen_lora.") for k in missing)
-    return plain, lora
+    # the LLM's own keys are unchanged (hooks, not wrapped modules): only the deltas are new;
+    # gen_out warm: the LLM states at the image slots reach the VAR
+    return plain_and_variant(tmp_path_factory.mktemp("tiny_lora"), {"gen_lora_rank": 4}, "gen_lora",
+                             warm=("var.cross", "gen_out"))
 
 
 def _give_lora_weights(net):

@@ -50,3 +50,26 @@ def test_prompt_binding_probes_every_representation(tmp_path):
     keys = [k for k in out if k.startswith("colour_at_shape_word_")]
     assert keys[-2:] == ["colour_at_shape_word_gen_cond_context", "colour_at_shape_word_prompt_enc_output"]
     assert len(keys) == n_layers + 3 and all(0.0 <= out[k] <= 1.0 for k in keys)
+
+
+def test_llm_path_measures_what_gen_out_adds(tmp_path):
+    """var_skip at init (gen_out's last layer zero): the LLM path adds nothing, and zeroing it
+    changes no loss; with weights it adds something and zeroing it changes the loss."""
+    from dataclasses import replace
+
+    from experiments.probe import llm_path
+    from modules.vargpt import VARGPT
+    from tests.tiny import gen_sample, tiny_model_config, und_sample
+
+    torch.manual_seed(0)
+    net = VARGPT(replace(tiny_model_config(tmp_path), var_skip=True)).eval()
+    samples = [gen_sample(f"g{i}") for i in range(4)] + [und_sample("u")]  # the last batch: no target at all
+    out = llm_path(net, samples, batch_size=4)
+    assert out["targets"] == 4 and out["var_skip"] is True
+    assert out["rms_gen_out"] == 0.0 and out["rms_front_end"] > 0
+    assert out["loss_img"] == out["loss_img_without_llm_path"]
+    with torch.no_grad():
+        for p in net.gen_out.parameters():
+            p.normal_(0, 0.5)
+    out = llm_path(net, samples, batch_size=4)
+    assert out["rms_gen_out"] > 0 and out["loss_img"] != out["loss_img_without_llm_path"]

@@ -112,7 +112,9 @@ def tiny_world(tmp_path_factory):
     return root, tok
 
 
-def test_three_stages_chain_end_to_end(tiny_world, tmp_path, tracking_uri):
+# v1's model, and the world recipe's (the prompt through cross-attention, the VAR's own front end)
+@pytest.mark.parametrize("model_over", [[], ["model.var_cond=prompt_attn", "model.var_skip=true"]], ids=["v1", "world"])
+def test_three_stages_chain_end_to_end(tiny_world, tmp_path, tracking_uri, model_over):
     """The CI-sized pipeline: stage 1 -> 2 -> 3 through the launcher, each from the previous export."""
     import mlflow
 
@@ -128,7 +130,8 @@ def test_three_stages_chain_end_to_end(tiny_world, tmp_path, tracking_uri):
     for stage in ("stage1", "stage2", "stage3"):
         over = [f"model.tokenizer.path={tok}", f"data.root={root}", f"output_dir={tmp_path / stage}",
                 f"logging.tracking_uri={tracking_uri}", f"logging.artifact_root={tmp_path / 'art'}",
-                f"eval.classifier_path={clf}", f"eval.cache_dir={tmp_path / 'cache'}", "model.classifier.image_size=16"]
+                f"eval.classifier_path={clf}", f"eval.cache_dir={tmp_path / 'cache'}", "model.classifier.image_size=16",
+                *model_over]
         if prev is not None:
             over.append(f"init_from={prev}")
         loaded = load_config(REPO_ROOT / f"experiments/tiny/{stage}.yaml", over)

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from modules.vargpt import VARGPT
-from tests.tiny import assert_inference_is_training, collator_for, gen_sample, teacher_forced_per_scale, tiny_model_config
+from tests.tiny import (assert_inference_is_training, collator_for, gen_sample, plain_and_variant,
+                        teacher_forced_per_scale, tiny_model_config)
 
 
 @pytest.fixture(scope="module")
@@ -186,16 +187,7 @@ def test_var_skip_inference_computes_the_training_logits(skip_net):
 # ------------------------------------------------------------------ model.prompt_encoder_layers
 @pytest.fixture(scope="module")
 def enc_pair(tmp_path_factory):
-    cfg = replace(tiny_model_config(tmp_path_factory.mktemp("tiny_enc")), var_cond="prompt_attn", var_skip=True)
-    torch.manual_seed(0)
-    plain = VARGPT(cfg).eval()
-    with torch.no_grad():
-        for p in plain.var.cross.parameters():  # a model that already reads its prompt
-            p.normal_(0, 0.3)
-    enc = VARGPT(replace(cfg, prompt_encoder_layers=2)).eval()
-    missing, unexpected = enc.load_state_dict(plain.state_dict(), strict=False)
-    assert not unexpected and missing and all(k.startswith("prompt_enc.") for k in missing)
-    return plain, enc
+    return plain_and_variant(tmp_path_factory.mktemp("tiny_enc"), {"prompt_encoder_layers": 2}, "prompt_enc")
 
 
 def test_prompt_encoder_starts_as_the_identity(enc_pair):

@@ -115,3 +115,27 @@ def assert_inference_is_training(net):
         net, ["Draw a red circle on the left.", "Can you make an image showing two blue squares at the top?"],
         gen_sample("g0", instr="Draw a red circle on the left."))
     torch.testing.assert_close(got[:1], train, atol=1e-4, rtol=1e-4)
+
+
+def plain_and_variant(root: Path, variant: Dict[str, Any], new_prefix: str, warm: Sequence[str] = ("var.cross",)):
+    """(plain, variant), both in eval mode: a tiny world-default model (var_cond prompt_attn,
+    var_skip) whose zero-initialised parts named in ``warm`` get random weights (so it already
+    reads its prompt), and the same model with the ModelConfig fields ``variant`` set, loaded from
+    the plain one's state dict: only parameters under ``new_prefix`` may be new."""
+    from dataclasses import replace
+
+    import torch
+
+    from modules.vargpt import VARGPT
+
+    cfg = replace(tiny_model_config(root), var_cond="prompt_attn", var_skip=True)
+    torch.manual_seed(0)
+    plain = VARGPT(cfg).eval()
+    with torch.no_grad():
+        for name in warm:
+            for p in plain.get_submodule(name).parameters():
+                p.normal_(0, 0.3)
+    other = VARGPT(replace(cfg, **variant)).eval()
+    missing, unexpected = other.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith(new_prefix + ".") for k in missing), (unexpected, missing)
+    return plain, other
