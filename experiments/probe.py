@@ -170,9 +170,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     root = args.data_root or (str(resolve_path(cfg.data.root)) if cfg.data.root else "")
     if args.llm_path:
         shards = args.shards or "val/gen-*.tar"
-        samples = [s for s in iter_records(shards, root, args.n or 64) if s.get("task") == "generation"]
-        if not samples:
-            raise SystemExit(f"probe --llm-path: no generation records in {shards!r}; use the world's generation shards")
+        samples = list(iter_records(shards, root, args.n or 64))  # records without a target are skipped
         print(json.dumps({"checkpoint": args.ckpt, "shards": shards, **llm_path(net, samples)}, indent=1))
         return 0
     if args.prompt_binding:

@@ -73,3 +73,33 @@ def test_llm_path_measures_what_gen_out_adds(tmp_path):
             p.normal_(0, 0.5)
     out = llm_path(net, samples, batch_size=4)
     assert out["rms_gen_out"] > 0 and out["loss_img"] != out["loss_img_without_llm_path"]
+
+
+def test_llm_path_cli_prints_its_json(tmp_path, monkeypatch, capsys):
+    """`python -m experiments.probe CKPT --llm-path` on records as the shard reader yields them."""
+    import json
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    import experiments.probe as probe
+    from modules.vargpt import VARGPT
+    from tests.tiny import gen_sample, tiny_model_config, und_sample
+
+    torch.manual_seed(0)
+    net = VARGPT(replace(tiny_model_config(tmp_path), var_skip=True)).eval()
+    cfg = SimpleNamespace(data=SimpleNamespace(root=""))
+    recs = [gen_sample("g0"), und_sample("u0"), gen_sample("g1")]
+    for r in recs:  # the shard reader's task names (train/gen-*.tar -> "gen")
+        r["task"] = {"generation": "gen", "understanding": "vqa"}[r["task"]]
+    seen = {}
+
+    def fake_records(shards, root, n):
+        seen.update(shards=shards, n=n)
+        return iter(recs)
+
+    monkeypatch.setattr(probe, "load_exported", lambda ckpt: (net, cfg))
+    monkeypatch.setattr(probe, "iter_records", fake_records)
+    assert probe.main(["some/export", "--llm-path"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert seen == {"shards": "val/gen-*.tar", "n": 64}
+    assert out["targets"] == 2 and out["loss_img"] == out["loss_img_without_llm_path"]
