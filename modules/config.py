@@ -166,8 +166,9 @@ class ModelConfig:
     prompt_encoder_layers: int = 0
     # Beyond v1: LoRA deltas of this rank on the LLM's linear layers that act only at the
     # <|image_gen_pad|> slots (modules/components/gen_lora.py), trained with the generation side
-    # (stages 1 and 3): the image positions get their own trainable LLM while every text position,
-    # hence understanding and the prompt states, computes exactly what the frozen LLM computes.
+    # (stages 1 and 3): the image positions get their own trainable LLM while every text position
+    # before an image slot, hence understanding and the prompt states, computes exactly what the
+    # frozen LLM computes.
     # 0 (v1): none. B starts at zero, so a fresh rank computes what 0 does. Scale alpha / rank
     # (gen_lora_alpha 0: alpha = rank, scale 1).
     gen_lora_rank: int = 0

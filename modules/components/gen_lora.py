@@ -6,8 +6,9 @@
 are what the VAR reads (through gen_out), and stage 3 trains everything on the generation side
 except the LLM, which stage 2 trained mostly on understanding. These deltas give the image
 positions their own trainable LLM (they attend over the prompt in order, with positions, through
-all the LLM's layers) while the text positions compute exactly what the frozen LLM computes:
-understanding, the prompt states and the text logits do not change, whatever the deltas learn.
+all the LLM's layers) while every text position before an image slot computes exactly what the
+frozen LLM computes: understanding and the prompt states do not change, whatever the deltas
+learn (text after a generated image, e.g. <|image_gen_end|>, attends to the changed slots).
 
 ``B`` starts at zero, so a model with the deltas computes what the model without them does and
 an export without them loads at identity. The deltas are forward hooks on the LLM's own linear
