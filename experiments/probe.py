@@ -123,10 +123,10 @@ def llm_path(net, samples: List[Dict], batch_size: int = 16) -> Dict[str, float]
         for b0 in range(0, len(samples), batch_size):
             b = col(samples[b0:b0 + batch_size])
             with torch.no_grad():
-                _, _, idx, uncond = net.embed(b, insert_gen=False)
-                if idx is None:
+                got: List[torch.Tensor] = []
+                if net.embed(b, insert_gen=False, front_out=got)[2] is None:
                     continue  # no generation target in this batch
-                front = net.gen_front_end(idx, uncond)  # (N, L, C_var)
+                front = got[0]  # the VAR front end of the targets (N, L, C_var)
                 loss = float(net(b)["loss_img"])
                 g = state["gen_out"]
                 state["zero"] = True

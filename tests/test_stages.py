@@ -42,7 +42,7 @@ def nets(tmp_path_factory):
         net = VARGPT(replace(cfg, **over))
         with torch.no_grad():  # the zero-initialised outputs (var_skip's gen_out, cross-attention, LoRA B)
             for part in (net.gen_out, net.var, net.prompt_enc, net.gen_lora):
-                for n, p in (part.named_parameters() if part is not None else ()):
+                for p in (part.parameters() if part is not None else ()):
                     if not p.abs().sum() > 0:
                         p.normal_(0, 0.05)
         out[name] = net

@@ -126,9 +126,9 @@ class Stage1(VARGPTStage):
     TRAINABLE = ("gen_in", "gen_out", "var.cond_emb", "var.pos_start")
 
     def trainable_prefixes(self) -> Tuple[str, ...]:
-        # the prompt's way into the VAR (model.var_cond) is condition, not decoder: it aligns here
-        extra = {"label": (), "gen_start": ("gen_cond",), "prompt_attn": ("gen_cond", "var.cross")}
-        return self.TRAINABLE + extra[self.cfg.model.var_cond] + _optional(self.net, "prompt_enc", "gen_lora")
+        # the prompt's way into the VAR (model.var_cond: gen_cond, the VAR's cross-attention) is
+        # condition, not decoder: it aligns here
+        return self.TRAINABLE + _optional(self.net, "gen_cond", "var.cross", "prompt_enc", "gen_lora")
 
 
 class Stage2(VARGPTStage):
@@ -146,9 +146,13 @@ class Stage3(VARGPTStage):
 
 
 def _optional(net: nn.Module, *names: str) -> Tuple[str, ...]:
-    """The generation-side parts this model has (gen_cond with model.var_cond, prompt_enc with
-    model.prompt_encoder_layers, gen_lora with model.gen_lora_rank): they train with that side."""
-    return tuple(n for n in names if getattr(net, n, None) is not None)
+    """The optional generation-side parts (dotted submodule names) this model has: gen_cond with
+    model.var_cond gen_start / prompt_attn, var.cross with prompt_attn, prompt_enc with
+    model.prompt_encoder_layers, gen_lora with model.gen_lora_rank. They train with that side."""
+    def has(name: str) -> bool:
+        owner, _, leaf = name.rpartition(".")
+        return getattr(net.get_submodule(owner) if owner else net, leaf, None) is not None
+    return tuple(n for n in names if has(n))
 
 
 STAGE_CLASSES = {"llava_align": LlavaAlign, "llava_sft": LlavaSFT, "stage1": Stage1, "stage2": Stage2, "stage3": Stage3}
