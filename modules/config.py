@@ -184,6 +184,14 @@ class ModelConfig:
     # layout the prompt asks for; scale (beyond v1, as Infinity reweights by scale): the mean of
     # the per-scale means. Only the training objective changes; loss_img (logged) stays the token mean.
     img_loss_weighting: str = "token"
+    # Teacher-forcing input noise (beyond v1; 0 = VAR / VARGPT). Training feeds the VAR the true
+    # coarse scales, so wherever the tokenizer first shows an object's place the context already
+    # reveals it and the prompt's position words are never needed; at sampling the context is the
+    # model's own draw. With rate q > 0, each training target's input indices of scales 0..K-2
+    # (never its targets) are replaced by random codes at a per-target rate drawn from U(0, q),
+    # so the prompt is the reliable source (as Infinity's bitwise self-correction, without
+    # re-quantizing the residual).
+    gen_input_noise: float = 0.0
     # Loss mix: loss = loss_text + w_img * loss_img (VARGPT v1: 1, v1.1: 3)
     w_img: float = 1.0
     # Released-behaviour switches: `behaviour` sets all of them (corrected | released, see
@@ -246,5 +254,7 @@ class ModelConfig:
         if self.var_cond != "label" and self.switch("cfg_uncond") == "noise":
             raise ValueError(f"model.var_cond={self.var_cond} needs the trained unconditional branch: set "
                              "model.cfg_uncond=null_prompt (noise states have no <|image_gen_start|> state)")
+        if not 0.0 <= self.gen_input_noise < 1.0:
+            raise ValueError(f"model.gen_input_noise must be in [0, 1), got {self.gen_input_noise}")
         if not 0.0 <= self.cond_drop_rate < 1.0:
             raise ValueError(f"model.cond_drop_rate must be in [0, 1), got {self.cond_drop_rate}")

@@ -192,7 +192,7 @@ class VARGPT(VARGPTInference, nn.Module):
         if int(gen_mask.sum()) != n_gen * self.L:
             raise ValueError(f"batch has {int(gen_mask.sum())} {GEN_PAD} slots but {n_gen} targets x L={self.L}: "
                              f"collator gen_num_tokens must equal the VAR decoder's L")
-        front = self.gen_front_end(idx_list, uncond) if insert_gen or front_out is not None else None
+        front = self.gen_front_end(self.noisy_inputs(idx_list), uncond) if insert_gen or front_out is not None else None
         if front_out is not None:
             front_out.append(front)
         if not insert_gen:
@@ -200,6 +200,24 @@ class VARGPT(VARGPTInference, nn.Module):
         gen_in = self.gen_in(front.to(emb.dtype))
         emb = emb.masked_scatter(gen_mask.unsqueeze(-1), gen_in.to(emb.dtype))
         return emb, gen_mask, idx_list, uncond
+
+    def noisy_inputs(self, idx_list: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        """model.gen_input_noise: in training, the teacher-forcing input indices (scales 0..K-2,
+        each (N, pn^2)) with each target's tokens replaced by random codes at a rate ~ U(0, q); the
+        targets stay the caller's. Unchanged in eval mode or with q = 0."""
+        q = self.cfg.gen_input_noise
+        if not self.training or q <= 0:
+            return list(idx_list)
+        n = idx_list[0].shape[0]
+        rate_N1 = torch.rand(n, 1, device=idx_list[0].device) * q
+        out = []
+        for k, idx in enumerate(idx_list):
+            if k == len(idx_list) - 1:  # the last scale is never an input
+                out.append(idx)
+                continue
+            hit = torch.rand(idx.shape, device=idx.device) < rate_N1
+            out.append(torch.where(hit, torch.randint_like(idx, self.var.V), idx))
+        return out
 
     def _first_slots(self, gen_mask_BT: torch.Tensor) -> torch.Tensor:
         """(N, 2): (row, position) of each target's first <|image_gen_pad|> slot."""
