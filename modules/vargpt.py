@@ -208,16 +208,12 @@ class VARGPT(VARGPTInference, nn.Module):
         q = self.cfg.gen_input_noise
         if not self.training or q <= 0:
             return list(idx_list)
-        n = idx_list[0].shape[0]
-        rate_N1 = torch.rand(n, 1, device=idx_list[0].device) * q
-        out = []
-        for k, idx in enumerate(idx_list):
-            if k == len(idx_list) - 1:  # the last scale is never an input
-                out.append(idx)
-                continue
-            hit = torch.rand(idx.shape, device=idx.device) < rate_N1
-            out.append(torch.where(hit, torch.randint_like(idx, self.var.V), idx))
-        return out
+        rate_N1 = torch.rand(idx_list[0].shape[0], 1, device=idx_list[0].device) * q
+
+        def noisy(idx: torch.Tensor) -> torch.Tensor:
+            return torch.where(torch.rand(idx.shape, device=idx.device) < rate_N1, torch.randint_like(idx, self.var.V), idx)
+
+        return [noisy(t) for t in idx_list[:-1]] + [idx_list[-1]]  # the last scale is never an input
 
     def _first_slots(self, gen_mask_BT: torch.Tensor) -> torch.Tensor:
         """(N, 2): (row, position) of each target's first <|image_gen_pad|> slot."""
