@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from datamodules.paths import resolve_path
 from datamodules.world import COLOURS
 from experiments.infer import load_exported
-from modules.evaluation import _user_text, iter_records
+from modules.evaluation import user_text, iter_records
 
 
 def linear_probe(x_NF: torch.Tensor, y_N: torch.Tensor, n_train: int, steps: int = 200, lr: float = 1e-2,
@@ -74,7 +74,7 @@ def prompt_binding(net, samples: List[Dict], train_frac: float) -> Dict[str, flo
     feats, ys, skipped = [], [], 0
     for s in samples:
         rec = s["record"]
-        ids = net.generation_prompt_ids([_user_text(rec)])[0]
+        ids = net.generation_prompt_ids([user_text(rec)])[0]
         pos = shape_word_positions([net.tokenizer.decode([i]) for i in ids], shapes)
         objs = rec["scene"]["objects"]
         if len(pos) != len(objs):

@@ -66,7 +66,8 @@ def local(metric: torch.nn.Module) -> torch.nn.Module:
     return metric
 
 
-def _user_text(rec: Dict[str, Any]) -> str:
+def user_text(rec: Dict[str, Any]) -> str:
+    """The first user turn of a record: a generation prompt, or a question with its image tag."""
     return next(m["content"] for m in rec["messages"] if m["role"] == "user")
 
 
@@ -91,7 +92,7 @@ def evaluate_vqa(net, samples: Sequence[Dict[str, Any]], cfg: EvalConfig) -> Dic
     preds_all: List[str] = []
     for chunk in _batches(samples, cfg.batch_size):
         images = [s["images"][0] if s["images"] else None for s in chunk]
-        qs = [_user_text(s["record"]).replace(IMAGE_TOKEN, "").strip() for s in chunk]
+        qs = [user_text(s["record"]).replace(IMAGE_TOKEN, "").strip() for s in chunk]
         preds = net.answer(images, qs, max_new_tokens=cfg.max_new_tokens)
         preds_all += preds
         answers = [s["record"].get("answers") or [_first_answer(s["record"])] for s in chunk]
@@ -166,7 +167,7 @@ def evaluate_generation(net, samples: Sequence[Dict[str, Any]], cfg: EvalConfig,
                         reals: Optional[torch.Tensor] = None, real_key: str = "", model_cfg=None) -> Dict[str, Any]:
     """Generate for each sample's prompt; FID / IS / attribute accuracy when a classifier (or
     Inception weights) is configured. Returns metrics, the protocol, and the images."""
-    prompts = [_user_text(s["record"]) for s in samples]
+    prompts = [user_text(s["record"]) for s in samples]
     teacher = None
     if cfg.teacher_scales > 0:
         K = len(net.var.patch_nums)
@@ -201,7 +202,7 @@ def clip_texts(samples: Sequence[Dict[str, Any]]) -> List[str]:
     longest caption the prompt contains), else the instruction itself."""
     out = []
     for s in samples:
-        prompt = _user_text(s["record"])
+        prompt = user_text(s["record"])
         caps = [c for c in (s["record"].get("captions") or []) if isinstance(c, str) and c and c in prompt]
         out.append(max(caps, key=len) if caps else prompt)
     return out
@@ -221,7 +222,7 @@ def prompt_gain(net, samples: Sequence[Dict[str, Any]], batch_size: int = 16) ->
     def with_prompt(s: Dict[str, Any], other: Dict[str, Any]) -> Dict[str, Any]:
         rec = dict(s["record"])
         msgs = [dict(m) for m in rec["messages"]]
-        msgs[0]["content"] = _user_text(other["record"])
+        msgs[0]["content"] = user_text(other["record"])
         rec["messages"] = msgs
         return dict(s, record=rec)
 

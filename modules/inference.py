@@ -245,8 +245,8 @@ class VARGPTInference:
             p = state["next_pos"] + torch.arange(l, device=device).view(1, l)
             e = self.gen_in(x_2BlC[:rows].to(emb.dtype))
             # every position of this chunk is an image slot (model.gen_lora acts on all of them)
-            h = self.run_llm(e, m, gen_mask=torch.ones(e.shape[:2], device=device), position_ids=p, cache=cache,
-                             use_cache=True).last_hidden_state
+            slots = torch.ones(e.shape[:2], device=device) if self.gen_lora is not None else None
+            h = self.run_llm(e, m, gen_mask=slots, position_ids=p, cache=cache, use_cache=True).last_hidden_state
             state["mask"], state["next_pos"] = m, p[:, -1:] + 1
             if noise:
                 h = torch.cat([h, draw_noise(tuple(h.shape), h.dtype).to(h.device)])
