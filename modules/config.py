@@ -20,7 +20,8 @@ from modules.components.vqvae import VQVAEConfig
 
 # Submodule names of the composed model (modules/vargpt.py): what `load[].into` and the stages'
 # trainable sets refer to.
-SUBMODULES = ("vision", "und_proj", "llm", "gen_lora", "gen_in", "gen_out", "gen_cond", "prompt_enc", "vqvae", "var")
+SUBMODULES = ("vision", "und_proj", "llm", "gen_lora", "gen_in", "gen_out", "gen_cond", "gen_cond_bigram", "prompt_enc",
+              "vqvae", "var")
 # How the prompt reaches the VAR blocks (ModelConfig.var_cond).
 VAR_CONDS = ("label", "gen_start", "prompt_attn")
 LOAD_FORMATS = ("native", "official_var", "official_vqvae", "llava", "hf", "timm", "vargpt", "llava_hf")
@@ -164,6 +165,12 @@ class ModelConfig:
     # (modules/components/prompt_encoder.py: the frozen LLM's states alone pair colours with
     # shapes poorly). Their output layers start at zero, so 0 and a fresh N compute the same.
     prompt_encoder_layers: int = 0
+    # var_cond prompt_attn only (beyond v1): the cross-attention context also reads a linear map of
+    # each prompt token's input embedding and the one before it (submodule gen_cond_bigram, zero at
+    # init, so false and a fresh true compute the same). In "a red triangle" the key at "triangle"
+    # then holds "red" exactly, where the frozen LLM's state holds it for 0.6 of the objects (README,
+    # "Where generation fails (2)"): an image token that knows its colour can look up its shape.
+    prompt_context_bigram: bool = False
     # Beyond v1: LoRA deltas of this rank on the LLM's linear layers that act only at the
     # <|image_gen_pad|> slots (modules/components/gen_lora.py), trained with the generation side
     # (stages 1 and 3): the image positions get their own trainable LLM while every text position
@@ -254,6 +261,9 @@ class ModelConfig:
         if self.var_cond != "label" and self.switch("cfg_uncond") == "noise":
             raise ValueError(f"model.var_cond={self.var_cond} needs the trained unconditional branch: set "
                              "model.cfg_uncond=null_prompt (noise states have no <|image_gen_start|> state)")
+        if self.prompt_context_bigram and self.var_cond != "prompt_attn":
+            raise ValueError(f"model.prompt_context_bigram needs model.var_cond=prompt_attn (it adds to the VAR's "
+                             f"cross-attention context), got var_cond={self.var_cond!r}")
         if not 0.0 <= self.gen_input_noise < 1.0:
             raise ValueError(f"model.gen_input_noise must be in [0, 1), got {self.gen_input_noise}")
         if not 0.0 <= self.cond_drop_rate < 1.0:

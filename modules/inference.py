@@ -259,7 +259,7 @@ class VARGPTInference:
         if c.var_cond == "gen_start":  # the state at <|image_gen_start|> (the last position), 2B rows
             cond_extra = self.project_cond(h0[:, -1])
         elif c.var_cond == "prompt_attn":  # every (left-padded) prompt state, 2B rows
-            context = (self.cross_context(h0, mask.bool()), mask.bool())
+            context = (self.cross_context(h0, mask.bool(), emb), mask.bool())
         cond_row = torch.full((B,), self.var.null_cond if c.switch("infer_cond_row") == "null" else 0, dtype=torch.long)
         if parity is None:
             parity = c.behaviour == "released" or teacher_idx is not None or logits_out is not None

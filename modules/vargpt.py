@@ -77,6 +77,13 @@ class VARGPT(VARGPTInference, nn.Module):
         self.gen_cond: Optional[nn.Module] = None
         if cfg.var_cond != "label":
             self.gen_cond = build_projector(replace(cfg.gen_cond_projector, in_dim=d_llm, out_dim=c_var))
+        # model.prompt_context_bigram: [e_t, e_t-1] of the prompt's input embeddings (N, P, 2D) ->
+        # (N, P, C_var) added to that context; zero at init, so the model starts as without it
+        self.gen_cond_bigram: Optional[nn.Linear] = None
+        if cfg.prompt_context_bigram:
+            self.gen_cond_bigram = nn.Linear(2 * d_llm, c_var)
+            nn.init.zeros_(self.gen_cond_bigram.weight)
+            nn.init.zeros_(self.gen_cond_bigram.bias)
         # model.prompt_encoder_layers: self-attention with positions over that context (identity at init)
         self.prompt_enc: Optional[nn.Module] = None
         if cfg.prompt_encoder_layers > 0:
@@ -230,10 +237,12 @@ class VARGPT(VARGPTInference, nn.Module):
         return self.project_cond(h_start)
 
     def prompt_context(self, h_BTD: torch.Tensor, gen_mask_BT: torch.Tensor,
-                       attention_mask_BT: Optional[torch.Tensor]) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+                       attention_mask_BT: Optional[torch.Tensor],
+                       emb_BTD: Optional[torch.Tensor] = None) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
         """var_cond prompt_attn: per target, gen_cond of the LLM states of its row before its
         first <|image_gen_pad|> slot (the prompt, up to and including <|image_gen_start|>) ->
-        (ctx (N, P, C_var), keep (N, P)), P the longest such prefix; else None."""
+        (ctx (N, P, C_var), keep (N, P)), P the longest such prefix; else None. ``emb_BTD``: the
+        LLM's input embeddings of the same rows (needed with model.prompt_context_bigram)."""
         if self.cfg.var_cond != "prompt_attn":
             return None
         first = self._first_slots(gen_mask_BT)
@@ -242,13 +251,24 @@ class VARGPT(VARGPTInference, nn.Module):
         keep = torch.arange(P, device=h_BTD.device).view(1, P) < ends.view(-1, 1)  # (N, P)
         if attention_mask_BT is not None:
             keep = keep & attention_mask_BT[rows, :P].bool()
-        return self.cross_context(h_BTD[rows, :P], keep), keep
+        emb_NPD = None if emb_BTD is None else emb_BTD[rows, :P]
+        return self.cross_context(h_BTD[rows, :P], keep, emb_NPD), keep
 
-    def cross_context(self, h_NPD: torch.Tensor, keep_NP: torch.Tensor) -> torch.Tensor:
+    def cross_context(self, h_NPD: torch.Tensor, keep_NP: torch.Tensor,
+                      emb_NPD: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The VAR's cross-attention context from the LLM states of the prompt (N, P, D) ->
-        (N, P, C_var): gen_cond, then the prompt encoder when there is one
-        (model.prompt_encoder_layers). Training (prompt_context) and generation share this."""
+        (N, P, C_var): gen_cond, plus the token bigram projection with
+        model.prompt_context_bigram (from the input embeddings ``emb_NPD``), then the prompt
+        encoder when there is one (model.prompt_encoder_layers). Training (prompt_context) and
+        generation share this; padding (``keep_NP`` false) may sit on either side."""
         ctx_NPC = self.project_cond(h_NPD)
+        if self.gen_cond_bigram is not None:
+            if emb_NPD is None:
+                raise ValueError("model.prompt_context_bigram: cross_context needs the prompt's input embeddings")
+            w = self.gen_cond_bigram.weight
+            e_NPD = emb_NPD.to(w.dtype) * keep_NP.unsqueeze(-1).to(w.dtype)  # padding contributes nothing
+            prev_NPD = F.pad(e_NPD, (0, 0, 1, 0))[:, :-1]  # the token before each position (zeros before the first)
+            ctx_NPC = ctx_NPC + self.gen_cond_bigram(torch.cat([e_NPD, prev_NPD], dim=-1)).float()
         return ctx_NPC if self.prompt_enc is None else self.prompt_enc(ctx_NPC, keep_NP)
 
     def project_cond(self, h: torch.Tensor) -> torch.Tensor:
@@ -309,7 +329,7 @@ class VARGPT(VARGPTInference, nn.Module):
             if self.cfg.var_skip:  # the residual around the LLM (model.var_skip)
                 h_var = h_var + front[0].to(h_var.dtype)
             logits_img = self.var.forward_blocks(h_var, uncond, self.prompt_condition(h, gen_mask),
-                                                 self.prompt_context(h, gen_mask, batch.get("attention_mask")))  # (N, L, V)
+                                                 self.prompt_context(h, gen_mask, batch.get("attention_mask"), emb))  # (N, L, V)
             target = torch.cat(list(idx_list), dim=1)
             ce_img = F.cross_entropy(logits_img.float().reshape(-1, logits_img.shape[-1]), target.reshape(-1),
                                      reduction="none").view(n_gen, self.L)

@@ -25,9 +25,11 @@ VARIANTS = {
     "v1": ({}, {}),
     # the world default: the VAR cross-attends to the prompt (gen_cond + var.cross), var_skip
     "world": (dict(var_cond="prompt_attn", var_skip=True), {"stage1": ("gen_cond", "var.cross"), "stage3": ("gen_cond",)}),
-    "world+encoder+gen_lora": (dict(var_cond="prompt_attn", var_skip=True, prompt_encoder_layers=1, gen_lora_rank=2),
-                               {"stage1": ("gen_cond", "var.cross", "prompt_enc", "gen_lora"),
-                                "stage3": ("gen_cond", "prompt_enc", "gen_lora")}),
+    # + every optional part
+    "world+extras": (dict(var_cond="prompt_attn", var_skip=True, prompt_encoder_layers=1, gen_lora_rank=2,
+                          prompt_context_bigram=True),
+                     {"stage1": ("gen_cond", "gen_cond_bigram", "var.cross", "prompt_enc", "gen_lora"),
+                      "stage3": ("gen_cond", "gen_cond_bigram", "prompt_enc", "gen_lora")}),
 }
 
 
@@ -41,7 +43,7 @@ def nets(tmp_path_factory):
         torch.manual_seed(0)
         net = VARGPT(replace(cfg, **over))
         with torch.no_grad():  # the zero-initialised outputs (var_skip's gen_out, cross-attention, LoRA B)
-            for part in (net.gen_out, net.var, net.prompt_enc, net.gen_lora):
+            for part in (net.gen_out, net.var, net.prompt_enc, net.gen_lora, net.gen_cond_bigram):
                 for p in (part.parameters() if part is not None else ()):
                     if not p.abs().sum() > 0:
                         p.normal_(0, 0.05)

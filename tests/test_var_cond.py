@@ -247,3 +247,81 @@ def test_prompt_encoder_trains_in_stages_1_and_3_and_needs_prompt_attn(enc_pair)
         assert all(p.requires_grad == trains for p in stage.net.prompt_enc.parameters()), cls.__name__
     with pytest.raises(ValueError, match="prompt_encoder_layers=1 needs model.var_cond=prompt_attn"):
         ModelConfig(var_cond="label", prompt_encoder_layers=1).validate()
+
+
+# ------------------------------------------------------------------ model.prompt_context_bigram
+@pytest.fixture(scope="module")
+def bigram_pair(tmp_path_factory):
+    return plain_and_variant(tmp_path_factory.mktemp("tiny_bigram"), {"prompt_context_bigram": True}, "gen_cond_bigram")
+
+
+def _give_bigram_weights(net):
+    net = copy.deepcopy(net)
+    with torch.no_grad():
+        for p in net.gen_cond_bigram.parameters():
+            p.normal_(0, 0.3)
+    return net
+
+
+def test_prompt_bigram_starts_as_without_it(bigram_pair):
+    """An export without the bigram projection, loaded into a model with it, computes the same logits."""
+    plain, bi = bigram_pair
+    b = collator_for(plain)([gen_sample("g0"), gen_sample("g1", instr="two blue squares at the top")])
+    with torch.no_grad():
+        torch.testing.assert_close(bi(b, return_logits=True)["logits_img"], plain(b, return_logits=True)["logits_img"],
+                                   atol=0, rtol=0)
+
+
+def test_prompt_bigram_reads_each_token_and_the_one_before():
+    """The context at position t changes with token t-1 and not with t+1 (the bigram adds nothing
+    from later tokens), and padding on either side leaves the prompt's context as it is."""
+    from types import SimpleNamespace
+
+    from modules.vargpt import VARGPT as V
+
+    torch.manual_seed(0)
+    d, c = 6, 5
+    net = SimpleNamespace(gen_cond_bigram=torch.nn.Linear(2 * d, c), prompt_enc=None,
+                          project_cond=lambda h: torch.zeros(*h.shape[:-1], c))
+    emb = torch.randn(1, 4, d)
+    ones = torch.ones(1, 4, dtype=torch.bool)
+    with torch.no_grad():
+        base = V.cross_context(net, emb, ones, emb)
+        prev = emb.clone(); prev[0, 1] += 1.0   # token 1 changes: positions 1 and 2 change, 0 and 3 do not
+        got = V.cross_context(net, emb, ones, prev)
+        changed = (got - base).abs().sum(-1)[0] > 1e-6
+        assert changed.tolist() == [False, True, True, False]
+        pads = torch.randn(1, 2, d)  # any values under the padding
+        right = V.cross_context(net, torch.cat([emb, pads], 1), torch.cat([ones, torch.zeros(1, 2, dtype=torch.bool)], 1),
+                                torch.cat([emb, pads], 1))
+        left = V.cross_context(net, torch.cat([pads, emb], 1), torch.cat([torch.zeros(1, 2, dtype=torch.bool), ones], 1),
+                               torch.cat([pads, emb], 1))
+    torch.testing.assert_close(right[:, :4], base)
+    torch.testing.assert_close(left[:, 2:], base)
+    with pytest.raises(ValueError, match="needs the prompt's input embeddings"):
+        V.cross_context(net, emb, ones)
+
+
+def test_prompt_bigram_inference_computes_the_training_logits(bigram_pair):
+    net = _give_bigram_weights(bigram_pair[1])
+    assert_inference_is_training(net)
+    with torch.no_grad():  # the bigram now changes what the VAR reads
+        b = collator_for(net)([gen_sample("g0")])
+        assert not torch.allclose(net(b, return_logits=True)["logits_img"], bigram_pair[0](b, return_logits=True)["logits_img"])
+
+
+def test_prompt_bigram_trains_in_stages_1_and_3_and_needs_prompt_attn(bigram_pair):
+    from types import SimpleNamespace
+
+    from modules.config import ModelConfig
+    from modules.stages.vargpt_stages import Stage1, Stage2, Stage3
+
+    bi = bigram_pair[1]
+    for cls, trains in ((Stage1, True), (Stage2, False), (Stage3, True)):
+        cfg = SimpleNamespace(model=bi.cfg)
+        if cls is Stage2:
+            cfg.model = replace(bi.cfg, train_und_projector=False)
+        stage = cls(cfg, net=copy.deepcopy(bi))
+        assert all(p.requires_grad == trains for p in stage.net.gen_cond_bigram.parameters()), cls.__name__
+    with pytest.raises(ValueError, match="prompt_context_bigram needs model.var_cond=prompt_attn"):
+        ModelConfig(var_cond="label", prompt_context_bigram=True).validate()

@@ -128,7 +128,7 @@ class Stage1(VARGPTStage):
     def trainable_prefixes(self) -> Tuple[str, ...]:
         # the prompt's way into the VAR (model.var_cond: gen_cond, the VAR's cross-attention) is
         # condition, not decoder: it aligns here
-        return self.TRAINABLE + _optional(self.net, "gen_cond", "var.cross", "prompt_enc", "gen_lora")
+        return self.TRAINABLE + _optional(self.net, "gen_cond", "gen_cond_bigram", "var.cross", "prompt_enc", "gen_lora")
 
 
 class Stage2(VARGPTStage):
@@ -142,7 +142,7 @@ class Stage3(VARGPTStage):
     TRAINABLE = ("gen_in", "gen_out", "var")
 
     def trainable_prefixes(self) -> Tuple[str, ...]:
-        return self.TRAINABLE + _optional(self.net, "gen_cond", "prompt_enc", "gen_lora")
+        return self.TRAINABLE + _optional(self.net, "gen_cond", "gen_cond_bigram", "prompt_enc", "gen_lora")
 
 
 def _optional(net: nn.Module, *names: str) -> Tuple[str, ...]:
