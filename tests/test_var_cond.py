@@ -190,23 +190,6 @@ def enc_pair(tmp_path_factory):
     return plain_and_variant(tmp_path_factory.mktemp("tiny_enc"), {"prompt_encoder_layers": 2}, "prompt_enc")
 
 
-def test_prompt_encoder_starts_as_the_identity(enc_pair):
-    """An export without the encoder, loaded into a model with it, computes the same logits."""
-    plain, enc = enc_pair
-    b = collator_for(plain)([gen_sample("g0"), gen_sample("g1", instr="two blue squares at the top")])
-    with torch.no_grad():
-        torch.testing.assert_close(enc(b, return_logits=True)["logits_img"], plain(b, return_logits=True)["logits_img"],
-                                   atol=0, rtol=0)
-
-
-def _give_enc_weights(net):
-    net = copy.deepcopy(net)
-    with torch.no_grad():
-        for p in net.prompt_enc.parameters():
-            p.normal_(0, 0.3)
-    return net
-
-
 def test_prompt_encoder_positions_count_back_from_the_prompt_end():
     from modules.components.prompt_encoder import PromptEncoder
 
@@ -224,52 +207,10 @@ def test_prompt_encoder_positions_count_back_from_the_prompt_end():
     assert not torch.allclose(perm[:, 2], enc(x, torch.ones(1, 3, dtype=torch.bool))[:, 2], atol=1e-4)
 
 
-def test_prompt_encoder_inference_computes_the_training_logits(enc_pair):
-    net = _give_enc_weights(enc_pair[1])
-    assert_inference_is_training(net)
-    with torch.no_grad():  # the encoder now changes what the VAR reads
-        b = collator_for(net)([gen_sample("g0")])
-        assert not torch.allclose(net(b, return_logits=True)["logits_img"], enc_pair[0](b, return_logits=True)["logits_img"])
-
-
-def test_prompt_encoder_trains_in_stages_1_and_3_and_needs_prompt_attn(enc_pair):
-    from types import SimpleNamespace
-
-    from modules.config import ModelConfig
-    from modules.stages.vargpt_stages import Stage1, Stage2, Stage3
-
-    enc = enc_pair[1]
-    for cls, trains in ((Stage1, True), (Stage2, False), (Stage3, True)):
-        cfg = SimpleNamespace(model=enc.cfg)
-        if cls is Stage2:
-            cfg.model = replace(enc.cfg, train_und_projector=False)
-        stage = cls(cfg, net=copy.deepcopy(enc))
-        assert all(p.requires_grad == trains for p in stage.net.prompt_enc.parameters()), cls.__name__
-    with pytest.raises(ValueError, match="prompt_encoder_layers=1 needs model.var_cond=prompt_attn"):
-        ModelConfig(var_cond="label", prompt_encoder_layers=1).validate()
-
-
 # ------------------------------------------------------------------ model.prompt_context_bigram
 @pytest.fixture(scope="module")
 def bigram_pair(tmp_path_factory):
     return plain_and_variant(tmp_path_factory.mktemp("tiny_bigram"), {"prompt_context_bigram": True}, "gen_cond_bigram")
-
-
-def _give_bigram_weights(net):
-    net = copy.deepcopy(net)
-    with torch.no_grad():
-        for p in net.gen_cond_bigram.parameters():
-            p.normal_(0, 0.3)
-    return net
-
-
-def test_prompt_bigram_starts_as_without_it(bigram_pair):
-    """An export without the bigram projection, loaded into a model with it, computes the same logits."""
-    plain, bi = bigram_pair
-    b = collator_for(plain)([gen_sample("g0"), gen_sample("g1", instr="two blue squares at the top")])
-    with torch.no_grad():
-        torch.testing.assert_close(bi(b, return_logits=True)["logits_img"], plain(b, return_logits=True)["logits_img"],
-                                   atol=0, rtol=0)
 
 
 def test_prompt_bigram_reads_each_token_and_the_one_before():
@@ -287,7 +228,8 @@ def test_prompt_bigram_reads_each_token_and_the_one_before():
     ones = torch.ones(1, 4, dtype=torch.bool)
     with torch.no_grad():
         base = V.cross_context(net, emb, ones, emb)
-        prev = emb.clone(); prev[0, 1] += 1.0   # token 1 changes: positions 1 and 2 change, 0 and 3 do not
+        prev = emb.clone()
+        prev[0, 1] += 1.0  # token 1 changes: positions 1 and 2 change, 0 and 3 do not
         got = V.cross_context(net, emb, ones, prev)
         changed = (got - base).abs().sum(-1)[0] > 1e-6
         assert changed.tolist() == [False, True, True, False]
@@ -302,26 +244,54 @@ def test_prompt_bigram_reads_each_token_and_the_one_before():
         V.cross_context(net, emb, ones)
 
 
-def test_prompt_bigram_inference_computes_the_training_logits(bigram_pair):
-    net = _give_bigram_weights(bigram_pair[1])
+# ------------------------------------------------------------------ both prompt-context parts
+PARTS = [("enc_pair", "prompt_enc", {"prompt_encoder_layers": 1}),
+         ("bigram_pair", "gen_cond_bigram", {"prompt_context_bigram": True})]
+
+
+def _give_part_weights(net, part: str):
+    """A copy of ``net`` whose zero-initialised part ``part`` has random weights."""
+    net = copy.deepcopy(net)
+    with torch.no_grad():
+        for p in net.get_submodule(part).parameters():
+            p.normal_(0, 0.3)
+    return net
+
+
+@pytest.mark.parametrize("pair_name", [p[0] for p in PARTS])
+def test_prompt_part_starts_at_identity(request, pair_name):
+    """An export without the part, loaded into a model with it, computes the same logits."""
+    plain, variant = request.getfixturevalue(pair_name)
+    b = collator_for(plain)([gen_sample("g0"), gen_sample("g1", instr="two blue squares at the top")])
+    with torch.no_grad():
+        torch.testing.assert_close(variant(b, return_logits=True)["logits_img"],
+                                   plain(b, return_logits=True)["logits_img"], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("pair_name, part, _", PARTS)
+def test_prompt_part_inference_computes_the_training_logits(request, pair_name, part, _):
+    plain, variant = request.getfixturevalue(pair_name)
+    net = _give_part_weights(variant, part)
     assert_inference_is_training(net)
-    with torch.no_grad():  # the bigram now changes what the VAR reads
+    with torch.no_grad():  # the part now changes what the VAR reads
         b = collator_for(net)([gen_sample("g0")])
-        assert not torch.allclose(net(b, return_logits=True)["logits_img"], bigram_pair[0](b, return_logits=True)["logits_img"])
+        assert not torch.allclose(net(b, return_logits=True)["logits_img"], plain(b, return_logits=True)["logits_img"])
 
 
-def test_prompt_bigram_trains_in_stages_1_and_3_and_needs_prompt_attn(bigram_pair):
+@pytest.mark.parametrize("pair_name, part, over", PARTS)
+def test_prompt_part_trains_in_stages_1_and_3_and_needs_prompt_attn(request, pair_name, part, over):
     from types import SimpleNamespace
 
     from modules.config import ModelConfig
     from modules.stages.vargpt_stages import Stage1, Stage2, Stage3
 
-    bi = bigram_pair[1]
+    variant = request.getfixturevalue(pair_name)[1]
     for cls, trains in ((Stage1, True), (Stage2, False), (Stage3, True)):
-        cfg = SimpleNamespace(model=bi.cfg)
+        cfg = SimpleNamespace(model=variant.cfg)
         if cls is Stage2:
-            cfg.model = replace(bi.cfg, train_und_projector=False)
-        stage = cls(cfg, net=copy.deepcopy(bi))
-        assert all(p.requires_grad == trains for p in stage.net.gen_cond_bigram.parameters()), cls.__name__
-    with pytest.raises(ValueError, match="prompt_context_bigram needs model.var_cond=prompt_attn"):
-        ModelConfig(var_cond="label", prompt_context_bigram=True).validate()
+            cfg.model = replace(variant.cfg, train_und_projector=False)
+        stage = cls(cfg, net=copy.deepcopy(variant))
+        assert all(p.requires_grad == trains for p in stage.net.get_submodule(part).parameters()), cls.__name__
+    key = next(iter(over))
+    with pytest.raises(ValueError, match=f"model.{key}\\S* needs model.var_cond=prompt_attn"):
+        ModelConfig(var_cond="label", **over).validate()
