@@ -15,8 +15,9 @@ Expected runtime: about a minute on 2 CPU cores for 3000 images.
 
 The generation side instead: does the state at each object's shape word in a generation prompt
 carry that object's colour (what the VAR's cross-attention needs to pair colours with shapes)?
-One colour probe per LLM layer (0 = the input embeddings), on the projected context the VAR
-cross-attends to (`gen_cond`) and after `prompt_enc` when the model has one. Prompts whose shape
+One colour probe per LLM layer (0 = the input embeddings), on the projected LLM states
+(`gen_cond_context`) and, when the model adds to them (model.prompt_context_bigram, a prompt
+encoder), on the context the VAR cross-attends to (`cross_attn_context`). Prompts whose shape
 words do not line up one-to-one with the scene's objects (plurals: "two red circles") are skipped
 and counted.
 
@@ -85,10 +86,12 @@ def prompt_binding(net, samples: List[Dict], train_frac: float) -> Dict[str, flo
             hs = net.run_llm(emb, None, output_hidden_states=True, use_cache=False).hidden_states
             reps = [(f"llm_layer_{i}", h) for i, h in enumerate(hs)]  # (1, T, D) each, 0 = embeddings
             if net.gen_cond is not None:
-                ctx = net.project_cond(hs[-1])  # (1, T, C_var): what the VAR cross-attends to
+                ctx = net.project_cond(hs[-1])  # (1, T, C_var): the projected LLM states
                 reps.append(("gen_cond_context", ctx))
-                if getattr(net, "prompt_enc", None) is not None:
-                    reps.append(("prompt_enc_output", net.prompt_enc(ctx, torch.ones(ctx.shape[:2], dtype=torch.bool))))
+                if net.gen_cond_bigram is not None or net.prompt_enc is not None:
+                    # what the VAR cross-attends to: + the bigram map, then the prompt encoder
+                    keep = torch.ones(ctx.shape[:2], dtype=torch.bool)
+                    reps.append(("cross_attn_context", net.cross_context(hs[-1], keep, emb)))
         names = [name for name, _ in reps]
         for t, o in zip(pos, objs):
             feats.append([h[0, t].float() for _, h in reps])

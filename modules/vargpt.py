@@ -47,7 +47,8 @@ from modules.inference import VARGPTInference
 class VARGPT(VARGPTInference, nn.Module):
     """Submodules (the names stages and `load:` refer to): vision, und_proj, llm, gen_lora
     (model.gen_lora_rank > 0, else None), gen_in, gen_out, gen_cond (var_cond gen_start /
-    prompt_attn, else None), prompt_enc (model.prompt_encoder_layers > 0, else None), vqvae
+    prompt_attn, else None), gen_cond_bigram (model.prompt_context_bigram, else None), prompt_enc
+    (model.prompt_encoder_layers > 0, else None), vqvae
     (always frozen, fp32), var."""
 
     def __init__(self, cfg: ModelConfig, tokenizer: Any = None, template: Optional[ChatTemplateConfig] = None):

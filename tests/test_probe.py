@@ -25,8 +25,9 @@ def test_shape_word_positions_in_prompt_order():
 
 
 def test_prompt_binding_probes_every_representation(tmp_path):
-    """On a tiny prompt_attn model with a prompt encoder: one probe per LLM layer, the gen_cond
-    context and the encoder output; prompts whose shape words do not line up are counted."""
+    """On a tiny prompt_attn model with the bigram map and a prompt encoder: one probe per LLM
+    layer, the gen_cond context and the context the VAR reads; prompts whose shape words do not
+    line up are counted."""
     from dataclasses import replace
 
     from experiments.probe import prompt_binding
@@ -34,7 +35,8 @@ def test_prompt_binding_probes_every_representation(tmp_path):
     from tests.tiny import gen_sample, tiny_model_config
 
     torch.manual_seed(0)
-    net = VARGPT(replace(tiny_model_config(tmp_path), var_cond="prompt_attn", prompt_encoder_layers=1)).eval()
+    net = VARGPT(replace(tiny_model_config(tmp_path), var_cond="prompt_attn", prompt_encoder_layers=1,
+                                 prompt_context_bigram=True)).eval()
     colours, shapes = ["red", "blue", "green"], ["circle", "square"]
     samples = []
     for i in range(40):
@@ -48,7 +50,7 @@ def test_prompt_binding_probes_every_representation(tmp_path):
     n_layers = net.llm.config.num_hidden_layers
     assert out["prompts_skipped"] >= 1 and out["objects_train"] + out["objects_test"] <= 40
     keys = [k for k in out if k.startswith("colour_at_shape_word_")]
-    assert keys[-2:] == ["colour_at_shape_word_gen_cond_context", "colour_at_shape_word_prompt_enc_output"]
+    assert keys[-2:] == ["colour_at_shape_word_gen_cond_context", "colour_at_shape_word_cross_attn_context"]
     assert len(keys) == n_layers + 3 and all(0.0 <= out[k] <= 1.0 for k in keys)
 
 

@@ -147,7 +147,8 @@ class Stage3(VARGPTStage):
 
 def _optional(net: nn.Module, *names: str) -> Tuple[str, ...]:
     """The optional generation-side parts (dotted submodule names) this model has: gen_cond with
-    model.var_cond gen_start / prompt_attn, var.cross with prompt_attn, prompt_enc with
+    model.var_cond gen_start / prompt_attn, var.cross with prompt_attn, gen_cond_bigram with
+    model.prompt_context_bigram, prompt_enc with
     model.prompt_encoder_layers, gen_lora with model.gen_lora_rank. They train with that side."""
     def has(name: str) -> bool:
         owner, _, leaf = name.rpartition(".")
