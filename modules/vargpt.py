@@ -99,7 +99,7 @@ class VARGPT(VARGPTInference, nn.Module):
             nn.init.zeros_(last.bias)
         if cfg.projector_dtype != "float32":
             dt = getattr(torch, cfg.projector_dtype)
-            for proj in (self.und_proj, self.gen_in, self.gen_out, self.gen_cond):
+            for proj in (self.und_proj, self.gen_in, self.gen_out, self.gen_cond, self.gen_cond_bigram):
                 if proj is not None:
                     proj.to(dt)
         if cfg.var_dtype != "float32":

@@ -4,10 +4,11 @@
     llava_align  und_proj                                 captions            (LLaVA-1.5 step 1)
     llava_sft    und_proj + llm                           VQA / conversations (LLaVA-1.5 step 2)
     stage1       gen_in, gen_out, var.cond_emb/pos_start  generation instructions
-                 (+ gen_cond, and var.cross with model.var_cond prompt_attn; + gen_lora, prompt_enc)
+                 (+ gen_cond, and var.cross with model.var_cond prompt_attn; + gen_cond_bigram,
+                 gen_lora, prompt_enc)
     stage2       llm (+ und_proj with model.train_und_projector)   understanding + a few generation
-    stage3       gen_in, gen_out, var (+ gen_cond, gen_lora,  generation instructions
-                 prompt_enc when the model has them)
+    stage3       gen_in, gen_out, var (+ gen_cond,            generation instructions
+                 gen_cond_bigram, gen_lora, prompt_enc when the model has them)
 
 Everything outside the trainable set is frozen and kept in eval mode (no dropout / drop-path),
 so a frozen part computes exactly what it did when it was trained. `tests/test_stages.py`
