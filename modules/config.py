@@ -171,6 +171,12 @@ class ModelConfig:
     # then holds "red" exactly, where the frozen LLM's state holds it for 0.6 of the objects (README,
     # "Where generation fails (2)"): an image token that knows its colour can look up its shape.
     prompt_context_bigram: bool = False
+    # With prompt_context_bigram: how many tokens the map reads at each position, the token and the
+    # window - 1 before it (2: the bigram). In "a red circle on the left" a window of 5 puts "red"
+    # and "circle" into the key at "left", so an image cell that looks up its side word finds the
+    # object stated there (the side of a position is otherwise unread: README "Where generation
+    # fails"). Changes the map's input width (window x D), so an export loads only at its own window.
+    prompt_context_window: int = 2
     # Beyond v1: LoRA deltas of this rank on the LLM's linear layers that act only at the
     # <|image_gen_pad|> slots (modules/components/gen_lora.py), trained with the generation side
     # (stages 1 and 3): the image positions get their own trainable LLM while every text position
@@ -264,6 +270,9 @@ class ModelConfig:
         if self.prompt_context_bigram and self.var_cond != "prompt_attn":
             raise ValueError(f"model.prompt_context_bigram needs model.var_cond=prompt_attn (it adds to the VAR's "
                              f"cross-attention context), got var_cond={self.var_cond!r}")
+        if self.prompt_context_window < 1:
+            raise ValueError(f"model.prompt_context_window must be >= 1 (the token itself and window - 1 before it; "
+                             f"2 = the bigram), got {self.prompt_context_window}")
         if not 0.0 <= self.gen_input_noise < 1.0:
             raise ValueError(f"model.gen_input_noise must be in [0, 1), got {self.gen_input_noise}")
         if not 0.0 <= self.cond_drop_rate < 1.0:

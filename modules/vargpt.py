@@ -78,11 +78,12 @@ class VARGPT(VARGPTInference, nn.Module):
         self.gen_cond: Optional[nn.Module] = None
         if cfg.var_cond != "label":
             self.gen_cond = build_projector(replace(cfg.gen_cond_projector, in_dim=d_llm, out_dim=c_var))
-        # model.prompt_context_bigram: [e_t, e_t-1] of the prompt's input embeddings (N, P, 2D) ->
-        # (N, P, C_var) added to that context; zero at init, so the model starts as without it
+        # model.prompt_context_bigram: [e_t, e_t-1, ..] (model.prompt_context_window tokens W) of the
+        # prompt's input embeddings (N, P, W*D) -> (N, P, C_var) added to that context; zero at
+        # init, so the model starts as without it
         self.gen_cond_bigram: Optional[nn.Linear] = None
         if cfg.prompt_context_bigram:
-            self.gen_cond_bigram = nn.Linear(2 * d_llm, c_var)
+            self.gen_cond_bigram = nn.Linear(cfg.prompt_context_window * d_llm, c_var)
             nn.init.zeros_(self.gen_cond_bigram.weight)
             nn.init.zeros_(self.gen_cond_bigram.bias)
         # model.prompt_encoder_layers: self-attention with positions over that context (identity at init)
@@ -258,8 +259,9 @@ class VARGPT(VARGPTInference, nn.Module):
     def cross_context(self, h_NPD: torch.Tensor, keep_NP: torch.Tensor,
                       emb_NPD: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The VAR's cross-attention context from the LLM states of the prompt (N, P, D) ->
-        (N, P, C_var): gen_cond, plus the token bigram projection with
-        model.prompt_context_bigram (from the input embeddings ``emb_NPD``), then the prompt
+        (N, P, C_var): gen_cond, plus the map of each token with the ones before it (window
+        model.prompt_context_window) with model.prompt_context_bigram (from the input embeddings
+        ``emb_NPD``), then the prompt
         encoder when there is one (model.prompt_encoder_layers). Training (prompt_context) and
         generation share this; padding (``keep_NP`` false) may sit on either side."""
         ctx_NPC = self.project_cond(h_NPD)
@@ -268,8 +270,10 @@ class VARGPT(VARGPTInference, nn.Module):
                 raise ValueError("model.prompt_context_bigram: cross_context needs the prompt's input embeddings")
             w = self.gen_cond_bigram.weight
             e_NPD = emb_NPD.to(w.dtype) * keep_NP.unsqueeze(-1).to(w.dtype)  # padding contributes nothing
-            prev_NPD = F.pad(e_NPD, (0, 0, 1, 0))[:, :-1]  # the token before each position (zeros before the first)
-            ctx_NPC = ctx_NPC + self.gen_cond_bigram(torch.cat([e_NPD, prev_NPD], dim=-1)).float()
+            P, window = e_NPD.shape[1], w.shape[1] // e_NPD.shape[-1]
+            # [e_t, e_t-1, ..., e_t-W+1]: the tokens before each position (zeros before the first)
+            grams = [e_NPD] + [F.pad(e_NPD, (0, 0, k, 0))[:, :P] for k in range(1, window)]
+            ctx_NPC = ctx_NPC + self.gen_cond_bigram(torch.cat(grams, dim=-1)).float()
         return ctx_NPC if self.prompt_enc is None else self.prompt_enc(ctx_NPC, keep_NP)
 
     def project_cond(self, h: torch.Tensor) -> torch.Tensor:

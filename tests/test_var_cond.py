@@ -210,35 +210,39 @@ def test_prompt_encoder_positions_count_back_from_the_prompt_end():
 # ------------------------------------------------------------------ model.prompt_context_bigram
 @pytest.fixture(scope="module")
 def bigram_pair(tmp_path_factory):
-    return plain_and_variant(tmp_path_factory.mktemp("tiny_bigram"), {"prompt_context_bigram": True}, "gen_cond_bigram")
+    # a window of 3 (the bigram and one more): the general path, KV-cached generation included
+    return plain_and_variant(tmp_path_factory.mktemp("tiny_bigram"),
+                             {"prompt_context_bigram": True, "prompt_context_window": 3}, "gen_cond_bigram")
 
 
-def test_prompt_bigram_reads_each_token_and_the_one_before():
-    """The context at position t changes with token t-1 and not with t+1 (the bigram adds nothing
-    from later tokens), and padding on either side leaves the prompt's context as it is."""
+@pytest.mark.parametrize("window", [2, 3])
+def test_prompt_bigram_reads_each_token_and_the_ones_before(window):
+    """The context at position t changes with tokens t-window+1..t and not with earlier or later
+    ones (model.prompt_context_window; 2 = the bigram), and padding on either side leaves the
+    prompt's context as it is."""
     from types import SimpleNamespace
 
     from modules.vargpt import VARGPT as V
 
     torch.manual_seed(0)
-    d, c = 6, 5
-    net = SimpleNamespace(gen_cond_bigram=torch.nn.Linear(2 * d, c), prompt_enc=None,
+    d, c, P = 6, 5, 6
+    net = SimpleNamespace(gen_cond_bigram=torch.nn.Linear(window * d, c), prompt_enc=None,
                           project_cond=lambda h: torch.zeros(*h.shape[:-1], c))
-    emb = torch.randn(1, 4, d)
-    ones = torch.ones(1, 4, dtype=torch.bool)
+    emb = torch.randn(1, P, d)
+    ones = torch.ones(1, P, dtype=torch.bool)
     with torch.no_grad():
         base = V.cross_context(net, emb, ones, emb)
         prev = emb.clone()
-        prev[0, 1] += 1.0  # token 1 changes: positions 1 and 2 change, 0 and 3 do not
+        prev[0, 1] += 1.0  # token 1 changes: positions 1..window change, the others do not
         got = V.cross_context(net, emb, ones, prev)
         changed = (got - base).abs().sum(-1)[0] > 1e-6
-        assert changed.tolist() == [False, True, True, False]
+        assert changed.tolist() == [1 <= t <= window for t in range(P)]
         pads = torch.randn(1, 2, d)  # any values under the padding
         right = V.cross_context(net, torch.cat([emb, pads], 1), torch.cat([ones, torch.zeros(1, 2, dtype=torch.bool)], 1),
                                 torch.cat([emb, pads], 1))
         left = V.cross_context(net, torch.cat([pads, emb], 1), torch.cat([torch.zeros(1, 2, dtype=torch.bool), ones], 1),
                                torch.cat([pads, emb], 1))
-    torch.testing.assert_close(right[:, :4], base)
+    torch.testing.assert_close(right[:, :P], base)
     torch.testing.assert_close(left[:, 2:], base)
     with pytest.raises(ValueError, match="needs the prompt's input embeddings"):
         V.cross_context(net, emb, ones)
@@ -295,3 +299,12 @@ def test_prompt_part_trains_in_stages_1_and_3_and_needs_prompt_attn(request, pai
     key = next(iter(over))
     with pytest.raises(ValueError, match=f"model.{key}\\S* needs model.var_cond=prompt_attn"):
         ModelConfig(var_cond="label", **over).validate()
+
+
+def test_prompt_context_window_is_checked_and_sets_the_map_width(bigram_pair):
+    from modules.config import ModelConfig
+
+    with pytest.raises(ValueError, match="prompt_context_window must be >= 1"):
+        ModelConfig(var_cond="prompt_attn", prompt_context_bigram=True, prompt_context_window=0).validate()
+    variant = bigram_pair[1]
+    assert variant.gen_cond_bigram.in_features == 3 * variant.llm.config.hidden_size
