@@ -294,6 +294,34 @@ def question_candidates(scene: Dict[str, Any], qtype: str, pairs: Sequence[Tuple
     return out
 
 
+def implied_questions(groups: Sequence[Dict[str, Any]]) -> List[Tuple[str, str]]:
+    """(question, answer) pairs, in the training VQA wording (suffix included), whose answers a
+    generation prompt fixes. ``groups`` is what the prompt asks for, one dict per (shape, colour)
+    with its ``count`` and, when the prompt states them, ``positions`` (the attribute scorer's
+    requested groups). A world prompt describes every object of its scene, so the totals per
+    colour and per shape are fixed too; a position is asked only for a pair drawn once (the
+    training questions name one object). What the prompt leaves open (sizes, unstated places)
+    is not asked."""
+    colour_n: Dict[str, int] = {}
+    shape_n: Dict[str, int] = {}
+    for g in groups:
+        colour_n[g["colour"]] = colour_n.get(g["colour"], 0) + int(g["count"])
+        shape_n[g["shape"]] = shape_n.get(g["shape"], 0) + int(g["count"])
+    qs = [("How many objects are there?", str(sum(shape_n.values())))]
+    for g in groups:
+        c, s, one = g["colour"], g["shape"], int(g["count"]) == 1
+        qs.append((f"Is there a {c} {s} in the image?", "yes"))
+        if one and g.get("positions"):
+            qs.append((f"Where is the {c} {s}?", g["positions"][0]))
+        if one and shape_n[s] == 1:
+            qs.append((f"What colour is the {s}?", c))
+        if one and colour_n[c] == 1:
+            qs.append((f"What shape is the {c} object?", s))
+    qs += [(f"How many {c} objects are there?", str(n)) for c, n in colour_n.items()]
+    qs += [(f"How many {PLURAL[s]} are there?", str(n)) for s, n in shape_n.items()]
+    return [(f"{q} {VQA_SUFFIX}", a) for q, a in qs]
+
+
 def balanced_question(rng: random.Random, split: str, size: int, qtype: str) -> Tuple[Dict[str, Any], str, str]:
     """Scene + question whose answer is drawn uniformly from the type's answer space first.
 

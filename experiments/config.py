@@ -411,7 +411,7 @@ def value_problems(cfg: ExperimentConfig) -> List[Tuple[str, str]]:
     need(finite(e.temperature) and e.temperature > 0, "eval.temperature", f"must be finite and > 0, got {e.temperature}")
     one_of("eval.sampler", e.sampler, ("auto", "official", "fast"))
     one_of("eval.sample_dtype", e.sample_dtype, ("auto", "fp32", "bf16", "fp16", "inherit"))
-    for k in ("num_vqa", "num_gen", "batch_size"):
+    for k in ("num_vqa", "num_gen", "batch_size", "best_of"):
         need(getattr(e, k) >= 1, f"eval.{k}", f"must be >= 1, got {getattr(e, k)}")
     need(e.teacher_scales >= 0, "eval.teacher_scales", f"must be >= 0 (0 = off), got {e.teacher_scales}")
     return out

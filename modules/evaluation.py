@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -29,6 +29,7 @@ from modules.components.classifier import build_classifier
 from modules.metrics import GenMetricsConfig, VQAAccuracy, build_gen_metrics
 from modules.metrics_clip import clip_score
 from modules.metrics_world import attribute_scores, requested_groups
+from modules.self_verify import draw_seed, pick_best, pick_summary, prompt_questions, understanding_scores
 
 TASKS = ("vqa", "generation")
 
@@ -180,6 +181,14 @@ def evaluate_generation(net, samples: Sequence[Dict[str, Any]], cfg: EvalConfig,
         reals = targets if reals is None else reals  # FID's default reals, made once
     images = generate_for(net, prompts, cfg, teacher)
     out: Dict[str, Any] = {"gen_n": len(prompts), "gen_images": images, "gen_prompts": prompts}
+    first_draw = images
+    if cfg.best_of > 1:  # N draws per prompt, the model's own understanding keeps one (modules/self_verify.py)
+        questions = prompt_questions(samples)
+        draws = [images] + [generate_for(net, prompts, replace(cfg, seed=draw_seed(cfg.seed, k)), teacher)
+                            for k in range(1, cfg.best_of)]
+        scores_KN = torch.stack([understanding_scores(net, d, questions, cfg.batch_size) for d in draws])
+        images, pick_N = pick_best(draws, scores_KN)
+        out.update(gen_images=images, gen_best_of_kept=pick_summary(pick_N, cfg.best_of))
     if cfg.prompt_gain_samples > 0:  # callers evaluate in eval mode (no dropout), as for sampling
         out.update(prompt_gain(net, samples[:cfg.prompt_gain_samples], cfg.batch_size))
     if classifier is not None and all("scene" in s["record"] for s in samples):
@@ -187,6 +196,9 @@ def evaluate_generation(net, samples: Sequence[Dict[str, Any]], cfg: EvalConfig,
         # gen_attr_<attribute>, and gen_attr_by_objects: one- vs multi-object prompts
         out.update({f"gen_attr_{k}": v for k, v in scores.items()})
         out["gen_attribute_accuracy"] = scores["mean"]
+        if cfg.best_of > 1:  # the single-draw protocol's figure, from the same run (draw 0)
+            out["gen_attribute_accuracy_one_draw"] = attribute_scores(
+                classifier, first_draw, [requested_groups(s["record"]) for s in samples])["mean"]
     if classifier is not None or cfg.extractor == "inception":
         if reals is None:
             reals = target_images(samples, images.shape[-1])

@@ -106,3 +106,9 @@ def test_config_hash_ignores_names_and_logging(exp_tree):
 def test_flatten():
     flat = C.flatten(OmegaConf.create({"a": {"b": 1, "c": [1, 2]}, "d": "x", "e": {}}))
     assert flat == {"a.b": 1, "a.c": [1, 2], "d": "x", "e": {}}
+
+
+def test_eval_best_of_must_be_at_least_one(exp_tree):
+    assert load_config(exp_tree / "parent.yaml", ["eval.best_of=4"]).cfg.eval.best_of == 4
+    with pytest.raises(ConfigError, match=r"eval.best_of.*must be >= 1, got 0"):
+        load_config(exp_tree / "parent.yaml", ["eval.best_of=0"])
