@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import re
 import struct
 import sys
 import zlib
@@ -294,11 +295,43 @@ def question_candidates(scene: Dict[str, Any], qtype: str, pairs: Sequence[Tuple
     return out
 
 
+_COUNT_WORD = {"a": 1, "an": 1, "one": 1, **{w: n for n, w in NUMBER_WORD.items()}}
+_SHAPE_WORD = {**{s: s for s in SHAPES}, **{p: s for s, p in PLURAL.items()}}
+_GROUP_RE = re.compile(r"\b(" + "|".join(_COUNT_WORD) + r")\s+(?:(" + "|".join(SIZES) + r")\s+)?("
+                       + "|".join(COLOURS) + r")\s+(" + "|".join(sorted(_SHAPE_WORD, key=len, reverse=True)) + r")\b",
+                       re.IGNORECASE)
+_POSITION_RE = re.compile("|".join(re.escape(p) for p in POSITION_PHRASE.values()), re.IGNORECASE)
+_PHRASE_POSITION = {p: pos for pos, p in POSITION_PHRASE.items()}
+
+
+def parse_prompt(text: str) -> List[Dict[str, Any]]:
+    """What a world generation prompt asks for, read from its words alone: one dict per described
+    group, ``{"shape", "colour", "count"}`` plus ``"positions"`` (one per object, in the order
+    written) when the prompt places it, ``"size"`` when it states one. The inverse of
+    ``describe_group`` / ``describe_scene``: a group's position phrases are those between its
+    noun and the next group. Returns [] for text that names no world object."""
+    groups: List[Dict[str, Any]] = []
+    matches = list(_GROUP_RE.finditer(text))
+    for i, m in enumerate(matches):
+        count_w, size, colour, shape_w = m.groups()
+        g: Dict[str, Any] = {"shape": _SHAPE_WORD[shape_w.lower()], "colour": colour.lower(),
+                             "count": _COUNT_WORD[count_w.lower()]}
+        if size:
+            g["size"] = size.lower()
+        tail = text[m.end(): matches[i + 1].start() if i + 1 < len(matches) else len(text)]
+        places = [_PHRASE_POSITION[p.group(0).lower()] for p in _POSITION_RE.finditer(tail)]
+        if places:
+            g["positions"] = places
+        groups.append(g)
+    return groups
+
+
 def implied_questions(groups: Sequence[Dict[str, Any]]) -> List[Tuple[str, str]]:
     """(question, answer) pairs, in the training VQA wording (suffix included), whose answers a
     generation prompt fixes. ``groups`` is what the prompt asks for, one dict per (shape, colour)
-    with its ``count`` and, when the prompt states them, ``positions`` (the attribute scorer's
-    requested groups). A world prompt describes every object of its scene, so the totals per
+    with its ``count`` and, when the prompt states them, ``positions`` (``parse_prompt``'s
+    reading of the words, or the attribute scorer's requested groups: the same for every world
+    prompt). A world prompt describes every object of its scene, so the totals per
     colour and per shape are fixed too; a position is asked only for a pair drawn once (the
     training questions name one object). What the prompt leaves open (sizes, unstated places)
     is not asked."""

@@ -2,6 +2,7 @@
 
     python -m experiments.infer runs/world/stage2 --image img.png --question "What colour is the circle?"
     python -m experiments.infer runs/world/stage3 --prompt "draw a red circle on the left" --out red.png
+    python -m experiments.infer runs/world/stage3 --prompt "two blue squares" --temperature 0.5 --best-of 4
     python -m experiments.infer /checkpoints/VARGPT_LLaVA-v1 --behaviour released --dtype bfloat16 \\
         --device cuda --prompt "Please design a drawing of a butterfly on a flower."
 
@@ -20,9 +21,12 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+import torch
+
 from datamodules.config import DataConfig
 from experiments.config import ExperimentConfig, load_config
 from modules.released import load_released, released_config
+from modules.self_verify import draw_seed, pick_best, prompt_questions, understanding_scores
 from modules.vargpt import VARGPT
 from modules.weights import load_weights
 
@@ -77,6 +81,21 @@ def load_any(ckpt: str | Path, behaviour: str = "", dtype: str = ""):
     return net
 
 
+def _best_of(net, args, questions, first):
+    """The kept draw per prompt among args.best_of (draw 0 = the single draw of these seeds)."""
+    ids = net.generation_prompt_ids(args.prompt)
+    draws = [first] + [net.generate(ids, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
+                                    seed=[draw_seed(args.seed, k) + i for i in range(len(args.prompt))]).images.float().cpu()
+                       for k in range(1, args.best_of)]
+    scores_KN = torch.stack([understanding_scores(net, d, questions) for d in draws])
+    img, pick_N = pick_best(draws, scores_KN)
+    for i, p in enumerate(args.prompt):
+        k = int(pick_N[i])
+        print(f"P: {p}\n   kept draw {k} of {args.best_of} (implied answers' log-probability "
+              f"{float(scores_KN[k, i]):.2f}; the draws: {', '.join(f'{float(v):.2f}' for v in scores_KN[:, i])})")
+    return img
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m experiments.infer", description=__doc__.split("\n")[0])
     ap.add_argument("ckpt")
@@ -91,6 +110,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--top-p", type=float, default=None, help="default: the model's (0, released 0.96)")
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--best-of", type=int, default=1, metavar="N",
+                    help="draw N images per prompt and keep the one whose implied answers the model's own "
+                         "understanding finds most likely (world prompts; modules/self_verify.py)")
     ap.add_argument("--behaviour", default="", choices=["", "corrected", "released"],
                     help="model.behaviour (released: the official inference)")
     ap.add_argument("--dtype", default="", choices=["", "float32", "bfloat16", "float16"],
@@ -102,6 +124,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.question and len(args.image) not in (0, len(args.question)):
         ap.error(f"{len(args.image)} --image for {len(args.question)} --question (give one each, or none)")
 
+    if args.best_of < 1:
+        ap.error(f"--best-of must be >= 1, got {args.best_of}")
+    questions = None
+    if args.prompt and args.best_of > 1:
+        try:
+            questions = prompt_questions(args.prompt)
+        except ValueError as e:
+            ap.error(str(e))
     from PIL import Image
 
     net = load_any(args.ckpt, args.behaviour, args.dtype).to(args.device)
@@ -119,6 +149,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             text = net.tokenizer.decode(ids, skip_special_tokens=False)
             print(f"P: {p}\n   {text}" + ("" if ok else "   (<|image_gen_start|> not emitted: forced)"))
         img = out.images.float().cpu()
+        if questions is not None:
+            img = _best_of(net, args, questions, img)
         path = Path(args.out)
         path.parent.mkdir(parents=True, exist_ok=True)
         save_image(img, path, nrow=min(8, len(args.prompt)), padding=2, pad_value=1.0)

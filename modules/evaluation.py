@@ -183,7 +183,7 @@ def evaluate_generation(net, samples: Sequence[Dict[str, Any]], cfg: EvalConfig,
     out: Dict[str, Any] = {"gen_n": len(prompts), "gen_images": images, "gen_prompts": prompts}
     first_draw = images
     if cfg.best_of > 1:  # N draws per prompt, the model's own understanding keeps one (modules/self_verify.py)
-        questions = prompt_questions(samples)
+        questions = prompt_questions(prompts, [str(s.get("key", "")) or f"sample {i}" for i, s in enumerate(samples)])
         draws = [images] + [generate_for(net, prompts, replace(cfg, seed=draw_seed(cfg.seed, k)), teacher)
                             for k in range(1, cfg.best_of)]
         scores_KN = torch.stack([understanding_scores(net, d, questions, cfg.batch_size) for d in draws])

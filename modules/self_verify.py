@@ -15,9 +15,11 @@ the sampling cost (README, Ablations, ``world_self_verify``).
 Draw k of prompt i uses seed ``eval.seed + i + k * DRAW_SEED_STRIDE``: draw 0 is exactly the
 single-draw protocol, so one run reports both (``gen_attribute_accuracy_one_draw``).
 
-The questions need the prompt's content in structured form; world generation records carry it
-(their ``scene``, read as the attribute scorer reads it). Records without one are refused with
-the fix (``eval.best_of: 1``) rather than judged by nothing.
+The questions come from the prompt's words alone (``datamodules.world.parse_prompt``, the inverse
+of how world prompts are written; tested to read back every validation and test prompt's
+request): shapes, colours, counts and stated positions of the world's vocabulary. A prompt that
+names no world object is refused with the fix (``eval.best_of: 1``) rather than judged by
+nothing.
 """
 from __future__ import annotations
 
@@ -26,8 +28,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 import torch
 from torchvision.transforms.functional import to_pil_image
 
-from datamodules.world import implied_questions
-from modules.metrics_world import requested_groups
+from datamodules.world import implied_questions, parse_prompt
 from modules.scoring import loglikelihood
 
 DRAW_SEED_STRIDE = 100_000  # > any prompt count: draws of different prompts never share a seed
@@ -38,17 +39,19 @@ def draw_seed(seed: int, k: int) -> int:
     return seed + k * DRAW_SEED_STRIDE
 
 
-def prompt_questions(samples: Sequence[Dict[str, Any]]) -> List[List[Tuple[str, str]]]:
-    """Per generation sample (``read_records``' dicts: ``record``, ``key``, ``url``), the
-    (question, answer) pairs its prompt implies."""
-    missing = [s for s in samples if "scene" not in s["record"]]
-    if missing:
-        first = missing[0]
-        raise ValueError(f"eval.best_of > 1 judges each draw by the answers its prompt implies, which only world "
-                         f"generation records define (their 'scene'); {len(missing)} of {len(samples)} samples have "
-                         f"none (first: {first.get('key', '?')} in {first.get('url') or '?'}). "
-                         f"Set eval.best_of=1 for this set.")
-    return [implied_questions(requested_groups(s["record"])) for s in samples]
+def prompt_questions(prompts: Sequence[str], names: Sequence[str] = ()) -> List[List[Tuple[str, str]]]:
+    """Per generation prompt, the (question, answer) pairs its words imply (``parse_prompt``,
+    then ``implied_questions``). ``names`` (sample keys) only label the error."""
+    out = []
+    for i, text in enumerate(prompts):
+        groups = parse_prompt(text)
+        if not groups:
+            name = names[i] if i < len(names) else f"prompt {i}"
+            raise ValueError(f"eval.best_of > 1 judges each draw by the answers its prompt implies, read from the "
+                             f"world's vocabulary ('a red circle on the left', 'two blue squares'); {name} names "
+                             f"no world object: {text!r}. Draw it once (eval.best_of=1, infer --best-of 1).")
+        out.append(implied_questions(groups))
+    return out
 
 
 @torch.no_grad()

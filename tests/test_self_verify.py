@@ -6,7 +6,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from datamodules.world import COLOURS, SHAPES, VQA_SUFFIX, implied_questions, make_sample, question_candidates
+from datamodules.world import (COLOURS, SHAPES, VQA_SUFFIX, implied_questions, make_sample, parse_prompt,
+                               question_candidates)
 from modules.config import EvalConfig
 from modules.evaluation import evaluate_generation, generate_for
 from modules.metrics_world import requested_groups
@@ -22,8 +23,37 @@ def tiny(tmp_path_factory):
     return VARGPT(tiny_model_config(tmp_path_factory.mktemp("tiny"))).eval()
 
 
-def _gen_records(n: int):
-    return [make_sample(7, "val", "gen", i, size=32)[0] for i in range(n)]
+def _gen_records(n: int, split: str = "val"):
+    return [make_sample(7, split, "gen", i, size=32)[0] for i in range(n)]
+
+
+def _prompt(rec) -> str:
+    return next(m["content"] for m in rec["messages"] if m["role"] == "user")
+
+
+def _key(groups):
+    return sorted((g["shape"], g["colour"], g["count"], tuple(sorted(g.get("positions", ())))) for g in groups)
+
+
+@pytest.mark.parametrize("split", ["train", "val", "test", "heldout"])
+def test_parse_prompt_reads_back_what_every_world_prompt_asks_for(split):
+    """The words alone give the scorer's requested groups: shapes, colours, counts, and the
+    positions exactly when the prompt states them (sizes where one is written for the group)."""
+    for rec in _gen_records(150, split):
+        groups = requested_groups(rec)
+        parsed = parse_prompt(_prompt(rec))
+        assert _key(parsed) == _key(groups), (_prompt(rec), parsed, groups)
+        for p in parsed:
+            if "size" in p:  # written only when all of the group share it
+                g = next(g for g in groups if (g["shape"], g["colour"]) == (p["shape"], p["colour"]))
+                assert set(g.get("sizes", [p["size"]])) == {p["size"]}
+
+
+def test_parse_prompt_on_free_text():
+    assert parse_prompt("Please design a drawing of a butterfly on a flower.") == []
+    assert parse_prompt("An image of two large Blue crosses at the top and at the bottom, and a green circle") == [
+        {"shape": "cross", "colour": "blue", "count": 2, "size": "large", "positions": ["top", "bottom"]},
+        {"shape": "circle", "colour": "green", "count": 1}]
 
 
 def test_implied_questions_are_training_questions_with_the_scene_answers():
@@ -51,12 +81,11 @@ def test_implied_questions_are_training_questions_with_the_scene_answers():
     assert seen_position and seen_no_position  # both kinds of prompt were checked
 
 
-def test_prompt_questions_refuse_records_without_a_scene():
-    samples = [{"record": r, "key": f"k{i}", "url": "val/gen-000.tar"} for i, r in enumerate(_gen_records(2))]
-    assert len(prompt_questions(samples)) == 2
-    del samples[1]["record"]["scene"]
-    with pytest.raises(ValueError, match=r"1 of 2 samples.*k1 in val/gen-000.tar.*eval.best_of=1"):
-        prompt_questions(samples)
+def test_prompt_questions_refuse_prompts_without_world_objects():
+    assert prompt_questions(["Draw a red circle.", "two blue squares"]) == [
+        implied_questions(parse_prompt("a red circle")), implied_questions(parse_prompt("two blue squares"))]
+    with pytest.raises(ValueError, match=r"val-gen-000001 names no world object: 'Draw a cat.'.*eval.best_of=1, infer --best-of 1"):
+        prompt_questions(["Draw a red circle.", "Draw a cat."], ["val-gen-000000", "val-gen-000001"])
 
 
 def test_pick_best_takes_the_highest_score_first_on_ties():
@@ -89,7 +118,7 @@ def test_understanding_scores_sum_the_answers_log_probabilities(tiny):
 def test_best_of_keeps_one_of_its_draws_and_draw_zero_is_the_single_draw_protocol(tiny):
     recs = _gen_records(3)
     samples = [{"record": r, "key": f"k{i}", "url": "u"} for i, r in enumerate(recs)]
-    prompts = [r["messages"][0]["content"] for r in recs]
+    prompts = [_prompt(r) for r in recs]
     e1 = EvalConfig(batch_size=2, cfg=1.5, top_k=50, prompt_gain_samples=0)
     e3 = replace(e1, best_of=3)
     one = evaluate_generation(tiny, samples, e1)
@@ -97,7 +126,7 @@ def test_best_of_keeps_one_of_its_draws_and_draw_zero_is_the_single_draw_protoco
     draws = [generate_for(tiny, prompts, replace(e1, seed=draw_seed(e1.seed, k))) for k in range(3)]
     torch.testing.assert_close(draws[0], one["gen_images"])  # draw 0 = best_of 1
     assert not torch.allclose(draws[0], draws[1])  # the draws differ
-    scores = torch.stack([understanding_scores(tiny, d, prompt_questions(samples), 2) for d in draws])
+    scores = torch.stack([understanding_scores(tiny, d, prompt_questions(prompts), 2) for d in draws])
     want = scores.argmax(0)
     for i in range(3):
         torch.testing.assert_close(three["gen_images"][i], draws[int(want[i])][i])
@@ -106,10 +135,8 @@ def test_best_of_keeps_one_of_its_draws_and_draw_zero_is_the_single_draw_protoco
     assert "gen_best_of_kept" not in one
 
 
-def test_best_of_on_records_without_scene_is_refused(tiny):
-    recs = _gen_records(2)
-    for r in recs:
-        del r["scene"]
-    samples = [{"record": r, "key": f"k{i}", "url": "u"} for i, r in enumerate(recs)]
-    with pytest.raises(ValueError, match="eval.best_of=1"):
+def test_best_of_on_prompts_without_world_objects_is_refused(tiny):
+    samples = [{"record": {"messages": [{"role": "user", "content": t}]}, "key": f"k{i}", "url": "u"}
+               for i, t in enumerate(["Draw a red circle.", "A photo of a dog."])]
+    with pytest.raises(ValueError, match="k1 names no world object.*eval.best_of=1"):
         evaluate_generation(tiny, samples, EvalConfig(batch_size=2, best_of=2, prompt_gain_samples=0))

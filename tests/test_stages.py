@@ -177,6 +177,14 @@ def test_infer_cli_answers_and_draws(tiny_world, tmp_path, tracking_uri, capsys)
     printed = capsys.readouterr().out
     assert "Q: What colour?" in printed and "A:" in printed and out.is_file()
     assert Image.open(out).size[1] == 16 + 2 * 2  # one row of 16 px images with 2 px padding
+    # best of 3 draws, judged by the model: one kept draw per prompt, reported
+    assert main([str(tmp_path / "s1"), "--prompt", "draw a red circle", "--prompt", "two blue squares on the left",
+                 "--out", str(out), "--top-k", "5", "--best-of", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("of 3 (implied answers' log-probability") == 2 and Image.open(out).size[0] == 2 * 16 + 3 * 2
+    with pytest.raises(SystemExit):  # a prompt with no world object cannot be judged: refused before loading
+        main([str(tmp_path / "s1"), "--prompt", "a photo of a dog", "--best-of", "2"])
+    assert "names no world object" in capsys.readouterr().err
 
 
 def test_evaluate_cli_writes_report_with_protocol(tiny_world, tmp_path, tracking_uri, monkeypatch):
