@@ -69,8 +69,8 @@ class EvalConfig:
     temperature: float = 1.0
     seed: int = 0  # prompt i uses seed + i
     # Draws per prompt, the one kept chosen by the model's own understanding side (the answers the
-    # prompt implies; world records only; modules/self_verify.py). 1 = a single draw, the protocol
-    # of every scoreboard row; N costs N draws and N x the implied questions per prompt.
+    # prompt's words imply; world prompts only; modules/self_verify.py). 1 = a single draw, the
+    # protocol of every scoreboard row; N costs N draws and N x the implied questions per prompt.
     best_of: int = 1
     # Diagnostic, not a protocol: the first teacher_scales scales of each image are the prompt's
     # own target indices (VQVAE of its target image) and only the rest are sampled. Attribute

@@ -16,8 +16,7 @@ Draw k of prompt i uses seed ``eval.seed + i + k * DRAW_SEED_STRIDE``: draw 0 is
 single-draw protocol, so one run reports both (``gen_attribute_accuracy_one_draw``).
 
 The questions come from the prompt's words alone (``datamodules.world.parse_prompt``, the inverse
-of how world prompts are written; tested to read back every validation and test prompt's
-request): shapes, colours, counts and stated positions of the world's vocabulary. A prompt that
+of how world prompts are written; tested to read back the request of 150 prompts of each split): shapes, colours, counts and stated positions of the world's vocabulary. A prompt that
 names no world object is refused with the fix (``eval.best_of: 1``) rather than judged by
 nothing.
 """
