@@ -326,6 +326,19 @@ def parse_prompt(text: str) -> List[Dict[str, Any]]:
     return groups
 
 
+def describe_request(groups: Sequence[Dict[str, Any]]) -> str:
+    """``parse_prompt``'s groups in the world's own words (``describe_group``'s wording): for every
+    world prompt, exactly the description it was written from."""
+    parts = []
+    for g in groups:
+        objs = [{"size": g.get("size", "")}] * int(g["count"])
+        text = describe_group((g["shape"], g["colour"]), objs, with_size="size" in g, with_position=False)
+        if g.get("positions"):
+            text += " " + _join([POSITION_PHRASE[p] for p in g["positions"]])
+        parts.append(text)
+    return _join(parts)
+
+
 def implied_questions(groups: Sequence[Dict[str, Any]]) -> List[Tuple[str, str]]:
     """(question, answer) pairs, in the training VQA wording (suffix included), whose answers a
     generation prompt fixes. ``groups`` is what the prompt asks for, one dict per (shape, colour)

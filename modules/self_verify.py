@@ -3,9 +3,10 @@
 VARGPT understands images as well as it draws them, so it can check its own drawings: for each
 prompt, draw N images, ask the understanding side the questions whose answers the prompt fixes
 ("How many objects are there?" -> "2", "Is there a red circle in the image?" -> "yes", "Where
-is the red circle?" -> "left", ...), and keep the draw whose implied answers it finds most
-likely (the summed log-probability of every answer, as lmms-eval's ``loglikelihood`` scores a
-continuation). No reference classifier, no target image: only the prompt and the model.
+is the red circle?" -> "left", ...) and for a caption ("Describe the image briefly." -> "There
+is a red circle on the left and two blue squares."), and keep the draw whose implied answers it
+finds most likely (the summed log-probability of every answer, as lmms-eval's ``loglikelihood``
+scores a continuation). No reference classifier, no target image: only the prompt and the model.
 
 Where it helps and why: the cells of one VAR scale are drawn independently given the coarser
 scales, so a model whose distribution holds the right picture still misses it in many single
@@ -27,7 +28,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 import torch
 from torchvision.transforms.functional import to_pil_image
 
-from datamodules.world import implied_questions, parse_prompt
+from datamodules.world import CAPTION_FORMS, CAPTION_PROMPTS, describe_request, implied_questions, parse_prompt
 from modules.scoring import loglikelihood
 
 DRAW_SEED_STRIDE = 100_000  # > any prompt count: draws of different prompts never share a seed
@@ -39,8 +40,9 @@ def draw_seed(seed: int, k: int) -> int:
 
 
 def prompt_questions(prompts: Sequence[str], names: Sequence[str] = ()) -> List[List[Tuple[str, str]]]:
-    """Per generation prompt, the (question, answer) pairs its words imply (``parse_prompt``,
-    then ``implied_questions``). ``names`` (sample keys) only label the error."""
+    """Per generation prompt, the (request, answer) pairs its words imply (``parse_prompt``, then
+    ``implied_questions`` and the description as a caption, all in the training wording).
+    ``names`` (sample keys) only label the error."""
     out = []
     for i, text in enumerate(prompts):
         groups = parse_prompt(text)
@@ -49,7 +51,12 @@ def prompt_questions(prompts: Sequence[str], names: Sequence[str] = ()) -> List[
             raise ValueError(f"eval.best_of > 1 judges each draw by the answers its prompt implies, read from the "
                              f"world's vocabulary ('a red circle on the left', 'two blue squares'); {name} names "
                              f"no world object: {text!r}. Draw it once (eval.best_of=1, infer --best-of 1).")
-        out.append(implied_questions(groups))
+        # the VQA answers the prompt fixes, and the prompt's own description as a caption of the
+        # image: the questions check objects one by one, the caption checks them together (which
+        # colour goes with which shape where), and the sum picks better than either (README,
+        # world_self_verify)
+        caption = (CAPTION_PROMPTS[0], CAPTION_FORMS[0].format(d=describe_request(groups)))
+        out.append(implied_questions(groups) + [caption])
     return out
 
 

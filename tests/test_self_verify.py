@@ -6,8 +6,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from datamodules.world import (COLOURS, SHAPES, VQA_SUFFIX, implied_questions, make_sample, parse_prompt,
-                               question_candidates)
+from datamodules.world import (CAPTION_PROMPTS, COLOURS, GEN_FORMS, SHAPES, VQA_SUFFIX, describe_request, implied_questions,
+                               make_sample, parse_prompt, question_candidates)
 from modules.config import EvalConfig
 from modules.evaluation import evaluate_generation, generate_for
 from modules.metrics_world import requested_groups
@@ -49,6 +49,14 @@ def test_parse_prompt_reads_back_what_every_world_prompt_asks_for(split):
                 assert set(g.get("sizes", [p["size"]])) == {p["size"]}
 
 
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_describe_request_gives_back_the_description_each_prompt_was_written_from(split):
+    for rec in _gen_records(150, split):
+        p = _prompt(rec)
+        d = describe_request(parse_prompt(p))
+        assert any(p == f.format(d=d) for f in GEN_FORMS), (p, d)
+
+
 def test_parse_prompt_on_free_text():
     assert parse_prompt("Please design a drawing of a butterfly on a flower.") == []
     assert parse_prompt("An image of two large Blue crosses at the top and at the bottom, and a green circle") == [
@@ -82,8 +90,10 @@ def test_implied_questions_are_training_questions_with_the_scene_answers():
 
 
 def test_prompt_questions_refuse_prompts_without_world_objects():
-    assert prompt_questions(["Draw a red circle.", "two blue squares"]) == [
-        implied_questions(parse_prompt("a red circle")), implied_questions(parse_prompt("two blue squares"))]
+    got = prompt_questions(["Draw a red circle.", "two blue squares on the left and at the top"])
+    assert got[0] == implied_questions(parse_prompt("a red circle")) + [(CAPTION_PROMPTS[0], "There is a red circle.")]
+    assert got[1][-1] == (CAPTION_PROMPTS[0], "There is two blue squares on the left and at the top.")
+    assert got[1][:-1] == implied_questions(parse_prompt("two blue squares on the left and at the top"))
     with pytest.raises(ValueError, match=r"val-gen-000001 names no world object: 'Draw a cat.'.*eval.best_of=1, infer --best-of 1"):
         prompt_questions(["Draw a red circle.", "Draw a cat."], ["val-gen-000000", "val-gen-000001"])
 
