@@ -203,6 +203,9 @@ def evaluate_generation(net, samples: Sequence[Dict[str, Any]], cfg: EvalConfig,
         if reals is None:
             reals = target_images(samples, images.shape[-1])
         out.update(fid_is(images, reals, cfg, classifier, real_key or "prompts"))
+        if cfg.best_of > 1:  # draw 0 against the same reals: the single-draw protocol's FID / IS
+            one = fid_is(first_draw, reals, cfg, classifier, real_key or "prompts")
+            out.update(fid_one_draw=one["fid"], inception_score_one_draw=one["inception_score"])
     if cfg.clip_dir:
         out.update(clip_score(images, clip_texts(samples), str(resolve_path(cfg.clip_dir)), cfg.batch_size))
     return out

@@ -110,6 +110,8 @@ def tiny_world(tmp_path_factory):
     root = tmp_path_factory.mktemp("tinyworld")
     generate_split(str(root / "train"), "train", {"caption": 16, "vqa": 16, "gen": 24}, seed=0, size=32, shard_size=8)
     generate_split(str(root / "val"), "val", {"gen": 8, "vqa": 8}, seed=0, size=32)
+    for split in ("test", "heldout"):  # what the scoreboard (experiments.pipeline) reads
+        generate_split(str(root / split), split, {"gen": 4, "vqa": 4}, seed=0, size=32)
     tok = tiny_tokenizer_dir(root)
     return root, tok
 
@@ -156,6 +158,20 @@ def test_three_stages_chain_end_to_end(tiny_world, tmp_path, tracking_uri, model
     assert 0.0 <= m["val/vqa_accuracy"] <= 1.0 and m["val/fid"] >= 0.0
     arts = [a.path for a in client.list_artifacts(run.info.run_id, "eval")]
     assert any(a.endswith(".png") for a in arts) and any("vqa_rows" in a for a in arts)
+    if model_over:  # the scoreboard on the world recipe's chain: best of 2 draws beside the one-draw figures
+        import json
+
+        from experiments.pipeline import main as pipeline
+
+        report = tmp_path / "pipeline" / "report.json"
+        assert pipeline(["--runs", str(tmp_path), "--out", str(report), "--num-vqa", "4", "--num-gen", "4",
+                         "--best-of", "2"]) == 0
+        rep = json.loads(report.read_text())
+        assert rep["gen_best_of"] == 2 and rep["protocol"]["best_of"] == 2
+        for k in ("gen_attribute_accuracy", "gen_attribute_accuracy_one_draw", "fid", "fid_one_draw"):
+            assert isinstance(rep[k], float), k
+        assert "gen_attribute_accuracy_one_draw>=0.50_minimum" in rep["targets_met"]
+        assert sum(rep["stage3"]["gen_best_of_kept"].values()) == pytest.approx(1.0)
 
 
 def test_infer_cli_answers_and_draws(tiny_world, tmp_path, tracking_uri, capsys):
