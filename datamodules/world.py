@@ -344,27 +344,20 @@ def implied_questions(groups: Sequence[Dict[str, Any]]) -> List[Tuple[str, str]]
     generation prompt fixes. ``groups`` is what the prompt asks for, one dict per (shape, colour)
     with its ``count`` and, when the prompt states them, ``positions`` (``parse_prompt``'s
     reading of the words, or the attribute scorer's requested groups: the same for every world
-    prompt). A world prompt describes every object of its scene, so the totals per
-    colour and per shape are fixed too; a position is asked only for a pair drawn once (the
-    training questions name one object). What the prompt leaves open (sizes, unstated places)
-    is not asked."""
-    colour_n: Dict[str, int] = {}
-    shape_n: Dict[str, int] = {}
+    prompt). The questions are ``question_candidates`` of the scene the prompt describes: a world
+    prompt describes every object, so the total and the per-colour / per-shape counts of what it
+    names are fixed (the zero counts of what it does not name are left out); a position is asked
+    only where the prompt states one. What the prompt leaves open (sizes, unstated places) is not
+    asked."""
+    objs = []
     for g in groups:
-        colour_n[g["colour"]] = colour_n.get(g["colour"], 0) + int(g["count"])
-        shape_n[g["shape"]] = shape_n.get(g["shape"], 0) + int(g["count"])
-    qs = [("How many objects are there?", str(sum(shape_n.values())))]
-    for g in groups:
-        c, s, one = g["colour"], g["shape"], int(g["count"]) == 1
-        qs.append((f"Is there a {c} {s} in the image?", "yes"))
-        if one and g.get("positions"):
-            qs.append((f"Where is the {c} {s}?", g["positions"][0]))
-        if one and shape_n[s] == 1:
-            qs.append((f"What colour is the {s}?", c))
-        if one and colour_n[c] == 1:
-            qs.append((f"What shape is the {c} object?", s))
-    qs += [(f"How many {c} objects are there?", str(n)) for c, n in colour_n.items()]
-    qs += [(f"How many {PLURAL[s]} are there?", str(n)) for s, n in shape_n.items()]
+        n = int(g["count"])
+        places = list(g.get("positions") or [])[:n]
+        objs += [{"shape": g["shape"], "colour": g["colour"], "position": p} for p in places + [None] * (n - len(places))]
+    scene = {"objects": objs}
+    pairs = [(g["shape"], g["colour"]) for g in groups]
+    qs = [(q, a) for qtype in ("count", "exist", "position", "colour", "shape")
+          for q, a in question_candidates(scene, qtype, pairs) if a not in ("0", None)]
     return [(f"{q} {VQA_SUFFIX}", a) for q, a in qs]
 
 

@@ -192,13 +192,13 @@ def evaluate_generation(net, samples: Sequence[Dict[str, Any]], cfg: EvalConfig,
     if cfg.prompt_gain_samples > 0:  # callers evaluate in eval mode (no dropout), as for sampling
         out.update(prompt_gain(net, samples[:cfg.prompt_gain_samples], cfg.batch_size))
     if classifier is not None and all("scene" in s["record"] for s in samples):
-        scores = attribute_scores(classifier, images, [requested_groups(s["record"]) for s in samples])
+        groups = [requested_groups(s["record"]) for s in samples]
+        scores = attribute_scores(classifier, images, groups)
         # gen_attr_<attribute>, and gen_attr_by_objects: one- vs multi-object prompts
         out.update({f"gen_attr_{k}": v for k, v in scores.items()})
         out["gen_attribute_accuracy"] = scores["mean"]
         if cfg.best_of > 1:  # the single-draw protocol's figure, from the same run (draw 0)
-            out["gen_attribute_accuracy_one_draw"] = attribute_scores(
-                classifier, first_draw, [requested_groups(s["record"]) for s in samples])["mean"]
+            out["gen_attribute_accuracy_one_draw"] = attribute_scores(classifier, first_draw, groups)["mean"]
     if classifier is not None or cfg.extractor == "inception":
         if reals is None:
             reals = target_images(samples, images.shape[-1])

@@ -94,9 +94,22 @@ def loglikelihood(net: Any, images: Sequence[Any], contexts: Sequence[str], cont
             ids[r, :len(row)] = torch.tensor(row, dtype=torch.long)
             mask[r, :len(row)] = 1
         batch: Dict[str, Any] = {"input_ids": ids.to(device)}
-        px = [tf(images[i]) for i in chunk if images[i] is not None]
-        if px:
-            batch["pixel_values"] = torch.stack(px).to(device)
+        # Several requests often share one image (the choices of a multiple-choice question, the
+        # questions a judge asks of one draw): the vision tower runs once per distinct image
+        # object of the batch and its features go to every request that shows it.
+        slot: Dict[int, int] = {}
+        distinct: List[Any] = []
+        rows_img: List[int] = []
+        for i in chunk:
+            if images[i] is not None:
+                if id(images[i]) not in slot:
+                    slot[id(images[i])] = len(distinct)
+                    distinct.append(images[i])
+                rows_img.append(slot[id(images[i])])
+        if distinct:
+            px = torch.stack([tf(im) for im in distinct]).to(device)
+            feats = net.image_features(px.to(net.llm.get_input_embeddings().weight.dtype))
+            batch["image_features"] = feats[torch.tensor(rows_img, device=device)]
         emb, _, _, _ = net.embed(batch, with_gen=False)
         h = net.run_llm(emb, mask.to(device)).last_hidden_state  # (B, T, D)
         rows = torch.tensor([r for r, (_, pos) in enumerate(encs) for _ in pos], device=device)

@@ -165,6 +165,10 @@ class VARGPT(VARGPTInference, nn.Module):
         x_NLCv = self.vqvae.idx_to_var_input(idx_list)
         return self.var.front_end(uncond_N.long(), x_NLCv)
 
+    def image_features(self, px_BCHW: torch.Tensor) -> torch.Tensor:
+        """Understanding features (B, tokens, D) of images: vision tower, then projector."""
+        return self.und_proj(self.vision(px_BCHW))
+
     def embed(self, batch: Dict[str, Any], with_gen: bool = True, insert_gen: bool = True,
               front_out: Optional[List[torch.Tensor]] = None):
         """LLM input embeddings (B, T, D) with image features and generation inputs scattered into
@@ -177,10 +181,12 @@ class VARGPT(VARGPTInference, nn.Module):
         emb = self.llm.get_input_embeddings()(ids)
         img_mask = ids == self.image_token_id
         if img_mask.any():
-            px = batch.get("pixel_values")
-            if px is None:
-                raise ValueError("batch has <image> slots but no pixel_values")
-            feats = self.und_proj(self.vision(px.to(emb.dtype) if px.is_floating_point() else px))
+            feats = batch.get("image_features")  # (n_images, tokens, D), already projected (scoring reuses them)
+            if feats is None:
+                px = batch.get("pixel_values")
+                if px is None:
+                    raise ValueError("batch has <image> slots but no pixel_values")
+                feats = self.image_features(px.to(emb.dtype) if px.is_floating_point() else px)
             n_slots, n_feat = int(img_mask.sum()), feats.shape[0] * feats.shape[1]
             if n_slots != n_feat:
                 raise ValueError(f"batch has {n_slots} <image> slots but {feats.shape[0]} images x "

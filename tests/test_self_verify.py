@@ -150,3 +150,23 @@ def test_best_of_on_prompts_without_world_objects_is_refused(tiny):
                for i, t in enumerate(["Draw a red circle.", "A photo of a dog."])]
     with pytest.raises(ValueError, match="k1 names no world object.*eval.best_of=1"):
         evaluate_generation(tiny, samples, EvalConfig(batch_size=2, best_of=2, prompt_gain_samples=0))
+
+
+def test_loglikelihood_runs_the_vision_tower_once_per_distinct_image(tiny, monkeypatch):
+    """Requests that show the same image object share one vision pass, and score exactly as
+    requests given separate copies of it."""
+    from PIL import Image
+
+    img = Image.new("RGB", (32, 32), (200, 30, 30))
+    copies = [img.copy() for _ in range(3)]
+    ctx = ["What colour is the circle?", "How many objects are there?", "Is there a red circle in the image?"]
+    ans = ["red", "1", "yes"]
+    calls = []
+    real = tiny.image_features
+    monkeypatch.setattr(tiny, "image_features", lambda px: calls.append(len(px)) or real(px))
+    shared = loglikelihood(tiny, [img] * 3, ctx, ans, batch_size=3)
+    assert calls == [1]
+    separate = loglikelihood(tiny, copies, ctx, ans, batch_size=3)
+    assert calls == [1, 3]
+    for a, b in zip(shared, separate):
+        assert a.logprob == pytest.approx(b.logprob, abs=1e-5) and a.is_greedy == b.is_greedy
