@@ -274,6 +274,10 @@ class ModelConfig:
         if self.prompt_context_bigram and self.var_cond != "prompt_attn":
             raise ValueError(f"model.prompt_context_bigram needs model.var_cond=prompt_attn (it adds to the VAR's "
                              f"cross-attention context), got var_cond={self.var_cond!r}")
+        if self.prompt_context_window != 2 and not self.prompt_context_bigram:
+            raise ValueError(f"model.prompt_context_window={self.prompt_context_window} sets the width of the map that "
+                             "model.prompt_context_bigram adds, which is off: set model.prompt_context_bigram=true, "
+                             "or leave the window at 2")
         if self.prompt_context_window < 1:
             raise ValueError(f"model.prompt_context_window must be >= 1 (the token itself and window - 1 before it; "
                              f"2 = the bigram), got {self.prompt_context_window}")

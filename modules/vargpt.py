@@ -37,7 +37,7 @@ from modules.components.llm import build_llm, llm_hidden_size
 from modules.components.projectors import build_projector
 from modules.components.prompt_encoder import PromptEncoder
 from modules.components.text_tokenizer import build_tokenizer, special_token_ids
-from modules.components.var_decoder import build_var
+from modules.components.var_decoder import build_var, noisy_teacher_inputs
 from modules.components.vision_encoders import build_vision_encoder
 from modules.components.vqvae import build_vqvae
 from modules.config import ModelConfig
@@ -217,18 +217,8 @@ class VARGPT(VARGPTInference, nn.Module):
         return emb, gen_mask, idx_list, uncond
 
     def noisy_inputs(self, idx_list: Sequence[torch.Tensor]) -> List[torch.Tensor]:
-        """model.gen_input_noise: in training, the teacher-forcing input indices (scales 0..K-2,
-        each (N, pn^2)) with each target's tokens replaced by random codes at a rate ~ U(0, q); the
-        targets stay the caller's. Unchanged in eval mode or with q = 0."""
-        q = self.cfg.gen_input_noise
-        if not self.training or q <= 0:
-            return list(idx_list)
-        rate_N1 = torch.rand(idx_list[0].shape[0], 1, device=idx_list[0].device) * q
-
-        def noisy(idx: torch.Tensor) -> torch.Tensor:
-            return torch.where(torch.rand(idx.shape, device=idx.device) < rate_N1, torch.randint_like(idx, self.var.V), idx)
-
-        return [noisy(t) for t in idx_list[:-1]] + [idx_list[-1]]  # the last scale is never an input
+        """model.gen_input_noise in training (``noisy_teacher_inputs``); unchanged in eval mode."""
+        return noisy_teacher_inputs(idx_list, self.cfg.gen_input_noise if self.training else 0.0, self.var.V)
 
     def _first_slots(self, gen_mask_BT: torch.Tensor) -> torch.Tensor:
         """(N, 2): (row, position) of each target's first <|image_gen_pad|> slot."""

@@ -152,6 +152,28 @@ def test_base_var_overfits_one_batch(vqvae_run, world, tmp_path):
     assert last < 0.8 * first, (first, last)
 
 
+def test_base_var_applies_gen_input_noise_in_training_only(vqvae_run, world, tmp_path):
+    """model.gen_input_noise reaches the base's teacher-forcing inputs as it does the VARGPT
+    stages': in training the logits move, in eval they are the clean ones."""
+    out = vqvae_run[0]
+    load = f"model.load=[{{path: {out / 'vqvae' / 'model.safetensors'}, into: vqvae}}]"
+    _, module, dm = _stage("var", world, tmp_path, load, "model.var.cond_drop_rate=0.0", "model.var.drop_path_rate=0.0",
+                           "model.gen_input_noise=0.9")
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+
+    def logits(train: bool, rate: float) -> torch.Tensor:
+        module.train(train)
+        module.cfg.model.gen_input_noise = rate
+        torch.manual_seed(0)
+        with torch.no_grad():
+            return module._forward(batch)[0]
+
+    assert not torch.allclose(logits(True, 0.9), logits(True, 0.0))
+    torch.testing.assert_close(logits(False, 0.9), logits(False, 0.0))
+    torch.testing.assert_close(logits(True, 0.0), logits(False, 0.0))
+
+
 def test_base_var_scene_labels():
     """data.scene_labels: `label` records keep theirs; with "scene" a one-object generation scene
     gets its (shape, colour) class and a multi-object one the null class; without it, or with

@@ -306,5 +306,8 @@ def test_prompt_context_window_is_checked_and_sets_the_map_width(bigram_pair):
 
     with pytest.raises(ValueError, match="prompt_context_window must be >= 1"):
         ModelConfig(var_cond="prompt_attn", prompt_context_bigram=True, prompt_context_window=0).validate()
+    # a window without the map it sizes would be silently unused: refused with the fix
+    with pytest.raises(ValueError, match="prompt_context_window=6 .*prompt_context_bigram=true"):
+        ModelConfig(var_cond="prompt_attn", prompt_context_window=6).validate()
     variant = bigram_pair[1]
     assert variant.gen_cond_bigram.in_features == 3 * variant.llm.config.hidden_size

@@ -112,6 +112,22 @@ class VARConfig(ComponentConfig):
 # ------------------------------------------------------------------------------------------------
 # Blocks
 # ------------------------------------------------------------------------------------------------
+def noisy_teacher_inputs(idx_list: Sequence[torch.Tensor], rate: float, vocab_size: int) -> List[torch.Tensor]:
+    """Teacher-forcing inputs with random codes (``model.gen_input_noise``, beyond v1): the input
+    scales 0..K-2 (each (N, pn^2)) of each target get their tokens replaced by random codes at a
+    per-target rate ~ U(0, rate), so the model learns to draw on from its own imperfect scales;
+    the last scale is never an input and the targets stay the caller's. ``rate`` 0 returns the
+    inputs unchanged (the caller decides when: in training only)."""
+    if rate <= 0:
+        return list(idx_list)
+    rate_N1 = torch.rand(idx_list[0].shape[0], 1, device=idx_list[0].device) * rate
+
+    def noisy(idx: torch.Tensor) -> torch.Tensor:
+        return torch.where(torch.rand(idx.shape, device=idx.device) < rate_N1, torch.randint_like(idx, vocab_size), idx)
+
+    return [noisy(t) for t in idx_list[:-1]] + [idx_list[-1]]
+
+
 class DropPath(nn.Module):
     """Per-sample stochastic depth (training only)."""
 

@@ -16,7 +16,7 @@ from torchmetrics import MeanMetric
 from datamodules.paths import run_dir
 from datamodules.pretokenize import tokenizer_fingerprint
 from datamodules.world import class_label
-from modules.components.var_decoder import build_var
+from modules.components.var_decoder import build_var, noisy_teacher_inputs
 from modules.components.vqvae import build_vqvae
 from modules.stages.base import StageModule
 from modules.stages.bases.data import InMemoryData, to_signed
@@ -104,7 +104,9 @@ class VARModule(StageModule):
 
     def _forward(self, batch) -> Tuple[torch.Tensor, torch.Tensor, List[torch.Tensor]]:
         idx_list = list(batch["idx"].split(self.splits, dim=1))
-        x_BLCv = self._vqvae[0].idx_to_var_input(idx_list)
+        # model.gen_input_noise applies to the base as to the VARGPT stages (training only)
+        inputs = noisy_teacher_inputs(idx_list, self.cfg.model.gen_input_noise if self.training else 0.0, self.net.V)
+        x_BLCv = self._vqvae[0].idx_to_var_input(inputs)
         logits_BLV = self.net(batch["label"], x_BLCv)
         return logits_BLV, torch.cat(idx_list, 1), idx_list
 
