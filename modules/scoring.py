@@ -69,6 +69,56 @@ class ContinuationScore(NamedTuple):
         return -self.logprob / self.n_tokens
 
 
+def shared_prefix(encs: Sequence[Tuple[List[int], List[int]]], keys: Sequence[Any]) -> Tuple[int, List[int]]:
+    """(P, group of each row) for running the LLM once over a prefix that requests share.
+
+    Rows with the same ``key`` (the same image object, or None for text only) embed equal token
+    ids equally, so the rows of a key that agree on their first P token ids agree on the LLM's
+    states there. P is the shortest such common prefix over the keys that hold two or more rows,
+    and ends before every row's first scored token (its state at P - 1 is not needed). A judge
+    asks ~9 questions of one image: P then covers the system prompt and the image slots, about
+    4/5 of each request. 0 when no two rows share a key."""
+    by_key: Dict[Any, List[int]] = {}
+    for r, k in enumerate(keys):
+        by_key.setdefault(k, []).append(r)
+    if all(len(rows) < 2 for rows in by_key.values()):
+        return 0, []
+    P = min(pos[0] - 1 for _, pos in encs)
+    for rows in by_key.values():
+        if len(rows) < 2:
+            continue
+        first = encs[rows[0]][0]
+        for r in rows[1:]:
+            ids = encs[r][0]
+            n = 0
+            while n < min(P, len(ids)) and ids[n] == first[n]:
+                n += 1
+            P = n
+    if P <= 0:
+        return 0, []
+    order = {k: g for g, k in enumerate(by_key)}
+    return P, [order[k] for k in keys]
+
+
+def _run_with_prefix(net: Any, emb_BTD: torch.Tensor, mask_BT: torch.Tensor, P: int, group: List[int]) -> torch.Tensor:
+    """Last hidden states at positions P..T-1 of each row: the first P positions run once per
+    group (its first row), their KV cache is copied to the group's rows, the rest runs per row.
+    Same states as one forward over the whole rows (right padding: the prefix has none)."""
+    from transformers import DynamicCache
+
+    device = emb_BTD.device
+    B, T, _ = emb_BTD.shape
+    G = max(group) + 1
+    reps = [group.index(g) for g in range(G)]
+    cache = DynamicCache()
+    pos_P = torch.arange(P, device=device).expand(G, P)
+    net.run_llm(emb_BTD[reps, :P], torch.ones(G, P, dtype=mask_BT.dtype, device=device), position_ids=pos_P,
+                cache=cache, use_cache=True)
+    cache.batch_select_indices(torch.tensor(group, device=device))  # (G, ...) -> (B, ...)
+    pos_rest = torch.arange(P, T, device=device).expand(B, T - P)
+    return net.run_llm(emb_BTD[:, P:], mask_BT, position_ids=pos_rest, cache=cache, use_cache=True).last_hidden_state
+
+
 @torch.no_grad()
 def loglikelihood(net: Any, images: Sequence[Any], contexts: Sequence[str], continuations: Sequence[str],
                   batch_size: int = 8, include_eos: bool = False) -> List[ContinuationScore]:
@@ -111,10 +161,15 @@ def loglikelihood(net: Any, images: Sequence[Any], contexts: Sequence[str], cont
             feats = net.image_features(px.to(net.llm.get_input_embeddings().weight.dtype))
             batch["image_features"] = feats[torch.tensor(rows_img, device=device)]
         emb, _, _, _ = net.embed(batch, with_gen=False)
-        h = net.run_llm(emb, mask.to(device)).last_hidden_state  # (B, T, D)
+        keys = [id(images[i]) if images[i] is not None else None for i in chunk]
+        P, group = shared_prefix(encs, keys)
+        if P:
+            h = _run_with_prefix(net, emb, mask.to(device), P, group)  # (B, T - P, D): positions P..T-1
+        else:
+            h = net.run_llm(emb, mask.to(device)).last_hidden_state  # (B, T, D)
         rows = torch.tensor([r for r, (_, pos) in enumerate(encs) for _ in pos], device=device)
         tgt_pos = torch.tensor([p for _, pos in encs for p in pos], device=device)
-        logp = head(h[rows, tgt_pos - 1]).float().log_softmax(-1)  # token p is predicted at p - 1
+        logp = head(h[rows, tgt_pos - 1 - P]).float().log_softmax(-1)  # token p is predicted at p - 1
         targets = ids.to(device)[rows, tgt_pos]
         tok_lp = logp.gather(1, targets[:, None])[:, 0]
         hit = logp.argmax(-1) == targets

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from modules.scoring import (ContinuationScore, GenerationSettings, answer_batch, encode_continuation,
-                             generation_settings, loglikelihood, truncate_at)
+                             generation_settings, loglikelihood, shared_prefix, truncate_at)
 from modules.vargpt import VARGPT
 from tests.tiny import tiny_model_config, und_sample
 
@@ -46,6 +46,37 @@ def test_loglikelihood_does_not_depend_on_the_batch(net):
     for a, b in zip(together, alone):
         assert a.logprob == pytest.approx(b.logprob, abs=1e-4) and a.n_tokens == b.n_tokens
         assert a.is_greedy == b.is_greedy
+
+
+def test_shared_prefix_is_the_common_start_of_rows_that_show_the_same_image():
+    # (ids, positions of the scored tokens); rows 0-2 show image "a", row 3 image "b"
+    encs = [([1, 2, 3, 4, 5, 9], [5]), ([1, 2, 3, 4, 6, 9], [5]), ([1, 2, 3, 7, 7, 9, 9], [6]), ([1, 2, 8, 8], [3])]
+    assert shared_prefix(encs, ["a", "a", "a", "b"]) == (2, [0, 0, 0, 1])  # bounded by row 3's first scored token - 1
+    assert shared_prefix(encs[:3], ["a", "a", "a"]) == (3, [0, 0, 0])
+    assert shared_prefix(encs[:2], ["a", "b"]) == (0, [])  # no two rows share an image: nothing to share
+    assert shared_prefix([([5, 1], [1]), ([6, 1], [1])], [None, None]) == (0, [])  # differ at the first token
+
+
+def test_requests_of_one_image_run_their_common_prefix_once(net, monkeypatch):
+    """A judge's questions about one image: the system prompt and image slots go through the LLM
+    once per image, and every score equals the one of a request scored alone."""
+    a, b = _img((200, 30, 30)), _img((30, 30, 200))
+    images = [a, a, a, b, b]
+    ctxs = ["What colour is the circle?", "How many objects are there?", "Is there a red circle in the image?",
+            "What colour is the circle?", "Where is the blue square? Answer with a single word."]
+    conts = ["red", "1", "yes", "blue", "on the left"]
+    lengths = []
+    real = net.run_llm
+    monkeypatch.setattr(net, "run_llm", lambda emb, *a, **k: lengths.append(tuple(emb.shape[:2])) or real(emb, *a, **k))
+    together = loglikelihood(net, images, ctxs, conts, batch_size=5)
+    (g, p), (rows, rest) = lengths
+    assert g == 2 and rows == 5 and p > net.num_image_tokens  # one prefix per image, covering its slots
+    lengths.clear()
+    alone = [loglikelihood(net, [i], [c], [t], batch_size=1)[0] for i, c, t in zip(images, ctxs, conts)]
+    assert all(n == 1 for n, _ in lengths)  # alone: one plain forward each
+    for x, y in zip(together, alone):
+        assert x.logprob == pytest.approx(y.logprob, abs=1e-5) and x.n_tokens == y.n_tokens
+        assert x.is_greedy == y.is_greedy
 
 
 def test_loglikelihood_matches_a_plain_full_sequence_computation(net):
