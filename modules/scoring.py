@@ -4,7 +4,8 @@
   loglikelihood(net, images, contexts, continuations)
         log p(continuation | image, context) under the chat template the model was trained with:
         the context is the user turn (``<image>`` first when there is an image, as LLaVA-1.5), the
-        continuation the assistant's answer. Batched (right padding), one forward per batch, the
+        continuation the assistant's answer. Batched (right padding), one forward per batch (the
+        requests that show one image run their common prefix once: ``shared_prefix``), the
         LM head applied only at the continuation's positions. Returns per request the summed
         token log-probability, the number of tokens and whether greedy decoding would produce
         exactly these tokens: what multiple-choice tasks rank choices by. (lmms-eval ranks by
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
+from transformers import DynamicCache
 
 from datamodules.tokens import IGNORE_INDEX, IMAGE_TOKEN
 
@@ -104,8 +106,6 @@ def _run_with_prefix(net: Any, emb_BTD: torch.Tensor, mask_BT: torch.Tensor, P: 
     """Last hidden states at positions P..T-1 of each row: the first P positions run once per
     group (its first row), their KV cache is copied to the group's rows, the rest runs per row.
     Same states as one forward over the whole rows (right padding: the prefix has none)."""
-    from transformers import DynamicCache
-
     device = emb_BTD.device
     B, T, _ = emb_BTD.shape
     G = max(group) + 1
