@@ -28,7 +28,7 @@ from datamodules.config import DataConfig, validate_data_config
 from datamodules.paths import REPO_ROOT, resolve_path, run_dir  # noqa: F401  (resolve_path: re-exported for launchers)
 from modules.components.registry import REGISTRIES, ComponentConfig
 from modules.config import EvalConfig, ModelConfig
-from modules.stages import STAGES
+from modules.stages import STAGES, VARGPT_STAGES
 EXPERIMENTS_DIR = REPO_ROOT / "experiments"
 BASE_YAML = EXPERIMENTS_DIR / "base.yaml"
 STAGES_DIR = EXPERIMENTS_DIR / "stages"
@@ -399,6 +399,12 @@ def value_problems(cfg: ExperimentConfig) -> List[Tuple[str, str]]:
     need(t.log_every_n_steps >= 1, "trainer.log_every_n_steps", f"must be >= 1, got {t.log_every_n_steps}")
     for k in ("val_every_n_steps", "limit_val_batches", "num_threads"):
         need(getattr(t, k) >= 0, f"trainer.{k}", f"must be >= 0, got {getattr(t, k)}")
+    # Lightning skips the validation loop when there is no validation data, and the in-loop
+    # evaluation (eval.vqa_shards / eval.gen_shards) runs at its end: both would never run.
+    need(not (cfg.stage in VARGPT_STAGES and t.val_every_n_steps > 0 and not cfg.data.val_sources),
+         "trainer.val_every_n_steps", f"is {t.val_every_n_steps} but data.val_sources is empty, so no validation "
+         "(and no in-loop evaluation) would run: add a source, e.g. data.val_sources: "
+         "[{name: vqa_val, shards: 'val/vqa-*.tar', task: understanding}], or set trainer.val_every_n_steps=0")
     need(c.every_n_steps >= 0, "checkpoint.every_n_steps", f"must be >= 0 (0 = off), got {c.every_n_steps}")
     need(finite(c.every_n_minutes) and c.every_n_minutes >= 0, "checkpoint.every_n_minutes",
          f"must be finite and >= 0 (0 = off), got {c.every_n_minutes}")

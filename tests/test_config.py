@@ -112,3 +112,16 @@ def test_eval_best_of_must_be_at_least_one(exp_tree):
     assert load_config(exp_tree / "parent.yaml", ["eval.best_of=4"]).cfg.eval.best_of == 4
     with pytest.raises(ConfigError, match=r"eval.best_of.*must be >= 1, got 0"):
         load_config(exp_tree / "parent.yaml", ["eval.best_of=0"])
+
+
+def test_vargpt_stage_validation_needs_val_sources(exp_tree):
+    """A VARGPT stage asked to validate without validation data would silently never validate
+    (Lightning skips the loop, and the in-loop evaluation with it)."""
+    (exp_tree / "s2.yaml").write_text("stage: stage2\nname: s2\ntrainer: {val_every_n_steps: 10}\n")
+    with pytest.raises(ConfigError, match=r"trainer.val_every_n_steps.*data.val_sources is empty"):
+        load_config(exp_tree / "s2.yaml")
+    ok = load_config(exp_tree / "s2.yaml", ["data.val_sources=[{name: v, shards: 'val/vqa-*.tar'}]"]).cfg
+    assert ok.trainer.val_every_n_steps == 10 and len(ok.data.val_sources) == 1
+    assert load_config(exp_tree / "s2.yaml", ["trainer.val_every_n_steps=0"]).cfg.data.val_sources == []
+    # the debug stage and the bases bring their own validation data
+    assert load_config(exp_tree / "parent.yaml", ["trainer.val_every_n_steps=5"]).cfg.trainer.val_every_n_steps == 5

@@ -32,7 +32,10 @@ def _vargpt(name):
 
 # The VARGPT stages (modules/stages/vargpt_stages.py); llava_* are the LLaVA-1.5 steps that give
 # the embedded world the understanding start VARGPT assumes (and the understanding-only baseline).
-for _name in ("llava_align", "llava_sft", "stage1", "stage2", "stage3"):
+# They read data.sources / data.val_sources through the shared DataModule (the bases hold out
+# their own validation split).
+VARGPT_STAGES = ("llava_align", "llava_sft", "stage1", "stage2", "stage3")
+for _name in VARGPT_STAGES:
     STAGES.register(_name)(_vargpt(_name))
 
 
