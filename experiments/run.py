@@ -13,7 +13,7 @@ import os
 # OpenMP threads that spin-wait for each other make steps 1.7-80x slower whenever another process
 # shares the cores (measured: benchmarks/train_step.py notes, README "Benchmarks"), so passive
 # waiting is the default here. On cores a job has to itself spinning is faster (2-thread world
-# stages 13-30 %, same weights): the Makefile's single-job targets set OMP_WAIT_POLICY=ACTIVE.
+# stages 13-31 %, same weights): the Makefile's single-job targets set OMP_WAIT_POLICY=ACTIVE.
 # Must be set before torch is imported.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
