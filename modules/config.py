@@ -229,6 +229,12 @@ class ModelConfig:
     sample_top_p: Optional[float] = None
     # Stage 2 also trains the understanding projector (the paper's figure) when true.
     train_und_projector: bool = False
+    # Stage 3's image loss reaches the parts before the frozen LLM through it (VARGPT v1: true):
+    # gen_in trains, and so does the VAR's front end at the LLM's inputs. False (beyond v1): gen_in
+    # stays as stage 1 left it and the LLM's inputs are cut from the graph, so the frozen LLM runs
+    # forward only and a stage-3 step skips its backward; the VAR's front end still trains through
+    # var_skip and the blocks. Needs model.gen_lora_rank 0 (LoRA deltas train inside the LLM).
+    stage3_through_llm: bool = True
 
     def switch(self, name: str) -> Any:
         """The value of a released-behaviour switch: its own field if set, else the behaviour's."""
@@ -281,6 +287,10 @@ class ModelConfig:
         if self.prompt_context_window < 1:
             raise ValueError(f"model.prompt_context_window must be >= 1 (the token itself and window - 1 before it; "
                              f"2 = the bigram), got {self.prompt_context_window}")
+        if not self.stage3_through_llm and self.gen_lora_rank > 0:
+            raise ValueError(f"model.stage3_through_llm=false runs the LLM forward only in stage 3, but "
+                             f"model.gen_lora_rank={self.gen_lora_rank} trains LoRA deltas inside it there: set "
+                             "model.stage3_through_llm=true, or model.gen_lora_rank=0")
         if not 0.0 <= self.gen_input_noise < 1.0:
             raise ValueError(f"model.gen_input_noise must be in [0, 1), got {self.gen_input_noise}")
         if not 0.0 <= self.cond_drop_rate < 1.0:

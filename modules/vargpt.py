@@ -106,6 +106,10 @@ class VARGPT(VARGPTInference, nn.Module):
         if cfg.var_dtype != "float32":
             self.var.to(getattr(torch, cfg.var_dtype))
         self.d_llm, self.c_var = d_llm, c_var
+        # Whether training builds the graph into the LLM's generation inputs (gen_in of the VAR's
+        # front end). Stage 3 turns it off with model.stage3_through_llm false: with nothing
+        # trainable before the frozen LLM, autograd records no LLM op and skips its backward.
+        self.grad_into_llm = True
         self.L = self.var.L
         self.patch_nums = tuple(self.var.patch_nums)
 
@@ -212,7 +216,7 @@ class VARGPT(VARGPTInference, nn.Module):
             front_out.append(front)
         if not insert_gen:
             return emb, gen_mask, idx_list, uncond
-        gen_in = self.gen_in(front.to(emb.dtype))
+        gen_in = self.gen_in((front if self.grad_into_llm else front.detach()).to(emb.dtype))
         emb = emb.masked_scatter(gen_mask.unsqueeze(-1), gen_in.to(emb.dtype))
         return emb, gen_mask, idx_list, uncond
 

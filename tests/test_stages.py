@@ -93,6 +93,41 @@ def test_step_changes_exactly_the_trainable_set(stage, variant, nets):
     assert changed == names, f"{stage}: changed-but-frozen {sorted(changed - names)[:5]}, unchanged-trainable {sorted(names - changed)[:5]}"
 
 
+def test_stage3_without_llm_backward(nets):
+    """model.stage3_through_llm false: gen_in leaves stage 3's trainable set, the LLM runs without
+    a graph, and the losses are those of v1's stage 3 (only what trains changes)."""
+    base = nets["world"]
+    batch = collator_for(base)([gen_sample("g"), gen_sample("h", instr="Draw a blue square.", colour=(200, 30, 30))])
+    seen = []
+    losses = {}
+    for through in (True, False):
+        cfg = ExperimentConfig(stage="stage3")
+        cfg.model = copy.deepcopy(base.cfg)
+        cfg.model.stage3_through_llm = through
+        module = STAGE_CLASSES["stage3"](cfg, net=copy.deepcopy(base))
+        net = module.net
+        names = set(module.trainable_parameter_names())
+        want = ("gen_out", "var", "gen_cond") + (("gen_in",) if through else ())
+        assert names == {n for n, _ in net.named_parameters() if _under(n, want)}
+        hook = net.llm.get_decoder().register_forward_hook(lambda m, a, out: seen.append(out.last_hidden_state.requires_grad))
+        module.train()
+        torch.manual_seed(0)  # the same teacher-forcing noise in both runs
+        out = net(batch)
+        hook.remove()
+        out["loss"].backward()
+        assert all(p.grad is not None for n, p in net.named_parameters() if n in names)
+        losses[through] = (out["loss_img"].item(), out["loss_text"].item())
+    assert seen == [True, False]
+    assert losses[True] == losses[False]
+
+
+def test_stage3_through_llm_needs_no_lora():
+    from modules.config import ModelConfig
+
+    with pytest.raises(ValueError, match="stage3_through_llm"):
+        ModelConfig(stage3_through_llm=False, gen_lora_rank=2).validate()
+
+
 def test_stage2_switch_trains_und_projector(base_net):
     cfg = ExperimentConfig(stage="stage2")
     cfg.model = copy.deepcopy(base_net.cfg)

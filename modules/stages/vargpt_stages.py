@@ -8,7 +8,9 @@
                  gen_lora, prompt_enc)
     stage2       llm (+ und_proj with model.train_und_projector)   understanding + a few generation
     stage3       gen_in, gen_out, var (+ gen_cond,            generation instructions
-                 gen_cond_bigram, gen_lora, prompt_enc when the model has them)
+                 gen_cond_bigram, gen_lora, prompt_enc when the model has them;
+                 without gen_in, and no backward through the LLM, with
+                 model.stage3_through_llm false)
 
 Everything outside the trainable set is frozen and kept in eval mode (no dropout / drop-path),
 so a frozen part computes exactly what it did when it was trained. `tests/test_stages.py`
@@ -142,8 +144,15 @@ class Stage2(VARGPTStage):
 class Stage3(VARGPTStage):
     TRAINABLE = ("gen_in", "gen_out", "var")
 
+    def __init__(self, cfg: Any, net: nn.Module | None = None):
+        super().__init__(cfg, net)
+        # model.stage3_through_llm false: gen_in stays frozen (trainable_prefixes) and the LLM's
+        # generation inputs leave the graph, so the frozen LLM runs forward only
+        self.net.grad_into_llm = cfg.model.stage3_through_llm
+
     def trainable_prefixes(self) -> Tuple[str, ...]:
-        return self.TRAINABLE + _optional(self.net, "gen_cond", "gen_cond_bigram", "prompt_enc", "gen_lora")
+        own = self.TRAINABLE if self.cfg.model.stage3_through_llm else tuple(p for p in self.TRAINABLE if p != "gen_in")
+        return own + _optional(self.net, "gen_cond", "gen_cond_bigram", "prompt_enc", "gen_lora")
 
 
 def _optional(net: nn.Module, *names: str) -> Tuple[str, ...]:
