@@ -7,11 +7,16 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade uv >/dev/null 2>&1 || true
+# Python writes a module's bytecode when it first imports it, so compiling every installed file up
+# front (uv --compile-bytecode: ~25 s here, mostly modules no run imports) only pays where that
+# write is switched off (PYTHONDONTWRITEBYTECODE set): there every process would compile again.
+compile=()
+[ -z "${PYTHONDONTWRITEBYTECODE:-}" ] || compile=(--compile-bytecode)
 extra=$(pip config get global.extra-index-url 2>/dev/null || true)
 links=$(pip config get global.find-links 2>/dev/null || true)
 if [ -x .venv/bin/uv ] && UV_EXTRA_INDEX_URL="$extra" UV_FIND_LINKS="$links" \
     .venv/bin/uv pip install --python .venv/bin/python --index-strategy unsafe-best-match \
-    --compile-bytecode -q -r requirements.txt; then
+    "${compile[@]}" -q -r requirements.txt; then
   echo "[setup] installed with uv"
 else
   echo "[setup] uv unavailable or failed; falling back to pip"
