@@ -235,6 +235,12 @@ class ModelConfig:
     # forward only and a stage-3 step skips its backward; the VAR's front end still trains through
     # var_skip and the blocks. Needs model.gen_lora_rank 0 (LoRA deltas train inside the LLM).
     stage3_through_llm: bool = True
+    # The same for stage 1 (VARGPT v1: true). False: gen_in keeps its initialisation through stage
+    # 1 (and stage 3 with stage3_through_llm false); the VAR still reads the LLM's states at its
+    # pad slots through gen_out, the prompt through var_cond, and its own input through var_skip.
+    # A stage-1 step then skips the LLM's backward (1.4x faster on the world). Needs
+    # model.gen_lora_rank 0.
+    stage1_through_llm: bool = True
 
     def switch(self, name: str) -> Any:
         """The value of a released-behaviour switch: its own field if set, else the behaviour's."""
@@ -287,10 +293,11 @@ class ModelConfig:
         if self.prompt_context_window < 1:
             raise ValueError(f"model.prompt_context_window must be >= 1 (the token itself and window - 1 before it; "
                              f"2 = the bigram), got {self.prompt_context_window}")
-        if not self.stage3_through_llm and self.gen_lora_rank > 0:
-            raise ValueError(f"model.stage3_through_llm=false runs the LLM forward only in stage 3, but "
-                             f"model.gen_lora_rank={self.gen_lora_rank} trains LoRA deltas inside it there: set "
-                             "model.stage3_through_llm=true, or model.gen_lora_rank=0")
+        for stage in ("stage1", "stage3"):
+            if not getattr(self, f"{stage}_through_llm") and self.gen_lora_rank > 0:
+                raise ValueError(f"model.{stage}_through_llm=false runs the LLM forward only in {stage}, but "
+                                 f"model.gen_lora_rank={self.gen_lora_rank} trains LoRA deltas inside it there: set "
+                                 f"model.{stage}_through_llm=true, or model.gen_lora_rank=0")
         if not 0.0 <= self.gen_input_noise < 1.0:
             raise ValueError(f"model.gen_input_noise must be in [0, 1), got {self.gen_input_noise}")
         if not 0.0 <= self.cond_drop_rate < 1.0:

@@ -107,7 +107,7 @@ class VARGPT(VARGPTInference, nn.Module):
             self.var.to(getattr(torch, cfg.var_dtype))
         self.d_llm, self.c_var = d_llm, c_var
         # Whether training builds the graph into the LLM's generation inputs (gen_in of the VAR's
-        # front end). Stage 3 turns it off with model.stage3_through_llm false: with nothing
+        # front end). Stages 1 and 3 turn it off with model.stage1/stage3_through_llm false: with nothing
         # trainable before the frozen LLM, autograd records no LLM op and skips its backward.
         self.grad_into_llm = True
         self.L = self.var.L

@@ -93,21 +93,24 @@ def test_step_changes_exactly_the_trainable_set(stage, variant, nets):
     assert changed == names, f"{stage}: changed-but-frozen {sorted(changed - names)[:5]}, unchanged-trainable {sorted(names - changed)[:5]}"
 
 
-def test_stage3_without_llm_backward(nets):
-    """model.stage3_through_llm false: gen_in leaves stage 3's trainable set, the LLM runs without
-    a graph, and the losses are those of v1's stage 3 (only what trains changes)."""
+@pytest.mark.parametrize("stage", ["stage1", "stage3"])
+def test_generation_stage_without_llm_backward(nets, stage):
+    """model.stage1/stage3_through_llm false: gen_in leaves the stage's trainable set, the LLM runs
+    without a graph, and the losses are those of v1's stage (only what trains changes)."""
     base = nets["world"]
     batch = collator_for(base)([gen_sample("g"), gen_sample("h", instr="Draw a blue square.", colour=(200, 30, 30))])
     seen = []
     losses = {}
     for through in (True, False):
-        cfg = ExperimentConfig(stage="stage3")
+        cfg = ExperimentConfig(stage=stage)
         cfg.model = copy.deepcopy(base.cfg)
-        cfg.model.stage3_through_llm = through
-        module = STAGE_CLASSES["stage3"](cfg, net=copy.deepcopy(base))
+        setattr(cfg.model, f"{stage}_through_llm", through)
+        module = STAGE_CLASSES[stage](cfg, net=copy.deepcopy(base))
         net = module.net
         names = set(module.trainable_parameter_names())
-        want = ("gen_out", "var", "gen_cond") + (("gen_in",) if through else ())
+        own = ("gen_out", "var", "gen_cond") if stage == "stage3" else \
+            ("gen_out", "var.cond_emb", "var.pos_start", "var.cross", "gen_cond")
+        want = own + (("gen_in",) if through else ())
         assert names == {n for n, _ in net.named_parameters() if _under(n, want)}
         hook = net.llm.get_decoder().register_forward_hook(lambda m, a, out: seen.append(out.last_hidden_state.requires_grad))
         module.train()
@@ -121,11 +124,12 @@ def test_stage3_without_llm_backward(nets):
     assert losses[True] == losses[False]
 
 
-def test_stage3_through_llm_needs_no_lora():
+@pytest.mark.parametrize("stage", ["stage1", "stage3"])
+def test_forward_only_stage_needs_no_lora(stage):
     from modules.config import ModelConfig
 
-    with pytest.raises(ValueError, match="stage3_through_llm"):
-        ModelConfig(stage3_through_llm=False, gen_lora_rank=2).validate()
+    with pytest.raises(ValueError, match=f"{stage}_through_llm"):
+        ModelConfig(**{f"{stage}_through_llm": False}, gen_lora_rank=2).validate()
 
 
 def test_stage2_switch_trains_und_projector(base_net):

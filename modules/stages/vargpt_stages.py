@@ -5,7 +5,8 @@
     llava_sft    und_proj + llm                           VQA / conversations (LLaVA-1.5 step 2)
     stage1       gen_in, gen_out, var.cond_emb/pos_start  generation instructions
                  (+ gen_cond, and var.cross with model.var_cond prompt_attn; + gen_cond_bigram,
-                 gen_lora, prompt_enc)
+                 gen_lora, prompt_enc; without gen_in, and no backward through the LLM, with
+                 model.stage1_through_llm false)
     stage2       llm (+ und_proj with model.train_und_projector)   understanding + a few generation
     stage3       gen_in, gen_out, var (+ gen_cond,            generation instructions
                  gen_cond_bigram, gen_lora, prompt_enc when the model has them;
@@ -128,10 +129,16 @@ class LlavaSFT(VARGPTStage):
 class Stage1(VARGPTStage):
     TRAINABLE = ("gen_in", "gen_out", "var.cond_emb", "var.pos_start")
 
+    def __init__(self, cfg: Any, net: nn.Module | None = None):
+        super().__init__(cfg, net)
+        # model.stage1_through_llm false: as stage 3's switch (below)
+        self.net.grad_into_llm = cfg.model.stage1_through_llm
+
     def trainable_prefixes(self) -> Tuple[str, ...]:
         # the prompt's way into the VAR (model.var_cond: gen_cond, the VAR's cross-attention) is
         # condition, not decoder: it aligns here
-        return self.TRAINABLE + _optional(self.net, "gen_cond", "gen_cond_bigram", "var.cross", "prompt_enc", "gen_lora")
+        own = _without_gen_in(self.TRAINABLE, self.cfg.model.stage1_through_llm)
+        return own + _optional(self.net, "gen_cond", "gen_cond_bigram", "var.cross", "prompt_enc", "gen_lora")
 
 
 class Stage2(VARGPTStage):
@@ -151,8 +158,13 @@ class Stage3(VARGPTStage):
         self.net.grad_into_llm = cfg.model.stage3_through_llm
 
     def trainable_prefixes(self) -> Tuple[str, ...]:
-        own = self.TRAINABLE if self.cfg.model.stage3_through_llm else tuple(p for p in self.TRAINABLE if p != "gen_in")
+        own = _without_gen_in(self.TRAINABLE, self.cfg.model.stage3_through_llm)
         return own + _optional(self.net, "gen_cond", "gen_cond_bigram", "prompt_enc", "gen_lora")
+
+
+def _without_gen_in(prefixes: Tuple[str, ...], through_llm: bool) -> Tuple[str, ...]:
+    """A generation stage's own trainable set: gen_in leaves it when the LLM runs forward only."""
+    return prefixes if through_llm else tuple(p for p in prefixes if p != "gen_in")
 
 
 def _optional(net: nn.Module, *names: str) -> Tuple[str, ...]:
