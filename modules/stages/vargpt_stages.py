@@ -37,6 +37,8 @@ from modules.weights import load_weights
 
 class VARGPTStage(StageModule):
     TRAINABLE: ClassVar[Tuple[str, ...]] = ()
+    # The model.<name> switch that lets this stage run the frozen LLM forward only ("": none)
+    THROUGH_LLM_SWITCH: ClassVar[str] = ""
 
     def __init__(self, cfg: Any, net: nn.Module | None = None):
         super().__init__(cfg)
@@ -45,7 +47,16 @@ class VARGPTStage(StageModule):
         self.net = net if net is not None else VARGPT(cfg.model, template=cfg.data.chat)
         if net is None:  # every pretrained weight: model.load entries, then init_from
             load_weights(self.net, cfg.model.load, cfg.init_from, cfg.init_allow_missing, cfg.init_allow_unexpected)
+        # set for every stage, so a net handed on from a forward-only stage gets its graph back
+        self.net.grad_into_llm = self.through_llm()
         self.apply_trainable_set()
+
+    def through_llm(self) -> bool:
+        """Whether the image loss reaches the parts before the frozen LLM through it (VARGPT v1):
+        false for a stage whose switch (model.stage1/stage3_through_llm) is off. Then gen_in stays
+        frozen (``_without_gen_in``) and the LLM's generation inputs leave the graph, so the frozen
+        LLM runs forward only."""
+        return not self.THROUGH_LLM_SWITCH or bool(getattr(self.cfg.model, self.THROUGH_LLM_SWITCH))
 
     def trainable_prefixes(self) -> Tuple[str, ...]:
         return self.TRAINABLE
@@ -128,16 +139,12 @@ class LlavaSFT(VARGPTStage):
 
 class Stage1(VARGPTStage):
     TRAINABLE = ("gen_in", "gen_out", "var.cond_emb", "var.pos_start")
-
-    def __init__(self, cfg: Any, net: nn.Module | None = None):
-        super().__init__(cfg, net)
-        # model.stage1_through_llm false: as stage 3's switch (below)
-        self.net.grad_into_llm = cfg.model.stage1_through_llm
+    THROUGH_LLM_SWITCH = "stage1_through_llm"
 
     def trainable_prefixes(self) -> Tuple[str, ...]:
         # the prompt's way into the VAR (model.var_cond: gen_cond, the VAR's cross-attention) is
         # condition, not decoder: it aligns here
-        own = _without_gen_in(self.TRAINABLE, self.cfg.model.stage1_through_llm)
+        own = _without_gen_in(self.TRAINABLE, self.through_llm())
         return own + _optional(self.net, "gen_cond", "gen_cond_bigram", "var.cross", "prompt_enc", "gen_lora")
 
 
@@ -150,15 +157,10 @@ class Stage2(VARGPTStage):
 
 class Stage3(VARGPTStage):
     TRAINABLE = ("gen_in", "gen_out", "var")
-
-    def __init__(self, cfg: Any, net: nn.Module | None = None):
-        super().__init__(cfg, net)
-        # model.stage3_through_llm false: gen_in stays frozen (trainable_prefixes) and the LLM's
-        # generation inputs leave the graph, so the frozen LLM runs forward only
-        self.net.grad_into_llm = cfg.model.stage3_through_llm
+    THROUGH_LLM_SWITCH = "stage3_through_llm"
 
     def trainable_prefixes(self) -> Tuple[str, ...]:
-        own = _without_gen_in(self.TRAINABLE, self.cfg.model.stage3_through_llm)
+        own = _without_gen_in(self.TRAINABLE, self.through_llm())
         return own + _optional(self.net, "gen_cond", "gen_cond_bigram", "prompt_enc", "gen_lora")
 
 
