@@ -28,7 +28,7 @@ from experiments import tracking
 from experiments.sweep_schema import SWEEPS_DIR, read_sweep
 
 # Params that differ between runs without being an experimental choice.
-_NOT_SWEPT = ("name", "output_dir", "logging.", "trainer.enable_progress_bar", "trainer.num_threads", "params/")
+_NOT_SWEPT = ("name", "output_dir", "logging.", "trainer.enable_progress_bar", "trainer.num_threads", "trainer.threads_file", "params/")
 # Bookkeeping metrics: their "best" means nothing (final value only) and they sort last.
 _AUX = ("lr", "_per_s", "time/", "epoch")
 _MIN_WORDS = ("loss", "err", "fid", "ppl", "perplexity", "nll", "bpd", "seconds", "time", "mse", "mae")

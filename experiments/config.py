@@ -92,6 +92,9 @@ class TrainerConfig:
     val_every_n_steps: int = 0  # 0 disables in-loop validation
     limit_val_batches: int = 0  # 0 = all batches of the (finite) validation stream
     num_threads: int = 0  # torch.set_num_threads; 0 leaves the default
+    # A file a scheduler may write a thread count into while the run trains: read every 10 steps and
+    # applied when it changes ('' = none). `make pipeline` gives stage 2 the baseline's core this way.
+    threads_file: str = ""
     deterministic: bool = False
     enable_progress_bar: bool = True
     save_checkpoint: bool = True  # export model.safetensors + config.yaml at the end
@@ -159,7 +162,7 @@ class ExperimentConfig:
 # Sections that do not change what a run computes: left out of the config hash, so a rerun
 # with another run name or tracking store is recognised as the same experiment.
 _HASH_EXCLUDE = ("name", "output_dir", "logging", "trainer.enable_progress_bar", "checkpoint",
-                 "trainer.log_sample_keys", "trainer.num_threads")
+                 "trainer.log_sample_keys", "trainer.num_threads", "trainer.threads_file")
 
 
 # ----------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from experiments.run_guard import (Preempted, RunError, RunLock, check_writable,
                                   set_aside_export)
 from modules.checkpoint import StateDictMismatchError, write_export
 from modules.stages import build_stage
+from modules.stages.callbacks import ThreadsFromFile
 
 
 def build_strategy(cfg: Any) -> Any:
@@ -183,7 +184,8 @@ def _fit(loaded: LoadedConfig, resume: Optional[str], out: Path, ckpt_dir: Path,
         lock.record(mlflow_run_id=logger.run_id)
     c = cfg.checkpoint
     saver = TrainingCheckpoint(ckpt_dir, c.every_n_steps, c.every_n_minutes, c.keep_last, c.at_end, meta)
-    trainer = build_trainer(cfg, logger, [saver])
+    extra = [ThreadsFromFile(resolve_path(cfg.trainer.threads_file))] if cfg.trainer.threads_file else []
+    trainer = build_trainer(cfg, logger, [saver, *extra])
     if logger is not None and trainer.is_global_zero:
         if ckpt is None:
             names = module.trainable_parameter_names() if hasattr(module, "trainable_parameter_names") else None

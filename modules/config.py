@@ -241,6 +241,13 @@ class ModelConfig:
     # A stage-1 step then skips the LLM's backward (1.4x faster on the world). Needs
     # model.gen_lora_rank 0.
     stage1_through_llm: bool = True
+    # Training forward: the rows of a batch are sorted by length and the LLM runs on up to this many
+    # groups, each cut to its own longest row (right padding), the split chosen to cost the fewest
+    # padded positions. A pure compute saving: every real position sees the same tokens, so losses
+    # and gradients are the one-call ones up to float rounding. 1: one call on the whole batch. On
+    # the world (stage 2: VQA rows of 113-117 tokens beside conversations and generation rows up to
+    # 191) 2 groups cut the LLM's positions by about 15 %.
+    llm_length_groups: int = 1
 
     def switch(self, name: str) -> Any:
         """The value of a released-behaviour switch: its own field if set, else the behaviour's."""
@@ -293,6 +300,9 @@ class ModelConfig:
         if self.prompt_context_window < 1:
             raise ValueError(f"model.prompt_context_window must be >= 1 (the token itself and window - 1 before it; "
                              f"2 = the bigram), got {self.prompt_context_window}")
+        if self.llm_length_groups < 1:
+            raise ValueError(f"model.llm_length_groups must be >= 1 (1: one LLM call per batch), got "
+                             f"{self.llm_length_groups}")
         for stage in ("stage1", "stage3"):
             if not getattr(self, f"{stage}_through_llm") and self.gen_lora_rank > 0:
                 raise ValueError(f"model.{stage}_through_llm=false runs the LLM forward only in {stage}, but "

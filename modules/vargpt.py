@@ -290,6 +290,62 @@ class VARGPT(VARGPTInference, nn.Module):
             self.gen_lora.set_mask(gen_mask)
         return self.llm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask, **kw)
 
+    def llm_states(self, embeds_BTD: torch.Tensor, attention_mask_BT: Optional[torch.Tensor],
+                   gen_mask_BT: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Training forward's last hidden states (B, T, D). With model.llm_length_groups > 1 and
+        right-padded rows, the rows run in length-sorted groups, each cut to its own longest row;
+        positions past a row's length come back as zeros (every reader masks them: the text loss by
+        its labels, the prompt context by the attention mask, the VAR by its pad slots)."""
+        groups = self._length_groups(attention_mask_BT)
+        if groups is None:
+            # use_cache=False: a frozen LLM is in eval mode, where HF would otherwise build a KV cache
+            return self.run_llm(embeds_BTD, attention_mask_BT, gen_mask=gen_mask_BT, use_cache=False).last_hidden_state
+        B, T, _ = embeds_BTD.shape
+        parts, order = [], []
+        for rows, n in groups:  # rows (b,) of this group, n its longest row
+            h = self.run_llm(embeds_BTD[rows, :n], attention_mask_BT[rows, :n],
+                             gen_mask=None if gen_mask_BT is None else gen_mask_BT[rows, :n],
+                             use_cache=False).last_hidden_state  # (b, n, D)
+            parts.append(F.pad(h, (0, 0, 0, T - n)))
+            order.append(rows)
+        inverse = torch.empty(B, dtype=torch.long, device=embeds_BTD.device)
+        inverse[torch.cat(order)] = torch.arange(B, device=embeds_BTD.device)
+        return torch.cat(parts)[inverse]  # (B, T, D) in the batch's row order
+
+    def _length_groups(self, mask_BT: Optional[torch.Tensor]) -> Optional[List[Tuple[torch.Tensor, int]]]:
+        """The split of llm_states: [(rows, longest), ...] over the rows sorted by length, chosen
+        (exhaustively, O(k B^2)) to minimise the positions computed, sum of rows x longest; None
+        for one call (a single group is best, the option is off, or the padding is not on the right)."""
+        k = self.cfg.llm_length_groups
+        if k <= 1 or mask_BT is None or mask_BT.shape[0] < 2:
+            return None
+        lens = mask_BT.sum(1)
+        if not torch.equal(mask_BT.long().cumprod(1).sum(1), lens.long()):  # not right-padded: keep one call
+            return None
+        sorted_lens, perm = torch.sort(lens)
+        L = sorted_lens.tolist()
+        B = len(L)
+        # cost[j][i]: fewest positions for the i shortest rows in j groups; cut[j][i] its last group's start
+        INF = float("inf")
+        cost = [[INF] * (B + 1) for _ in range(k + 1)]
+        cut = [[0] * (B + 1) for _ in range(k + 1)]
+        cost[0][0] = 0
+        for j in range(1, k + 1):
+            for i in range(1, B + 1):
+                for p in range(j - 1, i):
+                    c = cost[j - 1][p] + (i - p) * L[i - 1]
+                    if c < cost[j][i]:
+                        cost[j][i], cut[j][i] = c, p
+        j = min(range(1, k + 1), key=lambda g: cost[g][B])
+        if j == 1:
+            return None
+        groups, i = [], B
+        while j > 0:
+            p = cut[j][i]
+            groups.append((perm[p:i], int(L[i - 1])))
+            i, j = p, j - 1
+        return groups[::-1]
+
     # ------------------------------------------------------------------ training forward
     def forward(self, batch: Dict[str, Any], return_logits: bool = False) -> Dict[str, torch.Tensor]:
         """Losses for a collated batch (see datamodules/collate.py for its keys).
@@ -306,21 +362,26 @@ class VARGPT(VARGPTInference, nn.Module):
         front: List[torch.Tensor] = []
         emb, gen_mask, idx_list, uncond = self.embed(batch, insert_gen=insert,
                                                      front_out=front if self.cfg.var_skip else None)
-        # use_cache=False: a frozen LLM is in eval mode, where HF would otherwise build a KV cache
-        h = self.run_llm(emb, batch.get("attention_mask"), gen_mask=gen_mask, use_cache=False).last_hidden_state  # (B, T, D)
+        h = self.llm_states(emb, batch.get("attention_mask"), gen_mask)  # (B, T, D)
         out: Dict[str, torch.Tensor] = {}
 
         # text: next-token CE on supervised positions
         labels = batch["labels"]
         if gen_mask is not None and self.cfg.switch("text_labels") == "released":
             labels = released_text_labels(batch["input_ids"], self.gen_pad_id)
-        logits = self.llm.get_output_embeddings()(h[:, :-1])  # (B, T-1, V)
-        if return_logits:
-            out["logits_text"] = logits
         tgt = labels[:, 1:]
-        ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tgt.reshape(-1),
-                             ignore_index=IGNORE_INDEX, reduction="none").view_as(tgt)
         valid = (tgt != IGNORE_INDEX)
+        head = self.llm.get_output_embeddings()
+        if return_logits:
+            logits = head(h[:, :-1])  # (B, T-1, V)
+            out["logits_text"] = logits
+            ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tgt.reshape(-1),
+                                 ignore_index=IGNORE_INDEX, reduction="none").view_as(tgt)
+        else:
+            # the head and its CE on the supervised positions only (VQA: the answer's few tokens of
+            # ~120): the same per-position losses, without (B, T-1, V) logits in float32
+            ce = h.new_zeros(tgt.shape, dtype=torch.float32)
+            ce[valid] = F.cross_entropy(head(h[:, :-1][valid]).float(), tgt[valid], reduction="none")
         n_tok = valid.sum(1)
         out["loss_text_per_sample"] = ce.sum(1) / n_tok.clamp(min=1)
         out["loss_text"] = ce.sum() / n_tok.sum().clamp(min=1)

@@ -20,7 +20,7 @@ def _dry(target: str, policy: str | None = None) -> list[str]:
     out = subprocess.run(["make", "-n", "--no-print-directory", target], cwd=REPO_ROOT, env=env,
                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert out.returncode == 0, out.stderr
-    return out.stdout.splitlines()
+    return out.stdout.replace("\\\n", " ").splitlines()  # one line per command (continuations joined)
 
 
 def _line(lines: list[str], needle: str) -> str:
@@ -43,6 +43,10 @@ def test_pipeline_pairs_passive_jobs_then_runs_stage3_and_scoreboard_alone():
     # the paired sub-make inherits the exported PASSIVE policy; its jobs run one thread each
     assert not paired.startswith("OMP_WAIT_POLICY=") and "trainer.num_threads=1" in paired
     assert "stage3" not in paired and "stage2_und_only" in paired
+    # the baseline hands its core over to stage 2 when it ends (trainer.threads_file)
+    handover = paired.split("trainer.threads_file=")[1].split()[0].rstrip('"')
+    assert f"UND_ONLY_THEN=\"echo 2 > {handover}\"" in paired
+    assert f"echo 2 > {handover}" in lines[lines.index(paired) + 1:]  # run after the baseline (make -n lists it)
     solo = _line(lines, "STAGE3_ARGS=")
     assert solo.startswith("OMP_WAIT_POLICY=ACTIVE ") and "stage3/model.safetensors" in solo
     assert lines.index(solo) > lines.index(paired)  # stage 3 starts after both paired jobs end

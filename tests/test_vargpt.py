@@ -228,3 +228,56 @@ def test_teacher_scales_all_give_the_vqvae_reconstruction(tiny):
         free = generate_for(net, prompts, e)
     torch.testing.assert_close(full, recon, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(part, recon, atol=1e-3) and not torch.allclose(part, free, atol=1e-3)
+
+
+def _grads_and_losses(net, batch):
+    net.zero_grad(set_to_none=True)
+    out = net(batch)
+    (out["loss_text"] + out["loss_img"]).backward()
+    grads = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+    return out, grads
+
+
+def test_llm_length_groups_give_the_one_call_losses_and_gradients(tiny):
+    """model.llm_length_groups runs the LLM on length-sorted groups of rows, each cut to its own
+    longest row: the losses and every gradient are those of one call on the padded batch."""
+    net = copy.deepcopy(tiny)
+    col = collator_for(net)
+    long_q = "Describe the picture in detail: which shapes, what colours, where and how many are there?"
+    samples = _samples() + [und_sample("u2", q=long_q, a="one red circle at the top and two squares")]
+    batch = col(samples)
+    lens = batch["attention_mask"].sum(1)
+    assert lens.unique().numel() >= 3  # rows of several lengths, so there is padding to skip
+    net.cfg = replace(net.cfg, llm_length_groups=1)
+    one, g_one = _grads_and_losses(net, batch)
+    net.cfg = replace(net.cfg, llm_length_groups=3)
+    groups = net._length_groups(batch["attention_mask"])
+    assert groups is not None and len(groups) >= 2
+    assert sorted(torch.cat([r for r, _ in groups]).tolist()) == list(range(len(samples)))
+    assert sum(len(r) * n for r, n in groups) < lens.max() * len(samples)  # fewer positions computed
+    split, g_split = _grads_and_losses(net, batch)
+    for k in ("loss_text_per_sample", "loss_img_per_target", "loss_text", "loss_img"):
+        torch.testing.assert_close(split[k], one[k], atol=1e-5, rtol=1e-5)
+    assert g_split.keys() == g_one.keys() and any(n.startswith("llm.") for n in g_one)
+    for n in g_one:
+        torch.testing.assert_close(g_split[n], g_one[n], atol=1e-5, rtol=1e-4, msg=n)
+    # the head on the supervised positions only gives the full logits' per-sample losses
+    with torch.no_grad():
+        full = net(batch, return_logits=True)
+    torch.testing.assert_close(full["loss_text_per_sample"], split["loss_text_per_sample"], atol=1e-5, rtol=1e-5)
+
+
+def test_length_groups_choose_the_fewest_positions(tiny):
+    net = copy.deepcopy(tiny)
+    mask = torch.zeros(5, 20, dtype=torch.long)
+    for b, n in enumerate([20, 5, 6, 5, 19]):
+        mask[b, :n] = 1
+    net.cfg = replace(net.cfg, llm_length_groups=2)
+    groups = net._length_groups(mask)
+    assert [(sorted(r.tolist()), n) for r, n in groups] == [([1, 2, 3], 6), ([0, 4], 20)]
+    net.cfg = replace(net.cfg, llm_length_groups=3)  # {5,5} {6} {19,20}: 56 positions, against 58 in two groups
+    assert [(sorted(r.tolist()), n) for r, n in net._length_groups(mask)] == [([1, 3], 5), ([2], 6), ([0, 4], 20)]
+    assert net._length_groups(mask.flip(1)) is None  # left padding: one call
+    assert net._length_groups(torch.ones(4, 9, dtype=torch.long)) is None  # no padding: one group is best
+    net.cfg = replace(net.cfg, llm_length_groups=1)
+    assert net._length_groups(mask) is None

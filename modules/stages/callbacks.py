@@ -6,9 +6,12 @@
                 ``val/<name>``, a sample grid and a VQA table as MLflow artifacts.
   KeepBest      remember the net's weights at the best value of a validation metric and put
                 them back when training ends (a late collapse never reaches the export).
+  ThreadsFromFile  trainer.threads_file: take up a thread count a scheduler writes into a file
+                (`make pipeline` gives stage 2 the baseline's core when the baseline ends).
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
 import lightning as L
@@ -102,3 +105,38 @@ class KeepBest(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.state is not None:
             pl_module.net.load_state_dict(self.state)
+
+
+class ThreadsFromFile(L.Callback):
+    """Every ``every`` steps, read a thread count from ``path`` and apply it (torch.set_num_threads)
+    when it differs from the current one. A missing file changes nothing; text that is not an
+    integer >= 1 is reported once and ignored. The count is logged as ``trainer/num_threads``."""
+
+    def __init__(self, path: str | Path, every: int = 10):
+        self.path, self.every = Path(path), max(1, every)
+        self._seen: Optional[str] = None
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if trainer.global_step % self.every:
+            return
+        try:
+            text = self.path.read_text().strip()
+        except FileNotFoundError:
+            return
+        if text == self._seen:
+            return
+        self._seen = text
+        try:
+            n = int(text)
+            if n < 1:
+                raise ValueError
+        except ValueError:
+            print(f"[run] trainer.threads_file {self.path}: expected a thread count (an integer >= 1), got "
+                  f"{text[:40]!r}; keeping {torch.get_num_threads()} threads")
+            return
+        if n != torch.get_num_threads():
+            torch.set_num_threads(n)
+            print(f"[run] step {trainer.global_step}: {n} threads (from {self.path})")
+            if trainer.logger is not None:
+                trainer.logger.log_metrics({"trainer/num_threads": float(n)}, step=trainer.global_step)
