@@ -103,6 +103,7 @@ STAGE_ARGS ?=
 STAGE2_ARGS ?= $(STAGE_ARGS)
 STAGE3_ARGS ?= $(STAGE_ARGS)
 UND_ONLY_THEN ?=
+STAGE2_ENV ?=
 
 stage1: setup world-data $(BASES) ## VARGPT stage 1 on the embedded CPU world (the main job)
 	$(SOLO) $(RUN) experiments/world/stage1.yaml $(ARGS)
@@ -117,7 +118,7 @@ $(W)/stage1/model.safetensors: $(BASES) | $(WORLD_STAMP)
 	$(RUN) experiments/world/stage1.yaml $(STAGE_ARGS) $(ARGS)
 
 $(W)/stage2/model.safetensors: $(W)/stage1/model.safetensors
-	$(RUN) experiments/world/stage2.yaml $(STAGE2_ARGS) $(ARGS)
+	$(STAGE2_ENV) $(RUN) experiments/world/stage2.yaml $(STAGE2_ARGS) $(ARGS)
 
 $(W)/stage3/model.safetensors: $(W)/stage2/model.safetensors
 	$(RUN) experiments/world/stage3.yaml $(STAGE3_ARGS) $(ARGS)
@@ -131,14 +132,18 @@ $(W)/stage2_und_only/model.safetensors: $(BASES) | $(WORLD_STAMP)
 # The chain stage 1 -> 2 and the baseline run as two jobs side by side, one thread each (the
 # world's small matmuls gain little from a second thread, so together they take about the chain's
 # time). Stage 2 is the longer (its generation samples): when the baseline ends it writes 2 into
-# stage 2's trainer.threads_file, and stage 2 takes the freed core. When both have ended, stage 3
-# runs alone on both cores with spinning threads (SOLO_WAIT), then the scoreboard reads the four exports.
+# stage 2's trainer.threads_file, and stage 2 takes the freed core. Stage 2 runs with SOLO_WAIT:
+# one thread has no team to spin for while the two jobs share the cores, and its two threads once
+# alone must spin (stage 2, 150 steps handed 2 threads at step 10: 46.1 s spinning, 85.3 s
+# passive, 60.7-64.6 s on one thread). When both have ended, stage 3 runs alone on both cores with
+# spinning threads (SOLO_WAIT), then the scoreboard reads the four exports.
 S2_THREADS := $(W)/.stage2-threads
 pipeline: setup world-data $(BASES) ## stages 1-3 + the understanding-only baseline, then the scoreboard (runs/pipeline/report.json)
 	@$(PY) -m experiments.tracking init  # make runs/mlflow.db now: two runs start together below
 	@mkdir -p $(W) && rm -f $(S2_THREADS)
 	$(MAKE) --no-print-directory -j2 STAGE_ARGS="trainer.num_threads=1" \
 	  STAGE2_ARGS="trainer.num_threads=1 trainer.threads_file=$(S2_THREADS)" UND_ONLY_THEN="echo 2 > $(S2_THREADS)" \
+	  STAGE2_ENV="OMP_WAIT_POLICY=$(SOLO_WAIT)" \
 	  $(W)/stage2/model.safetensors $(W)/stage2_und_only/model.safetensors
 	$(SOLO) $(MAKE) --no-print-directory STAGE3_ARGS="trainer.num_threads=2" $(W)/stage3/model.safetensors
 	$(SOLO) $(PY) -m experiments.pipeline

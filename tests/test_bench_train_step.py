@@ -120,3 +120,19 @@ def test_cli_writes_json_and_markdown(tmp_path):
     (row,) = result["rows"]
     assert row["config"] == "custom" and row["stage"] == "stage1" and row["step_s_lightning"] > 0
     assert "| custom | stage1 |" in (tmp_path / "train_step.md").read_text()
+
+
+def test_length_groups_benchmark_smoke(tmp_path):
+    """benchmarks/length_groups.py end to end on the world stage-2 YAML (stand-in shards where the
+    world data is missing): both group counts timed, fewer LLM positions with 2 groups."""
+    from benchmarks import length_groups as lg
+
+    out = tmp_path / "lg"
+    assert lg.main(["--stages", "stage2_und_only", "--groups", "1", "2", "--quick", "--out", str(out)]) == 0
+    res = json.loads(out.with_suffix(".json").read_text())
+    (row,) = res["results"]
+    pos = row["llm_positions_per_row"]
+    assert pos["1"] == pytest.approx(row["padded_positions_per_row"])
+    assert row["real_positions_per_row"] <= pos["2"] <= pos["1"]
+    assert all(math.isfinite(row["step_s"][c][k]) and row["step_s"][c][k] > 0 for c in ("wall", "cpu") for k in ("1", "2"))
+    assert "| stage2_und_only | 2 |" in out.with_suffix(".md").read_text()

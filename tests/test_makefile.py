@@ -47,6 +47,10 @@ def test_pipeline_pairs_passive_jobs_then_runs_stage3_and_scoreboard_alone():
     handover = paired.split("trainer.threads_file=")[1].split()[0].rstrip('"')
     assert f"UND_ONLY_THEN=\"echo 2 > {handover}\"" in paired
     assert f"echo 2 > {handover}" in lines[lines.index(paired) + 1:]  # run after the baseline (make -n lists it)
+    # one thread while paired (no team to spin for), two that spin once it has the cores alone
+    s2 = [ln for ln in lines if "experiments/world/stage2.yaml" in ln and "trainer.threads_file=" in ln]
+    assert len(s2) == 1 and s2[0].startswith("OMP_WAIT_POLICY=ACTIVE "), s2
+    assert not _line(lines, "experiments/world/stage2_und_only.yaml").startswith("OMP_WAIT_POLICY=ACTIVE")
     solo = _line(lines, "STAGE3_ARGS=")
     assert solo.startswith("OMP_WAIT_POLICY=ACTIVE ") and "stage3/model.safetensors" in solo
     assert lines.index(solo) > lines.index(paired)  # stage 3 starts after both paired jobs end
