@@ -143,7 +143,7 @@ pipeline: setup world-data $(BASES) ## stages 1-3 + the understanding-only basel
 	@mkdir -p $(W) && rm -f $(S2_THREADS)
 	$(MAKE) --no-print-directory -j2 STAGE_ARGS="trainer.num_threads=1" \
 	  STAGE2_ARGS="trainer.num_threads=1 trainer.threads_file=$(S2_THREADS)" UND_ONLY_THEN="echo 2 > $(S2_THREADS)" \
-	  STAGE2_ENV="OMP_WAIT_POLICY=$(SOLO_WAIT)" \
+	  STAGE2_ENV="$(SOLO)" \
 	  $(W)/stage2/model.safetensors $(W)/stage2_und_only/model.safetensors
 	$(SOLO) $(MAKE) --no-print-directory STAGE3_ARGS="trainer.num_threads=2" $(W)/stage3/model.safetensors
 	$(SOLO) $(PY) -m experiments.pipeline
