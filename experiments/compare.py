@@ -29,8 +29,10 @@ from experiments.sweep_schema import SWEEPS_DIR, read_sweep
 
 # Params that differ between runs without being an experimental choice.
 _NOT_SWEPT = ("name", "output_dir", "logging.", "trainer.enable_progress_bar", "trainer.num_threads", "trainer.threads_file", "params/")
-# Bookkeeping metrics: their "best" means nothing (final value only) and they sort last.
-_AUX = ("lr", "_per_s", "time/", "epoch")
+# Bookkeeping metrics: their "best" means nothing (final value only) and they sort last. MLflow's
+# system monitor (system/cpu_..., system/disk_...) logs 8 of them per run: a best/final pair each
+# doubled the table's width for figures no ablation is about.
+_AUX = ("lr", "_per_s", "time/", "epoch", "system/")
 _MIN_WORDS = ("loss", "err", "fid", "ppl", "perplexity", "nll", "bpd", "seconds", "time", "mse", "mae")
 
 
@@ -188,7 +190,9 @@ def collect(client: Any, name: str, metric: Optional[str] = None, mode: Optional
         rows.append(Row(label, r.info.run_id, r.info.status, values, _history(client, r)))
     all_metrics = sorted({m for row in rows for m in row.history})
     if kind == "experiment":
-        metric = metric or ("val/loss" if "val/loss" in all_metrics else (all_metrics[0] if all_metrics else ""))
+        # default: val/loss, else the first metric that is not bookkeeping (not system/cpu_...)
+        plain = [m for m in all_metrics if not is_aux(m)] or all_metrics
+        metric = metric or ("val/loss" if "val/loss" in all_metrics else (plain[0] if plain else ""))
         mode = mode or metric_mode(metric)
     assert metric is not None and mode is not None
     if mode not in ("min", "max"):
@@ -341,7 +345,7 @@ def plot_curves(report: Report, plt: Any) -> List[Path]:
     files = []
     for m in report.metrics:
         rows = [r for r in report.rows if len(r.history.get(m, ())) > 1]
-        if not rows:
+        if not rows or m.startswith("system/"):  # the MLflow UI draws the system monitor's own charts
             continue
         fig, ax = plt.subplots(figsize=(7.5, 4.5))
         for i, r in enumerate(rows):

@@ -323,8 +323,13 @@ def test_compare_any_experiment(tmp_path, store):
         for step, a in enumerate(acc):
             client.log_metric(run.info.run_id, "val/acc", a, step=step)
             client.log_metric(run.info.run_id, "train/loss", 1.0 - a, step=step)
+            client.log_metric(run.info.run_id, "system/cpu_utilization_percentage", 50.0 + step, step=step)
         client.set_terminated(run.info.run_id)
     report = compare.compare("plain", tracking_uri=store, out_dir=tmp_path / "c", quiet=True)
+    # MLflow's system monitor is bookkeeping: one final column, after the metrics, no curve
+    assert report.metrics[-1] == "system/cpu_utilization_percentage"
+    header = (tmp_path / "c" / "table.md").read_text().splitlines()[2]
+    assert "| system/cpu_utilization_percentage |" in header and "system/cpu_utilization_percentage best" not in header
     assert report.kind == "experiment" and report.metric == "train/loss" and report.mode == "min"
     assert report.keys == ["model.depth", "optim.lr"]  # not seed (same everywhere), not name/logging
     # best train/loss: r1 0.1, r2 0.2, r0 0.3
