@@ -32,7 +32,8 @@ _NOT_SWEPT = ("name", "output_dir", "logging.", "trainer.enable_progress_bar", "
 # Bookkeeping metrics: their "best" means nothing (final value only) and they sort last. MLflow's
 # system monitor (system/cpu_..., system/disk_...) logs 8 of them per run: a best/final pair each
 # doubled the table's width for figures no ablation is about.
-_AUX = ("lr", "_per_s", "time/", "epoch", "system/")
+_SYSTEM = "system/"
+_AUX = ("lr", "_per_s", "time/", "epoch", _SYSTEM)
 _MIN_WORDS = ("loss", "err", "fid", "ppl", "perplexity", "nll", "bpd", "seconds", "time", "mse", "mae")
 
 
@@ -345,7 +346,7 @@ def plot_curves(report: Report, plt: Any) -> List[Path]:
     files = []
     for m in report.metrics:
         rows = [r for r in report.rows if len(r.history.get(m, ())) > 1]
-        if not rows or m.startswith("system/"):  # the MLflow UI draws the system monitor's own charts
+        if not rows or m.startswith(_SYSTEM):  # the MLflow UI draws the system monitor's own charts
             continue
         fig, ax = plt.subplots(figsize=(7.5, 4.5))
         for i, r in enumerate(rows):
