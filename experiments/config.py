@@ -161,7 +161,7 @@ class ExperimentConfig:
 
 # Sections that do not change what a run computes: left out of the config hash, so a rerun
 # with another run name or tracking store is recognised as the same experiment.
-_HASH_EXCLUDE = ("name", "output_dir", "logging", "trainer.enable_progress_bar", "checkpoint",
+HASH_EXCLUDE = ("name", "output_dir", "logging", "trainer.enable_progress_bar", "checkpoint",
                  "trainer.log_sample_keys", "trainer.num_threads", "trainer.threads_file")
 
 
@@ -427,9 +427,9 @@ def value_problems(cfg: ExperimentConfig) -> List[Tuple[str, str]]:
 
 
 def config_hash(cfg: DictConfig) -> str:
-    """A short stable hash of what the run computes (see _HASH_EXCLUDE)."""
+    """A short stable hash of what the run computes (see HASH_EXCLUDE)."""
     c = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    for key in _HASH_EXCLUDE:
+    for key in HASH_EXCLUDE:
         parent, _, leaf = key.rpartition(".")
         node = OmegaConf.select(c, parent) if parent else c
         if isinstance(node, DictConfig) and leaf in node:

@@ -318,7 +318,10 @@ def test_compare_any_experiment(tmp_path, store):
     exp_id = client.create_experiment("plain", artifact_location=(tmp_path / "art").as_uri())
     for i, (lr, depth, acc) in enumerate([(0.1, 1, [0.5, 0.7]), (0.01, 1, [0.6, 0.9]), (0.01, 2, [0.8, 0.6])]):
         run = client.create_run(exp_id, run_name=f"r{i}")
-        for k, v in {"optim.lr": lr, "model.depth": depth, "seed": 0, "name": f"r{i}", "logging.experiment": "plain"}.items():
+        # name, logging.*, checkpoint.*, trainer.num_threads differ without being a choice the
+        # runs compare (the config hash leaves them out), so they are no columns
+        for k, v in {"optim.lr": lr, "model.depth": depth, "seed": 0, "name": f"r{i}", "logging.experiment": "plain",
+                     "checkpoint.every_n_steps": 100 * (i + 1), "trainer.num_threads": i + 1}.items():
             client.log_param(run.info.run_id, k, v)
         for step, a in enumerate(acc):
             client.log_metric(run.info.run_id, "val/acc", a, step=step)
@@ -331,7 +334,7 @@ def test_compare_any_experiment(tmp_path, store):
     header = (tmp_path / "c" / "table.md").read_text().splitlines()[2]
     assert "| system/cpu_utilization_percentage |" in header and "system/cpu_utilization_percentage best" not in header
     assert report.kind == "experiment" and report.metric == "train/loss" and report.mode == "min"
-    assert report.keys == ["model.depth", "optim.lr"]  # not seed (same everywhere), not name/logging
+    assert report.keys == ["model.depth", "optim.lr"]  # not seed (same everywhere), not name/logging/checkpoint/threads
     # best train/loss: r1 0.1, r2 0.2, r0 0.3
     assert [r.name for r in report.rows] == ["r1", "r2", "r0"]
     report = compare.compare("plain", tracking_uri=store, out_dir=tmp_path / "c", metric="val/acc", rank="final",
