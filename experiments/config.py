@@ -162,7 +162,7 @@ class ExperimentConfig:
 # Sections that do not change what a run computes: left out of the config hash, so a rerun
 # with another run name or tracking store is recognised as the same experiment.
 HASH_EXCLUDE = ("name", "output_dir", "logging", "trainer.enable_progress_bar", "checkpoint",
-                 "trainer.log_sample_keys", "trainer.num_threads", "trainer.threads_file")
+                "trainer.log_sample_keys", "trainer.num_threads", "trainer.threads_file")
 
 
 # ----------------------------------------------------------------------------------------
