@@ -25,12 +25,9 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from experiments import tracking
-from experiments.config import HASH_EXCLUDE
+from experiments.config import hash_excluded
 from experiments.sweep_schema import SWEEPS_DIR, read_sweep
 
-# Params that differ between runs without being an experimental choice: what the config hash leaves
-# out (a key or a whole section, experiments.config.HASH_EXCLUDE), and the params/ bookkeeping.
-_NOT_SWEPT = HASH_EXCLUDE + ("params/",)
 # Bookkeeping metrics: their "best" means nothing (final value only) and they sort last. MLflow's
 # system monitor (system/cpu_..., system/disk_...) logs 8 of them per run: a best/final pair each
 # doubled the table's width for figures no ablation is about.
@@ -157,7 +154,9 @@ def _swept_keys_from_params(runs: Sequence[Any]) -> List[str]:
     keys = sorted({k for r in runs for k in r.data.params})
     out = []
     for k in keys:
-        if any(k == p or k.startswith(p if p.endswith("/") else p + ".") for p in _NOT_SWEPT):
+        # params that differ without being an experimental choice: what the config hash leaves
+        # out (run name, logging, checkpointing, thread counts) and the params/ bookkeeping
+        if hash_excluded(k) or k.startswith("params/"):
             continue
         if len({r.data.params.get(k) for r in runs}) > 1:
             out.append(k)

@@ -161,8 +161,14 @@ class ExperimentConfig:
 
 # Sections that do not change what a run computes: left out of the config hash, so a rerun
 # with another run name or tracking store is recognised as the same experiment.
-HASH_EXCLUDE = ("name", "output_dir", "logging", "trainer.enable_progress_bar", "checkpoint",
-                "trainer.log_sample_keys", "trainer.num_threads", "trainer.threads_file")
+_HASH_EXCLUDE = ("name", "output_dir", "logging", "trainer.enable_progress_bar", "checkpoint",
+                 "trainer.log_sample_keys", "trainer.num_threads", "trainer.threads_file")
+
+
+def hash_excluded(flat_key: str) -> bool:
+    """Whether a flat config key ("checkpoint.every_n_steps") is one the config hash leaves out:
+    it names an excluded key or lies in an excluded section."""
+    return any(flat_key == k or flat_key.startswith(k + ".") for k in _HASH_EXCLUDE)
 
 
 # ----------------------------------------------------------------------------------------
@@ -427,9 +433,9 @@ def value_problems(cfg: ExperimentConfig) -> List[Tuple[str, str]]:
 
 
 def config_hash(cfg: DictConfig) -> str:
-    """A short stable hash of what the run computes (see HASH_EXCLUDE)."""
+    """A short stable hash of what the run computes (see _HASH_EXCLUDE)."""
     c = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    for key in HASH_EXCLUDE:
+    for key in _HASH_EXCLUDE:
         parent, _, leaf = key.rpartition(".")
         node = OmegaConf.select(c, parent) if parent else c
         if isinstance(node, DictConfig) and leaf in node:
