@@ -33,6 +33,11 @@ WORLD_ARGS ?= --train 8000 --val 400 --test 400 --heldout 400 --count train.vqa=
 WORLD_STAMP := $(WORLD)/.done-$(shell echo '$(WORLD_ARGS)' | sha256sum | cut -c1-12)
 BASES := assets/world/MANIFEST.json
 RUN := $(PY) -m experiments.run
+# When this make started (parsed once per make process): `make stage1` and `make pipeline` record
+# their whole wall time, setup and prerequisites included, in runs/timings.json (what a newcomer
+# waits; `python -m experiments.report publish scoreboard` copies it beside the scoreboard).
+MAKE_START := $(shell date +%s.%N)
+STAMP_TIME = $(PY) -m experiments.report stamp
 
 .PHONY: help setup test test-all smoke mlflow-ui clean world-data bases stage1 stage2 stage3 pipeline evaluate sweep compare clean-bases
 
@@ -107,6 +112,7 @@ STAGE2_ENV ?=
 
 stage1: setup world-data $(BASES) ## VARGPT stage 1 on the embedded CPU world (the main job)
 	$(SOLO) $(RUN) experiments/world/stage1.yaml $(ARGS)
+	@$(STAMP_TIME) stage1 $(MAKE_START)
 
 stage2: setup world-data $(W)/stage1/model.safetensors ## VARGPT stage 2 from stage 1's export (runs stage 1 first if missing)
 	$(SOLO) $(RUN) experiments/world/stage2.yaml $(ARGS)
@@ -147,6 +153,7 @@ pipeline: setup world-data $(BASES) ## stages 1-3 + the understanding-only basel
 	  $(W)/stage2/model.safetensors $(W)/stage2_und_only/model.safetensors
 	$(SOLO) $(MAKE) --no-print-directory STAGE3_ARGS="trainer.num_threads=2" $(W)/stage3/model.safetensors
 	$(SOLO) $(PY) -m experiments.pipeline
+	@$(STAMP_TIME) pipeline $(MAKE_START)
 
 evaluate: setup ## evaluate a checkpoint: make evaluate CKPT=runs/world/stage3 [ARGS="eval.cfg=2"]
 	$(PY) -m experiments.evaluate $(CKPT) $(ARGS)
