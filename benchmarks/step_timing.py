@@ -27,6 +27,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from experiments.report import cpu_model
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CLOCKS = ("wall", "cpu")
 
@@ -113,7 +115,7 @@ def machine_info() -> Dict[str, Any]:
     except Exception:  # noqa: BLE001
         sha = "unknown"
     return {"date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+            "processor": platform.processor() or platform.machine(), "cpu_model": cpu_model(), "cpus": os.cpu_count(),
             "torch": torch.__version__, "python": platform.python_version(), "git_sha": sha,
             "loadavg_1m": round(os.getloadavg()[0], 2)}
 

@@ -5,12 +5,20 @@ columns the keys the sweep varies; for any other MLflow experiment the rows are 
 columns the params that differ between them. Each metric gets its final and best value; rows
 are ranked by the sweep's metric (``--metric``/``--mode`` to choose another).
 
+A comparison is about a few metrics: the ranking one and the short list the sweep declares
+(``metrics:`` in the sweep file, ``--metrics`` here; by default those of the runs' stage,
+``DEFAULT_METRICS``). The printed table, ``table.md`` and the figures show those; ``table.csv``
+keeps every metric the runs logged (best and final), MLflow's system monitor included.
+
 Written to ``runs/sweeps/<name>/compare/`` and attached to the sweep's parent run (for a plain
 experiment: to a run named ``compare`` in it) under the artifact folder ``compare/``:
 
-    table.md, table.csv                the table (also printed as markdown)
-    metric_vs_<key>.png                every metric (final: solid, best: dashed) against one swept key
+    table.md, table.csv                the table (also printed as markdown); the CSV has every metric
+    metric_vs_<key>.png                the shown metrics (final: solid, best: dashed) against one swept key
     curves_<metric>.png                that metric's training curves, one line per run
+    curves.png                         the shown metrics' curves, one panel each (the ablation page's figure)
+    report.json                        the table's data (rows, keys, shown metrics, histories of the
+                                       shown metrics, run lengths): what ``experiments.report`` publishes
 """
 from __future__ import annotations
 
@@ -33,6 +41,18 @@ from experiments.sweep_schema import SWEEPS_DIR, read_sweep
 # doubled the table's width for figures no ablation is about.
 _SYSTEM = "system/"
 _AUX = ("lr", "_per_s", "time/", "epoch", _SYSTEM)
+# What a comparison shows when the sweep declares nothing, by the runs' stage (tag ``stage``; an
+# evaluate sweep: "evaluate"). The ranking metric always comes first.
+DEFAULT_METRICS: Dict[str, List[str]] = {
+    "debug": ["val/loss", "train/loss"],
+    "llava_align": ["val/loss", "train/loss"],
+    "llava_sft": ["val/vqa_accuracy", "val/loss"],
+    "stage1": ["val/loss_img", "val/gen_prompt_gain", "train/loss_img"],
+    "stage2": ["val/vqa_accuracy", "val/loss", "val/loss_img"],
+    "stage3": ["val/gen_attribute_accuracy", "val/loss_img", "val/fid", "val/gen_prompt_gain"],
+    "evaluate": ["eval/gen_attribute_accuracy", "eval/fid", "eval/inception_score", "eval/vqa_accuracy"],
+}
+MAX_SHOWN = 5  # a stage without defaults shows its first few non-bookkeeping metrics
 _MIN_WORDS = ("loss", "err", "fid", "ppl", "perplexity", "nll", "bpd", "seconds", "time", "mse", "mae")
 
 
@@ -57,6 +77,7 @@ class Row:
     status: str
     values: Dict[str, Any]  # swept key -> value
     history: Dict[str, List[Tuple[int, float]]] = field(default_factory=dict)  # metric -> [(step, value)]
+    seconds: Optional[float] = None  # the run's wall time (start to end), None while it runs
     final: Dict[str, float] = field(default_factory=dict)
     best: Dict[str, float] = field(default_factory=dict)
 
@@ -70,24 +91,29 @@ class Report:
     mode: str
     rank: str  # best | final
     keys: List[str]
-    metrics: List[str]
+    metrics: List[str]  # every metric logged: the ranking one, the rest, bookkeeping last
     rows: List[Row]  # ranked
     out_dir: Path
     files: List[Path] = field(default_factory=list)
     logged_to: str = ""  # run id the files were attached to
+    shown: List[str] = field(default_factory=list)  # the ranking metric + the declared few
 
-    def columns(self) -> List[Tuple[str, str, str]]:
-        """[(header, kind, metric-or-key)] in table order."""
+    def columns(self, full: bool = False) -> List[Tuple[str, str, str]]:
+        """[(header, kind, metric-or-key)] in table order: the shown metrics, or (``full``) all.
+
+        The ranking metric gets its best and final value; in the short table the other shown
+        metrics their final value only, in the full one every curve-like metric both."""
         cols = [("rank", "rank", ""), ("variant" if self.kind == "sweep" else "run", "name", ""),
                 ("status", "status", "")]
         cols += [(k, "key", k) for k in self.keys]
-        for m in self.metrics:
+        for m in (self.metrics if full else (self.shown or self.metrics)):
             many = any(len(r.history.get(m, ())) > 1 for r in self.rows)
-            if many and (m == self.metric or not is_aux(m)):
+            if many and (m == self.metric or (full and not is_aux(m))):
                 pair = [(f"{m} best", "best", m), (f"{m} final", "final", m)]
                 cols += pair if (m != self.metric or self.rank == "best") else pair[::-1]
             else:
                 cols.append((m, "final", m))
+        cols.append(("minutes", "minutes", ""))
         return cols
 
 
@@ -163,8 +189,20 @@ def _swept_keys_from_params(runs: Sequence[Any]) -> List[str]:
     return out
 
 
+def shown_metrics(metric: str, all_metrics: Sequence[str], declared: Sequence[str], stages: Sequence[str]) -> List[str]:
+    """The ranking metric, then the declared ones (else the stage's defaults, else the first few
+    non-bookkeeping metrics), each only where some run logged it."""
+    wanted = list(declared)
+    if not wanted:
+        for st in stages:
+            wanted += [m for m in DEFAULT_METRICS.get(st, []) if m not in wanted]
+    if not wanted or not any(m in all_metrics for m in wanted if m != metric):
+        wanted = [m for m in all_metrics if not is_aux(m)][:MAX_SHOWN]
+    return [metric] + [m for m in wanted if m in all_metrics and m != metric]
+
+
 def collect(client: Any, name: str, metric: Optional[str] = None, mode: Optional[str] = None,
-            rank: str = "best", out_dir: Optional[Path] = None):
+            rank: str = "best", out_dir: Optional[Path] = None, metrics: Optional[Sequence[str]] = None):
     """Everything a report needs, ranked; returns (Report, parent run or None, experiment)."""
     kind, exp, runs, parent = find_target(client, name)
     if not runs:
@@ -177,8 +215,12 @@ def collect(client: Any, name: str, metric: Optional[str] = None, mode: Optional
                     keys.append(k)
         metric = metric or parent.data.tags.get("sweep_metric") or "val/loss"
         mode = mode or parent.data.tags.get("sweep_mode") or metric_mode(metric)
+        declared = list(metrics) if metrics else json.loads(parent.data.tags.get("sweep_metrics") or "[]")
+        stages = ["evaluate"] if parent.data.tags.get("sweep_command") == "evaluate" else []
     else:
         keys = _swept_keys_from_params(runs)
+        declared, stages = list(metrics or []), []
+    stages += sorted({r.data.tags.get("stage", "") for r in runs} - {""})
     rows: List[Row] = []
     seen_names: Dict[str, int] = {}
     for r in runs:
@@ -189,7 +231,8 @@ def collect(client: Any, name: str, metric: Optional[str] = None, mode: Optional
             label = f"{label} ({r.info.run_id[:8]})"
         over = _parse_json(r.data.tags.get(tracking.SWEEP_OVERRIDES, ""))
         values = {k: over[k] if k in over else r.data.params.get(k, "") for k in keys}
-        rows.append(Row(label, r.info.run_id, r.info.status, values, _history(client, r)))
+        secs = (r.info.end_time - r.info.start_time) / 1000.0 if r.info.end_time and r.info.start_time else None
+        rows.append(Row(label, r.info.run_id, r.info.status, values, _history(client, r), seconds=secs))
     all_metrics = sorted({m for row in rows for m in row.history})
     if kind == "experiment":
         # default: val/loss, else the first metric that is not bookkeeping (not system/cpu_...)
@@ -200,7 +243,7 @@ def collect(client: Any, name: str, metric: Optional[str] = None, mode: Optional
     if mode not in ("min", "max"):
         raise CompareError(f"--mode must be min or max, got {mode!r}")
     rest = [m for m in all_metrics if m != metric]
-    metrics = ([metric] if metric in all_metrics else []) + [m for m in rest if not is_aux(m)] + \
+    metrics_all = ([metric] if metric in all_metrics else []) + [m for m in rest if not is_aux(m)] + \
         [m for m in rest if is_aux(m)]
     for row in rows:
         for m, pts in row.history.items():
@@ -212,7 +255,8 @@ def collect(client: Any, name: str, metric: Optional[str] = None, mode: Optional
     ranked = sorted((r for r in rows if metric in source(r)), key=lambda r: sign * source(r)[metric])
     ranked += sorted((r for r in rows if metric not in source(r)), key=lambda r: r.name)
     out_dir = out_dir or SWEEPS_DIR / _safe(name) / "compare"
-    return Report(name, kind, exp.name, metric, mode, rank, keys, metrics, ranked, out_dir), parent, exp
+    shown = shown_metrics(metric, all_metrics, declared, stages)
+    return Report(name, kind, exp.name, metric, mode, rank, keys, metrics_all, ranked, out_dir, shown=shown), parent, exp
 
 
 # ----------------------------------------------------------------------------------------
@@ -232,10 +276,12 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def _cells(report: Report, row: Row, i: int, raw: bool = False) -> List[Any]:
+def _cells(report: Report, row: Row, i: int, raw: bool = False, full: bool = False) -> List[Any]:
     out: List[Any] = []
-    for _, kind, ref in report.columns():
-        if kind == "rank":
+    for _, kind, ref in report.columns(full):
+        if kind == "minutes":
+            out.append("" if row.seconds is None else (round(row.seconds / 60, 2) if raw else f"{row.seconds / 60:.1f}"))
+        elif kind == "rank":
             out.append(i + 1 if ref == "" and (report.metric in row.best) else "")
         elif kind == "name":
             out.append(row.name)
@@ -264,9 +310,9 @@ def to_markdown(report: Report) -> str:
 def write_csv(report: Report, path: Path) -> None:
     with path.open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow([c[0] for c in report.columns()] + ["run_id"])
+        w.writerow([c[0] for c in report.columns(full=True)] + ["run_id"])
         for i, row in enumerate(report.rows):
-            w.writerow(_cells(report, row, i, raw=True) + [row.run_id])
+            w.writerow(_cells(report, row, i, raw=True, full=True) + [row.run_id])
 
 
 def _numeric(values: Sequence[Any]) -> Optional[List[float]]:
@@ -294,14 +340,14 @@ def plot_metric_vs_keys(report: Report, plt: Any) -> List[Path]:
             for v in xs_raw:
                 if _fmt(v) not in cats:
                     cats.append(_fmt(v))
-        n = len(report.metrics)
+        n = len(report.shown)
         ncols = min(3, n)
         nrows = math.ceil(n / ncols)
         fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.4 * nrows), squeeze=False)
         groups: Dict[str, List[Row]] = {}
         for r in rows:
             groups.setdefault(", ".join(f"{k}={_fmt(r.values.get(k, ''))}" for k in others), []).append(r)
-        for ax, m in zip(axes.flat, report.metrics):
+        for ax, m in zip(axes.flat, report.shown):
             for gi, (glabel, grows) in enumerate(groups.items()):
                 color = f"C{gi % 10}"
                 pts = []
@@ -345,7 +391,7 @@ def plot_metric_vs_keys(report: Report, plt: Any) -> List[Path]:
 def plot_curves(report: Report, plt: Any) -> List[Path]:
     """Training curves overlaid: one figure per metric with more than one logged point."""
     files = []
-    for m in report.metrics:
+    for m in report.shown:
         rows = [r for r in report.rows if len(r.history.get(m, ())) > 1]
         if not rows or m.startswith(_SYSTEM):  # the MLflow UI draws the system monitor's own charts
             continue
@@ -371,6 +417,51 @@ def plot_curves(report: Report, plt: Any) -> List[Path]:
     return files
 
 
+def plot_panels(report: Report, plt: Any) -> List[Path]:
+    """One figure, a panel per shown metric with curves (one line per run): the page's figure."""
+    ms = [m for m in report.shown if any(len(r.history.get(m, ())) > 1 for r in report.rows)]
+    if not ms:
+        return []
+    ncols = min(2, len(ms))
+    nrows = math.ceil(len(ms) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 3.4 * nrows), squeeze=False)
+    for ax, m in zip(axes.flat, ms):
+        for i, r in enumerate(report.rows):
+            pts = r.history.get(m, [])
+            if len(pts) > 1:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], color=f"C{i % 10}", lw=1.2,
+                        ls="-" if r.status == "FINISHED" else ":", marker="o" if len(pts) <= 25 else None,
+                        ms=2.5, label=r.name)
+        ax.set_title(m + (" (ranking)" if m == report.metric else ""), fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(ms):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, max(1, len(labels))), fontsize=7,
+               bbox_to_anchor=(0.5, 0.0))
+    rows_legend = math.ceil(len(labels) / 4)
+    fig.tight_layout(rect=(0, min(0.3, 0.045 * rows_legend / nrows + 0.03), 1, 1))
+    path = report.out_dir / "curves.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return [path]
+
+
+def to_json(report: Report) -> Dict[str, Any]:
+    """The comparison's data (what a results page is rendered from): ranking, swept keys, every
+    run's swept values, best/final of every metric, curves of the shown metrics, run lengths."""
+    return {
+        "target": report.target, "kind": report.kind, "experiment": report.experiment,
+        "metric": report.metric, "mode": report.mode, "rank": report.rank, "keys": report.keys,
+        "shown": report.shown,
+        "rows": [{"name": r.name, "run_id": r.run_id, "status": r.status, "values": r.values,
+                  "seconds": r.seconds, "final": r.final, "best": r.best,
+                  "history": {m: r.history[m] for m in report.shown if m in r.history}} for r in report.rows],
+    }
+
+
 def write(report: Report) -> List[Path]:
     import matplotlib
 
@@ -379,13 +470,15 @@ def write(report: Report) -> List[Path]:
 
     out = report.out_dir
     out.mkdir(parents=True, exist_ok=True)
-    for old in list(out.glob("*.png")) + [out / "table.md", out / "table.csv"]:
+    for old in list(out.glob("*.png")) + [out / "table.md", out / "table.csv", out / "report.json"]:
         old.unlink(missing_ok=True)  # plots of keys/metrics no longer in the report
     (out / "table.md").write_text(to_markdown(report))
     write_csv(report, out / "table.csv")
-    files = [out / "table.md", out / "table.csv"]
+    (out / "report.json").write_text(json.dumps(to_json(report), indent=1, default=str) + "\n")
+    files = [out / "table.md", out / "table.csv", out / "report.json"]
     files += plot_metric_vs_keys(report, plt)
     files += plot_curves(report, plt)
+    files += plot_panels(report, plt)
     report.files = files
     return files
 
@@ -414,12 +507,12 @@ def attach(client: Any, report: Report, parent: Any, exp: Any) -> str:
 
 def compare(name: str, tracking_uri: Optional[str] = None, out_dir: Optional[Path] = None,
             metric: Optional[str] = None, mode: Optional[str] = None, rank: str = "best",
-            log: bool = True, quiet: bool = False) -> Report:
+            log: bool = True, quiet: bool = False, metrics: Optional[Sequence[str]] = None) -> Report:
     """Build, write, print and (``log``) attach the comparison for a sweep or experiment."""
     if name.endswith((".yaml", ".yml")) and Path(name).is_file():
         name = read_sweep(name).name
     client = tracking.get_client(tracking_uri)
-    report, parent, exp = collect(client, name, metric, mode, rank, out_dir)
+    report, parent, exp = collect(client, name, metric, mode, rank, out_dir, metrics)
     if report.metric not in report.metrics:
         print(f"[compare] warning: no run logged '{report.metric}' (rows are not ranked); metrics: "
               f"{', '.join(report.metrics) or 'none'}", file=sys.stderr)
@@ -438,6 +531,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("name", help="sweep name (or its YAML) or any MLflow experiment name")
     p.add_argument("--metric", default=None, help="rank by this metric (default: the sweep's, else val/loss)")
     p.add_argument("--mode", choices=("min", "max"), default=None, help="lower or higher is better")
+    p.add_argument("--metrics", default=None,
+                   help="comma-separated metrics to show beside the ranking one (default: the sweep's, else the stage's)")
     p.add_argument("--rank", choices=("best", "final"), default="best", help="rank by the best or final value")
     p.add_argument("--tracking-uri", default=None, help="MLflow store (default $MLFLOW_TRACKING_URI or runs/mlflow.db)")
     p.add_argument("--out-dir", default=None, help="where to write (default runs/sweeps/<name>/compare)")
@@ -449,7 +544,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     try:
         compare(args.name, args.tracking_uri, Path(args.out_dir).resolve() if args.out_dir else None,
-                args.metric, args.mode, args.rank, log=not args.no_log)
+                args.metric, args.mode, args.rank, log=not args.no_log,
+                metrics=[m for m in args.metrics.split(",") if m] if args.metrics else None)
     except CompareError as e:
         print(f"compare: {e}", file=sys.stderr)
         return 1

@@ -6,6 +6,7 @@ A sweep file (experiments/ablations/*.yaml) names a base experiment and what to 
     base: ../debug.yaml             # experiment YAML, relative to this file
     metric: val/loss                # what `compare` ranks by ...
     mode: min                       # ... and in which direction
+    metrics: [val/loss_img]         # the few more metrics the comparison is about (table, figures)
     overrides: {trainer.max_steps: 40}          # applied to every variant
     grid:                                       # cartesian product of the values
       optim.lr: [1.0e-3, 1.0e-2]
@@ -62,6 +63,10 @@ class SweepConfig:
     base: str = ""  # experiment YAML, relative to the sweep file (or to the repo root)
     metric: str = "val/loss"  # ranking metric (an MLflow metric key)
     mode: str = "min"  # min | max
+    # The metrics the comparison shows beside the ranking one (its page, printed table, figures);
+    # every other metric stays in table.csv. [] -> the defaults of the base's stage
+    # (experiments.compare.DEFAULT_METRICS).
+    metrics: List[str] = field(default_factory=list)
     # train: each variant trains (experiments.run BASE k=v ...).
     # evaluate: each variant evaluates one trained checkpoint with other eval.* settings
     # (experiments.evaluate CHECKPOINT k=v ...), e.g. a cfg / top-k sweep; the launcher logs

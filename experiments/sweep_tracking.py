@@ -72,6 +72,7 @@ class SweepTracker:
             t.SWEEP_ID: name, t.SWEEP_ROLE: "parent", "sweep_file": _rel(self.sweep.path),
             "sweep_base": _rel(self.sweep.base), "sweep_metric": self.sweep.cfg.metric,
             "sweep_mode": self.sweep.cfg.mode, "sweep_command": self.sweep.cfg.command,
+            "sweep_metrics": json.dumps(list(self.sweep.cfg.metrics)),
             "sweep_n_variants": str(len(self.sweep.variants)),
             **{k: v for k, v in t.git_info().items()},
         }

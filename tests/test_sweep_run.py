@@ -7,6 +7,7 @@ imports are paid already); every variant runs in its own process as in real use.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -329,10 +330,14 @@ def test_compare_any_experiment(tmp_path, store):
             client.log_metric(run.info.run_id, "system/cpu_utilization_percentage", 50.0 + step, step=step)
         client.set_terminated(run.info.run_id)
     report = compare.compare("plain", tracking_uri=store, out_dir=tmp_path / "c", quiet=True)
-    # MLflow's system monitor is bookkeeping: one final column, after the metrics, no curve
+    # MLflow's system monitor is bookkeeping: last among the metrics, no curve, and not among the
+    # shown ones (table.md); table.csv keeps it as one final column
     assert report.metrics[-1] == "system/cpu_utilization_percentage"
+    assert report.shown == ["train/loss", "val/acc"]
     header = (tmp_path / "c" / "table.md").read_text().splitlines()[2]
-    assert "| system/cpu_utilization_percentage |" in header and "system/cpu_utilization_percentage best" not in header
+    assert "system/" not in header and "| minutes |" in header
+    csv_header = (tmp_path / "c" / "table.csv").read_text().splitlines()[0].split(",")
+    assert "system/cpu_utilization_percentage" in csv_header and "system/cpu_utilization_percentage best" not in csv_header
     assert report.kind == "experiment" and report.metric == "train/loss" and report.mode == "min"
     assert report.keys == ["model.depth", "optim.lr"]  # not seed (same everywhere), not name/logging/checkpoint/threads
     # best train/loss: r1 0.1, r2 0.2, r0 0.3
@@ -343,7 +348,18 @@ def test_compare_any_experiment(tmp_path, store):
     md = (tmp_path / "c" / "table.md").read_text()
     assert "| 1 | r1 | FINISHED | 1 | 0.01 |" in md
     assert {p.name for p in (tmp_path / "c").glob("*.png")} == {
-        "metric_vs_model.depth.png", "metric_vs_optim.lr.png", "curves_val_acc.png", "curves_train_loss.png"}
+        "metric_vs_model.depth.png", "metric_vs_optim.lr.png", "curves_val_acc.png", "curves_train_loss.png",
+        "curves.png"}
+    data = json.loads((tmp_path / "c" / "report.json").read_text())
+    assert data["shown"] == ["val/acc", "train/loss"] and [r["name"] for r in data["rows"]] == ["r1", "r0", "r2"]
+    assert data["rows"][0]["history"]["val/acc"] == [[0, 0.6], [1, 0.9]]
+    # a declared short list wins over the defaults; metrics no run logged are left out
+    declared = compare.compare("plain", tracking_uri=store, out_dir=tmp_path / "d", metric="val/acc", quiet=True,
+                               metrics=["nope/x"], log=False)
+    assert declared.shown == ["val/acc", "train/loss"]  # nothing declared beyond the ranking one: the fallback
+    assert compare.shown_metrics("val/a", ["val/a", "val/b", "val/c"], ["val/c", "val/z"], []) == ["val/a", "val/c"]
+    assert compare.shown_metrics("val/loss", ["val/loss", "train/loss", "val/x", "lr"], [], ["debug"]) == \
+        ["val/loss", "train/loss"]
     (cmp_run,) = tracking.find_runs(client, [exp_id], {tracking.SWEEP_ROLE: "compare"})
     assert cmp_run.info.run_id == report.logged_to and cmp_run.info.run_name == "compare"
     assert "compare/table.csv" in {a.path for a in client.list_artifacts(cmp_run.info.run_id, "compare")}
