@@ -33,9 +33,10 @@ WORLD_ARGS ?= --train 8000 --val 400 --test 400 --heldout 400 --count train.vqa=
 WORLD_STAMP := $(WORLD)/.done-$(shell echo '$(WORLD_ARGS)' | sha256sum | cut -c1-12)
 BASES := assets/world/MANIFEST.json
 RUN := $(PY) -m experiments.run
-# When this make started (parsed once per make process): `make stage1` and `make pipeline` record
-# their whole wall time, setup and prerequisites included, in runs/timings.json (what a newcomer
-# waits; `python -m experiments.report publish scoreboard` copies it beside the scoreboard).
+# When this make started (parsed once per make process): `make stage1`, `make pipeline` and
+# `make test` record their whole wall time, setup and prerequisites included, in runs/timings.json
+# (what a newcomer waits; `python -m experiments.report publish scoreboard|timings` copies it beside
+# the scoreboard, where the README reads it).
 MAKE_START := $(shell date +%s.%N)
 STAMP_TIME = $(PY) -m experiments.report stamp
 
@@ -53,6 +54,7 @@ $(STAMP): requirements.txt pyproject.toml
 
 test: setup ## run the test suite (what CI runs; excludes tests marked slow/gpu)
 	$(PY) -m pytest $(PYTEST_ARGS)
+	@$(STAMP_TIME) test $(MAKE_START)
 
 test-all: setup ## run every test, including slow ones
 	$(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
@@ -60,8 +62,10 @@ test-all: setup ## run every test, including slow ones
 smoke: setup ## plumbing check: the debug stage for a few seconds, logged to MLflow
 	$(PY) -m experiments.run experiments/debug.yaml $(ARGS)
 
-mlflow-ui: setup ## serve the MLflow dashboard for runs/mlflow.db on http://127.0.0.1:5000
+mlflow-ui: setup ## serve the MLflow dashboard for runs/mlflow.db on http://127.0.0.1:$PORT (5000); prints the links to open
 	mkdir -p runs/mlartifacts
+	@# links that open the runs and their charts, not MLflow 3.17's GenAI overview (experiments.tracking.ui_links)
+	-@PORT=$${PORT:-5000} $(PY) -m experiments.tracking links sqlite:///$(CURDIR)/runs/mlflow.db
 	$(PY) -m mlflow server --host 127.0.0.1 --port $${PORT:-5000} --workers 1 \
 	  --backend-store-uri sqlite:///$(CURDIR)/runs/mlflow.db --default-artifact-root $(CURDIR)/runs/mlartifacts
 
@@ -171,7 +175,7 @@ clean: ## remove run outputs (runs/) but keep .venv
 
 # ---------------------------------------------------------------------------------------------
 # The optional evaluation extra: lmms-eval, the field's harness (requirements-eval.txt). Never part
-# of `make setup`; `make setup-eval` adds it to .venv. README "Benchmarks through lmms-eval".
+# of `make setup`; `make setup-eval` adds it to .venv. docs/evaluation.md, lmms-eval.
 .PHONY: setup-eval test-eval eval-benchmarks
 EVAL_STAMP := .venv/.eval-$(shell cat requirements.txt requirements-eval.txt pyproject.toml 2>/dev/null | sha256sum | cut -c1-16)
 # The paper's understanding set as lmms-eval tasks (VARGPT, arXiv 2501.12327, Tables 1 and 2).
@@ -193,7 +197,7 @@ eval-benchmarks: setup-eval ## lmms-eval on a checkpoint + one MLflow run: make 
 	$(PY) -m experiments.eval_benchmarks $(CKPT) --tasks $(TASKS) $(BENCH_ARGS)
 
 # ---------------------------------------------------------------------------------------------
-# The GPU check of the long-runs issue (benchmarks/gpu_check.py). No `setup` prerequisite on
+# The GPU check (benchmarks/gpu_check.py). No `setup` prerequisite on
 # purpose: a GPU box may run it with its own Python (`make gpu-check PY=python3`).
 .PHONY: gpu-check
 gpu-check: ## VARGPT-7B on one CUDA device in <= 8 min: step time, MFU, memory, checkpoint, images/s (ARGS="--device cpu": world size)

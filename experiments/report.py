@@ -12,6 +12,7 @@ is read here from an artifact, never typed:
                                 write experiments/ablations/results/<NAME>.json + its figure, then render
     publish scoreboard          copy runs/pipeline/report.json with its provenance (commit, CPU
                                 model, the timed make targets, seeds) to experiments/world/scoreboard.json
+    publish timings             add `make test`'s time from runs/timings.json (a fresh clone's CI run)
     stamp TARGET START          record how long a make target took (the Makefile calls it last)
 
 Hand-written text in a page survives regeneration only inside its ``<!-- finding ... -->`` block.
@@ -27,7 +28,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 from experiments.config import REPO_ROOT
 
@@ -397,6 +398,24 @@ def render_timings(sb: Dict[str, Any]) -> str:
             "other CPUs differ by up to 2x).") if parts else "Not timed yet."
 
 
+def publish_timings(runs_root: Path, out: Path = SCOREBOARD, targets: Sequence[str] = ("test",)) -> Path:
+    """Add the newest timed ``targets`` of ``<runs_root>/runs/timings.json`` (e.g. `make test` in a
+    fresh clone, as CI runs it) to the published scoreboard file."""
+    tpath = runs_root / "runs" / "timings.json"
+    if not tpath.is_file():
+        raise ReportError(f"{tpath} not found: run the make targets ({', '.join(targets)}) in {runs_root} first")
+    if not out.is_file():
+        raise ReportError(f"{_rel(out)} not found: publish the scoreboard first (publish scoreboard)")
+    sb = _load_json(out)
+    found = {rec["target"]: rec for rec in _load_json(tpath) if rec["target"] in targets}
+    if not found:
+        raise ReportError(f"{tpath} has no record of {', '.join(targets)}")
+    sb["provenance"].setdefault("timings", {}).update(found)
+    out.write_text(json.dumps(sb, indent=1, default=str) + "\n")
+    print(f"[report] timings of {', '.join(sorted(found))} -> {_rel(out)}")
+    return out
+
+
 def publish_scoreboard(runs_root: Path, out: Path = SCOREBOARD) -> Path:
     """Copy ``<runs_root>/runs/pipeline/report.json`` with its provenance into ``out``."""
     runs = runs_root / "runs"
@@ -506,11 +525,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     rd = sub.add_parser("render", help="regenerate every page from the committed results (the default)")
     rd.add_argument("--check", action="store_true", help="write nothing; exit 1 when a page differs")
     pb = sub.add_parser("publish", help="copy results from MLflow / a pipeline run into the repository")
-    pb.add_argument("what", choices=("sweep", "scoreboard"))
+    pb.add_argument("what", choices=("sweep", "scoreboard", "timings"))
     pb.add_argument("name", nargs="?", default="", help="sweep: the sweep (or MLflow experiment) name")
     pb.add_argument("--tracking-uri", default=None, help="sweep: MLflow store (default runs/mlflow.db)")
     pb.add_argument("--runs-root", default=str(REPO_ROOT),
-                    help="scoreboard: the checkout whose runs/ holds pipeline/report.json (a fresh clone)")
+                    help="scoreboard / timings: the checkout whose runs/ holds pipeline/report.json and "
+                         "timings.json (a fresh clone)")
     args = ap.parse_args(argv)
     try:
         if args.cmd == "stamp":
@@ -521,8 +541,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                 if not args.name:
                     ap.error("publish sweep needs the sweep's name")
                 publish_sweep(args.name, args.tracking_uri)
-            else:
+            elif args.what == "scoreboard":
                 publish_scoreboard(Path(args.runs_root))
+            else:
+                publish_timings(Path(args.runs_root))
         check = args.cmd == "render" and args.check
         changed = render(check=check)
     except ReportError as e:

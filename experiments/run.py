@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 
 # OpenMP threads that spin-wait for each other make steps 1.7-80x slower whenever another process
-# shares the cores (measured: benchmarks/train_step.py notes, README "Benchmarks"), so passive
+# shares the cores (measured: benchmarks/train_step.py notes, docs/benchmarks.md), so passive
 # waiting is the default here. On cores a job has to itself spinning is faster (2-thread world
 # stages 13-31 %, same weights): the Makefile's single-job targets set OMP_WAIT_POLICY=ACTIVE.
 # Must be set before torch is imported.

@@ -172,14 +172,14 @@ class ModelConfig:
     # var_cond prompt_attn only (beyond v1): the cross-attention context also reads a linear map of
     # each prompt token's input embedding and the one before it (submodule gen_cond_bigram, zero at
     # init, so false and a fresh true compute the same). In "a red triangle" the key at "triangle"
-    # then holds "red" exactly, where the frozen LLM's state holds it for 0.6 of the objects (README,
-    # "Where generation fails (2)"): an image token that knows its colour can look up its shape.
+    # then holds "red" exactly, where the frozen LLM's state holds it for 0.6 of the objects
+    # (experiments/ablations/world_prompt_encoder.md): an image token that knows its colour can look up its shape.
     prompt_context_bigram: bool = False
     # With prompt_context_bigram: how many tokens the map reads at each position, the token and the
     # window - 1 before it (2: the bigram). In "a red circle on the left" a window of 5 puts "red"
     # and "circle" into the key at "left", so an image cell that looks up its side word finds the
-    # object stated there (the side of a position is otherwise unread: README "Where generation
-    # fails"). Changes the map's input width (window x D), so an export loads only at its own window.
+    # object stated there (the side of a position is otherwise unread:
+    # experiments/ablations/world_prompt_bigram.md). Changes the map's input width (window x D), so an export loads only at its own window.
     prompt_context_window: int = 2
     # Beyond v1: LoRA deltas of this rank on the LLM's linear layers that act only at the
     # <|image_gen_pad|> slots (modules/components/gen_lora.py), trained with the generation side
@@ -207,7 +207,7 @@ class ModelConfig:
     # its targets) are replaced by random codes at a per-target rate drawn from U(0, q), so the
     # prompt becomes the more reliable source (as Infinity's bitwise self-correction, without
     # re-quantizing the residual). On the world the VAR then leans on its prompt more (prompt
-    # gain 1.07 against 0.78) and draws one-object prompts better (README, world_gen_input_noise).
+    # gain 1.07 against 0.78) and draws one-object prompts better (experiments/ablations/world_gen_input_noise.md).
     gen_input_noise: float = 0.0
     # Loss mix: loss = loss_text + w_img * loss_img (VARGPT v1: 1, v1.1: 3)
     w_img: float = 1.0

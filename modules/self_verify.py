@@ -11,7 +11,7 @@ scores a continuation). No reference classifier, no target image: only the promp
 Where it helps and why: the cells of one VAR scale are drawn independently given the coarser
 scales, so a model whose distribution holds the right picture still misses it in many single
 draws (multi-object layouts most of all); picking among draws recovers part of that at N times
-the sampling cost (README, Ablations, ``world_self_verify``).
+the sampling cost (experiments/ablations/world_self_verify.md).
 
 Draw k of prompt i uses seed ``eval.seed + i + k * DRAW_SEED_STRIDE``: draw 0 is exactly the
 single-draw protocol, so one run reports both (``gen_attribute_accuracy_one_draw``).
@@ -53,8 +53,8 @@ def prompt_questions(prompts: Sequence[str], names: Sequence[str] = ()) -> List[
                              f"no world object: {text!r}. Draw it once (eval.best_of=1, infer --best-of 1).")
         # the VQA answers the prompt fixes, and the prompt's own description as a caption of the
         # image: the questions check objects one by one, the caption checks them together (which
-        # colour goes with which shape where), and the sum picks better than either (README,
-        # world_self_verify)
+        # colour goes with which shape where), and the sum picks better than either
+        # (experiments/ablations/world_self_verify.md)
         caption = (CAPTION_PROMPTS[0], CAPTION_FORMS[0].format(d=describe_request(groups)))
         out.append(implied_questions(groups) + [caption])
     return out

@@ -95,7 +95,7 @@ def test_generation_on_coco_with_fid_is_and_clip_offline(tmp_path, tracking_uri,
     from tests.test_metrics_generation import write_random_inception_weights
     from tests.tiny import tiny_tokenizer_dir
 
-    # the recipe of the README, at fixture size: convert COCO captions, then evaluate generation
+    # the recipe of docs/evaluation.md, at fixture size: convert COCO captions, then evaluate generation
     coco = tmp_path / "coco"
     assert convert.main(["coco", "--input", str(FIXTURES / "formats/coco/captions_tiny.json"),
                          "--image-root", str(FIXTURES / "formats/coco/images"), "--out", str(coco), "--task", "gen"]) == 0
