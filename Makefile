@@ -107,36 +107,53 @@ $(BASES):
 # The world stages. Each export is a file target whose prerequisite is the export it starts from,
 # so make's own rule is the one skip rule: a stage reruns when its export is missing or older than
 # its input (stage 1 retrained -> stages 2 and 3 rerun). `make stage1/2/3` always run their stage.
+# PRESET picks the recipe family: default (experiments/world/*.yaml -> runs/world,
+# runs/pipeline/report.json) or a folder of experiments/world/ (v1: VARGPT v1's switches on the same
+# bases, steps and protocol -> runs/world-v1, runs/pipeline-v1/report.json).
+PRESET ?= default
+ifeq ($(PRESET),default)
 W := runs/world
+WCFG := experiments/world
+REPORT_DIR := runs/pipeline
+TAG :=
+else
+W := runs/world-$(PRESET)
+WCFG := experiments/world/$(PRESET)
+REPORT_DIR := runs/pipeline-$(PRESET)
+TAG := -$(PRESET)
+ifeq ($(wildcard $(WCFG)/stage1.yaml),)
+$(error PRESET=$(PRESET): no $(WCFG)/stage1.yaml; presets: default $(notdir $(patsubst %/stage1.yaml,%,$(wildcard experiments/world/*/stage1.yaml))))
+endif
+endif
 STAGE_ARGS ?=
 STAGE2_ARGS ?= $(STAGE_ARGS)
 STAGE3_ARGS ?= $(STAGE_ARGS)
 UND_ONLY_THEN ?=
 STAGE2_ENV ?=
 
-stage1: setup world-data $(BASES) ## VARGPT stage 1 on the embedded CPU world (the main job)
-	$(SOLO) $(RUN) experiments/world/stage1.yaml $(ARGS)
-	@$(STAMP_TIME) stage1 $(MAKE_START)
+stage1: setup world-data $(BASES) ## VARGPT stage 1 on the embedded CPU world (the main job; PRESET=v1: VARGPT v1's)
+	$(SOLO) $(RUN) $(WCFG)/stage1.yaml $(ARGS)
+	@$(STAMP_TIME) stage1$(TAG) $(MAKE_START)
 
 stage2: setup world-data $(W)/stage1/model.safetensors ## VARGPT stage 2 from stage 1's export (runs stage 1 first if missing)
-	$(SOLO) $(RUN) experiments/world/stage2.yaml $(ARGS)
+	$(SOLO) $(RUN) $(WCFG)/stage2.yaml $(ARGS)
 
 stage3: setup world-data $(W)/stage2/model.safetensors ## VARGPT stage 3 from stage 2's export (runs stages 1-2 first if missing)
-	$(SOLO) $(RUN) experiments/world/stage3.yaml $(ARGS)
+	$(SOLO) $(RUN) $(WCFG)/stage3.yaml $(ARGS)
 
 $(W)/stage1/model.safetensors: $(BASES) | $(WORLD_STAMP)
-	$(RUN) experiments/world/stage1.yaml $(STAGE_ARGS) $(ARGS)
+	$(RUN) $(WCFG)/stage1.yaml $(STAGE_ARGS) $(ARGS)
 
 $(W)/stage2/model.safetensors: $(W)/stage1/model.safetensors
-	$(STAGE2_ENV) $(RUN) experiments/world/stage2.yaml $(STAGE2_ARGS) $(ARGS)
+	$(STAGE2_ENV) $(RUN) $(WCFG)/stage2.yaml $(STAGE2_ARGS) $(ARGS)
 
 $(W)/stage3/model.safetensors: $(W)/stage2/model.safetensors
-	$(RUN) experiments/world/stage3.yaml $(STAGE3_ARGS) $(ARGS)
+	$(RUN) $(WCFG)/stage3.yaml $(STAGE3_ARGS) $(ARGS)
 
 # The understanding-only baseline (from the LLaVA start) depends on no stage; its lines are
 # prefixed [und-only]. UND_ONLY_THEN: a command run when it has ended (the pipeline's hand-over).
 $(W)/stage2_und_only/model.safetensors: $(BASES) | $(WORLD_STAMP)
-	set -o pipefail; $(RUN) experiments/world/stage2_und_only.yaml $(STAGE_ARGS) $(ARGS) 2>&1 | sed -u 's/^/[und-only] /'
+	set -o pipefail; $(RUN) $(WCFG)/stage2_und_only.yaml $(STAGE_ARGS) $(ARGS) 2>&1 | sed -u 's/^/[und-only] /'
 	$(UND_ONLY_THEN)
 
 # The chain stage 1 -> 2 and the baseline run as two jobs side by side, one thread each (the
@@ -148,7 +165,7 @@ $(W)/stage2_und_only/model.safetensors: $(BASES) | $(WORLD_STAMP)
 # passive, 60.7-64.6 s on one thread). When both have ended, stage 3 runs alone on both cores with
 # spinning threads (SOLO_WAIT), then the scoreboard reads the four exports.
 S2_THREADS := $(W)/.stage2-threads
-pipeline: setup world-data $(BASES) ## stages 1-3 + the understanding-only baseline, then the scoreboard (runs/pipeline/report.json)
+pipeline: setup world-data $(BASES) ## stages 1-3 + the understanding-only baseline, then the scoreboard (runs/pipeline/report.json; PRESET=v1: runs/pipeline-v1/)
 	@$(PY) -m experiments.tracking init  # make runs/mlflow.db now: two runs start together below
 	@mkdir -p $(W) && rm -f $(S2_THREADS)
 	$(MAKE) --no-print-directory -j2 STAGE_ARGS="trainer.num_threads=1" \
@@ -156,8 +173,8 @@ pipeline: setup world-data $(BASES) ## stages 1-3 + the understanding-only basel
 	  STAGE2_ENV="$(SOLO)" \
 	  $(W)/stage2/model.safetensors $(W)/stage2_und_only/model.safetensors
 	$(SOLO) $(MAKE) --no-print-directory STAGE3_ARGS="trainer.num_threads=2" $(W)/stage3/model.safetensors
-	$(SOLO) $(PY) -m experiments.pipeline
-	@$(STAMP_TIME) pipeline $(MAKE_START)
+	$(SOLO) $(PY) -m experiments.pipeline --runs $(W) --out $(REPORT_DIR)/report.json
+	@$(STAMP_TIME) pipeline$(TAG) $(MAKE_START)
 
 evaluate: setup ## evaluate a checkpoint: make evaluate CKPT=runs/world/stage3 [ARGS="eval.cfg=2"]
 	$(PY) -m experiments.evaluate $(CKPT) $(ARGS)

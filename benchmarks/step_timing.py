@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from experiments.report import cpu_model
+from experiments.machine import cpu_model
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CLOCKS = ("wall", "cpu")

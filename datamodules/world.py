@@ -17,6 +17,7 @@ manifest.json per split. About 2-3k samples/s per core at 64 px (see tests / FOR
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import re
@@ -120,6 +121,24 @@ def make_object(rng: random.Random, shape: str, colour: str, size_name: str, pos
         "r": round(rng.uniform(lo, hi) * size, 2),
         "rgb": [int(min(255, max(0, v + rng.randint(-12, 12)))) for v in base],
     }
+
+
+def rerender_request(rec: Dict[str, Any], seed: int) -> Dict[str, Any]:
+    """Another scene that satisfies a generation record's request: the same (shape, colour)
+    objects, with the positions and sizes its prompt states (``rec["checks"]``) kept and
+    everything else drawn again from ``seed`` (unstated positions and sizes, jitter, radius,
+    colour noise, background). A real image for the same prompt, independent of the stored one:
+    the same-prompt real-vs-real FID floor and attribute ceiling."""
+    scene, checks = rec["scene"], rec.get("checks") or {}
+    rng = random.Random(f"world/rerender/{seed}/{json.dumps(scene, sort_keys=True)}")
+    objs = scene["objects"]
+    if checks.get("position"):
+        positions = [o["position"] for o in objs]
+    else:
+        positions = rng.sample(POSITIONS, len(objs))
+    new = [make_object(rng, o["shape"], o["colour"], o["size"] if checks.get("size") else rng.choice(SIZES),
+                       pos, scene["size"]) for o, pos in zip(objs, positions)]
+    return {"size": scene["size"], "objects": new, "background": random_background(rng)}
 
 
 def random_background(rng: random.Random) -> Dict[str, Any]:

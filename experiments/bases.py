@@ -46,6 +46,21 @@ PARTS = {
 }
 
 
+# What export.json's metadata records of the run that made a base (experiments.run.provenance)
+PROVENANCE_KEYS = ("config_source", "config_hash", "seed", "steps", "fit_seconds", "final_metrics", "cpu_model", "git",
+                   "init_from", "init_from_sha256")
+
+
+def base_provenance(weights: Path) -> Dict[str, object]:
+    """The run that trained a base, from the export.json beside its weights: commit, config,
+    seed, steps, final metrics, wall time and CPU (what `make bases` must reproduce)."""
+    ej = weights.parent / "export.json"
+    if not ej.is_file():
+        return {"provenance": f"unknown: {ej} missing (a base exported before runs recorded it)"}
+    meta = json.loads(ej.read_text()).get("metadata", {})
+    return {"trained_by": {k: meta[k] for k in PROVENANCE_KEYS if k in meta}}
+
+
 def pack(src: Path = SRC, dst: Path = ASSETS, dtype: str = "float16", only: Sequence[str] = ()) -> Dict[str, Dict]:
     """Pack every base (and the tokenizer) from `src` into `dst`; with `only`, just those bases,
     the rest of an existing MANIFEST.json kept (a base retrained on its own)."""
@@ -75,7 +90,8 @@ def pack(src: Path = SRC, dst: Path = ASSETS, dtype: str = "float16", only: Sequ
         out = dst / f"{name}.safetensors"
         save_state_dict(sd, out, metadata={"source": rel, "dtype": dtype})
         manifest[name] = {"file": out.name, "sha256": sha256_file(out), "tensors": len(sd),
-                          "params": int(sum(v.numel() for v in sd.values())), "bytes": out.stat().st_size}
+                          "params": int(sum(v.numel() for v in sd.values())), "bytes": out.stat().st_size,
+                          **base_provenance(src / rel)}
     if not only:
         tok_dst = dst / "tokenizer"
         if tok_dst.exists():

@@ -257,8 +257,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             args.model_args, args.launcher, not args.no_mlflow)
     print(paper_table(s["name"], s["tasks"]), end="")
     print(f"[eval-benchmarks] {len(s['tasks'])} task(s) in {s['seconds']} s; results: {s['results_file']}"
-          + (f"; MLflow run {s['mlflow_run_id']} (experiment {EXPERIMENT}; in `make mlflow-ui` open "
-             f"#/experiments?workflowType=machine_learning, then {EXPERIMENT})" if "mlflow_run_id" in s else ""))
+          + (f"; MLflow run {s['mlflow_run_id']} in {EXPERIMENT}: {tracking.ui_run_link(s['mlflow_run_id'])} "
+             "(served by `make mlflow-ui`)" if "mlflow_run_id" in s else ""))
     return 0
 
 

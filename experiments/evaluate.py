@@ -10,8 +10,10 @@ or converted VQAv2 (`eval.vqa_shards`) / COCO captions (`eval.gen_shards`, with
 `eval.clip_dir=<local CLIP directory>`). The JSON report records the protocol
 (sample counts, seeds, cfg / top-k / top-p / temperature, feature extractor and its weights hash,
 resolution and resize method) and is logged as an MLflow run (experiment `vargpt-eval`).
-`--real-baseline PATTERN` adds FID / IS of real images (PATTERN's targets) against the
-generation set's targets: the floor a generated set's FID is read against.
+`--real-baseline same-prompts` adds FID / IS of real images drawn for the same prompts (the world
+renders each request again with its own placement and seed) against the generation set's targets:
+the floor a generated set's FID is read against; `--real-baseline PATTERN` uses PATTERN's targets
+(other prompts) instead, for data the world did not render.
 """
 from __future__ import annotations
 
@@ -31,6 +33,10 @@ from experiments.infer import load_exported
 from modules import evaluation as ev
 from modules.evaluation import Evaluator
 from modules.metrics_world import attribute_scores, requested_groups
+
+
+# --real-baseline value: the generation prompts' own requests rendered again by the world
+SAME_PROMPTS = "same-prompts"
 
 
 def run_evaluation(ckpt: str, tasks: List[str], overrides: List[str], real_baseline: str = "",
@@ -59,8 +65,14 @@ def _run_evaluation(ckpt: str, tasks: List[str], overrides: List[str], real_base
     if grid is not None and real_baseline:
         samples, clf, res = evaluator.samples("generation"), evaluator.classifier, grid.shape[-1]
         reals_a = ev.target_images(samples, res)
-        other = list(ev.iter_records(real_baseline, evaluator.root, len(samples)))
-        reals_b = ev.target_images(other, res)
+        if real_baseline == SAME_PROMPTS:
+            # The floor a generator is compared with: real images drawn for the same prompts (same
+            # n), so only what the prompt leaves open differs, as between a generated image and its target.
+            other = samples
+            reals_b = ev.rerendered_targets(samples, res, seed=e.seed + 1)
+        else:
+            other = list(ev.iter_records(real_baseline, evaluator.root, len(samples)))
+            reals_b = ev.target_images(other, res)
         rr = ev.fid_is(reals_b, reals_a, e, clf, real_key=evaluator.real_key)
         report["real_vs_real"] = {"fid": rr["fid"], "inception_score": rr["inception_score"],
                                   "n": len(other), "shards": real_baseline}
@@ -76,6 +88,8 @@ def _run_evaluation(ckpt: str, tasks: List[str], overrides: List[str], real_base
             for part, imgs in (("real_vs_real", reals_b), ("vqvae_reconstruction", recon_b)):
                 scores = attribute_scores(clf, imgs, groups_b)
                 report[part]["attribute_accuracy"] = scores["mean"]
+                report[part]["attribute_accuracy_ci95"] = scores["mean_ci95"]
+                report[part]["attr_all"], report[part]["attr_all_ci95"] = scores["all"], scores["all_ci95"]
                 # the ceiling per number of requested objects, beside the generator's gen_attr_by_objects
                 report[part]["attribute_accuracy_by_objects"] = {n: s["mean"] for n, s in scores["by_objects"].items()}
     report["protocol"] = report.pop("protocol")  # last, as before
@@ -113,7 +127,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("overrides", nargs="*", help="eval.* / data.root overrides, key=value")
     ap.add_argument("--tasks", default="vqa,generation", help="comma list of vqa, generation")
     ap.add_argument("--out", default="", help="report JSON (default <ckpt>/eval.json)")
-    ap.add_argument("--real-baseline", default="", help="shards whose target images give the real-vs-real FID floor")
+    ap.add_argument("--real-baseline", default="",
+                    help=f"'{SAME_PROMPTS}' (world: the prompts rendered again) or shards whose targets give the "
+                         "real-vs-real FID floor")
     ap.add_argument("--no-mlflow", action="store_true")
     args = ap.parse_intermixed_args(argv)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]

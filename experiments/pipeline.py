@@ -5,8 +5,10 @@
 Reads runs/world/{stage2,stage2_und_only,stage3} (made by `make pipeline`) and measures
   - after stage 2: VQA accuracy on the test split and the held-out-combination split, with the
     blind baselines, and the understanding-only baseline (stage 2 without generation data);
-  - after stage 3: generation attribute accuracy, FID and IS on test-split prompts, and the
-    real-vs-real floor (test targets against disjoint val targets). Generation draws --best-of N
+  - after stage 3: generation attribute accuracy (mean over requested attributes, and the share
+    of images with every one right, each with a bootstrap interval over prompts), FID and IS on
+    test-split prompts, and the real-vs-real floor (the same prompts rendered again by the world
+    against the test targets). Generation draws --best-of N
     images per prompt and keeps the one the model's own understanding side judges best
     (modules/self_verify.py; default 16); draw 0 is the single-draw protocol of the scoreboards
     before it, reported beside it (``*_one_draw``); --best-of 1 is that protocol alone;
@@ -25,13 +27,19 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from experiments.config import REPO_ROOT
-from experiments.evaluate import run_evaluation
+from experiments.evaluate import SAME_PROMPTS, run_evaluation
 from experiments.run_guard import stale_inputs
 from experiments.tracking import git_info
 
 TARGETS = {"vqa_accuracy": 0.90, "gen_attribute_accuracy": 0.80, "fid_over_floor": 3.0}
 MINIMUMS = {"vqa_accuracy": 0.80, "gen_attribute_accuracy": 0.50}  # the floor below the stretch targets
 UNDERSTANDING = ("vision.", "und_proj.", "llm.")
+
+
+def binomial_ci(p: float, n: int) -> List[float]:
+    """95% interval of an accuracy over n 0/1 answers (normal approximation: n is hundreds)."""
+    h = 1.96 * (p * (1 - p) / max(n, 1)) ** 0.5
+    return [round(max(0.0, p - h), 4), round(min(1.0, p + h), 4)]
 
 
 def same_understanding(a: Path, b: Path) -> bool:
@@ -75,7 +83,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     no_blind = ["eval.blind_baseline=false"]
     vqa = lambda ck, split, name, extra=no_blind: run_evaluation(  # noqa: E731
         str(runs / ck), ["vqa"], common + extra + [f"eval.vqa_shards={split}/vqa-*.tar"], out=ev / f"{name}.json")
-    rep: Dict[str, Any] = {"git": git_info()}
+    rep: Dict[str, Any] = {"git": git_info(), "runs": str(runs)}
     s2 = vqa("stage2", "test", "stage2_vqa_test", [])
     rep["stage2"] = {
         "vqa_accuracy": s2["vqa_accuracy"], "vqa_per_type": s2["vqa_per_type"],
@@ -83,9 +91,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         "vqa_accuracy_heldout": vqa("stage2", "heldout", "stage2_vqa_heldout")["vqa_accuracy"],
         "n": s2["vqa_n"],
     }
+    # 95% intervals of the VQA figures from n (world answers score 0 or 1: binomial)
+    for k in ("vqa_accuracy", "vqa_accuracy_heldout", "vqa_blind_baseline"):
+        if rep["stage2"].get(k) is not None:
+            rep["stage2"][f"{k}_ci95"] = binomial_ci(rep["stage2"][k], rep["stage2"]["n"])
     if (runs / "stage2_und_only" / "model.safetensors").is_file():
         u = vqa("stage2_und_only", "test", "und_only_vqa_test")
-        rep["understanding_only"] = {"vqa_accuracy": u["vqa_accuracy"], "vqa_per_type": u["vqa_per_type"]}
+        rep["understanding_only"] = {"vqa_accuracy": u["vqa_accuracy"], "vqa_per_type": u["vqa_per_type"],
+                                     "vqa_accuracy_ci95": binomial_ci(u["vqa_accuracy"], u["vqa_n"])}
     # Stage 3 trains only the generation side: when its understanding path (vision tower,
     # projector, LLM, tokenizer, template) is stage 2's, tensor by tensor, its VQA answers are
     # stage 2's too, and asking the 600 questions again would only repeat them.
@@ -93,7 +106,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     s3 = run_evaluation(str(runs / "stage3"), ["generation"] if reuse else ["vqa", "generation"],
                         common + no_blind + ["eval.vqa_shards=test/vqa-*.tar", "eval.gen_shards=test/gen-*.tar",
                                              f"eval.best_of={args.best_of}"],
-                        real_baseline="val/gen-*.tar", out=ev / "stage3_test.json")
+                        real_baseline=SAME_PROMPTS, out=ev / "stage3_test.json")
     if reuse:
         s3["vqa_accuracy"] = s2["vqa_accuracy"]
         rep["stage3_vqa_from_stage2"] = "stage 3 kept stage 2's understanding weights (compared tensor by tensor)"
@@ -101,7 +114,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                                             "gen_attr_count", "gen_attr_position", "fid", "inception_score", "gen_n",
                                             "gen_loss_img", "gen_loss_img_rolled_prompts", "gen_prompt_gain",
                                             "gen_attr_by_objects", "gen_attribute_accuracy_one_draw", "fid_one_draw",
-                                            "inception_score_one_draw", "gen_best_of_kept") if k in s3}
+                                            "inception_score_one_draw", "gen_best_of_kept", "gen_attr_mean_ci95",
+                                            "gen_attr_all_ci95", "gen_one_draw", "gen_draw_seeds") if k in s3}
     rep["real_vs_real"] = s3.get("real_vs_real")
     rep["vqvae_reconstruction"] = s3.get("vqvae_reconstruction")  # the generation ceiling of this tokenizer
     rep["protocol"] = s3["protocol"]

@@ -10,8 +10,9 @@ is read here from an artifact, never typed:
                                 --check: write nothing, exit 1 when a page differs from its rendering
     publish sweep NAME          read a sweep's (or any MLflow experiment's) runs from MLflow and
                                 write experiments/ablations/results/<NAME>.json + its figure, then render
-    publish scoreboard          copy runs/pipeline/report.json with its provenance (commit, CPU
-                                model, the timed make targets, seeds) to experiments/world/scoreboard.json
+    publish scoreboard          copy runs/pipeline[-PRESET]/report.json (--preset default|v1, --runs-root
+                                a fresh clone) with its provenance (commit, CPU model, the timed make
+                                targets, seeds) to experiments/world/scoreboard.json
     publish timings             add `make test`'s time from runs/timings.json (a fresh clone's CI run)
     stamp TARGET START          record how long a make target took (the Makefile calls it last)
 
@@ -21,82 +22,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional
 
 from experiments.config import REPO_ROOT
-
-TIMINGS = "runs/timings.json"  # make targets' wall times, written by `stamp`
-
-
-def cpu_model() -> str:
-    """The CPU's marketing name (lscpu "Model name"), the fact that makes two timings comparable."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        for line in out.splitlines():
-            if line.strip().startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def cpu_flags() -> List[str]:
-    """The matrix-unit flags that change timings most between machines of this kind."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    flags = next((l.split(":", 1)[1].split() for l in text.splitlines() if l.startswith("flags")), [])
-    return [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-
-
-def machine_info() -> Dict[str, Any]:
-    import torch  # lazy: `stamp` runs at the end of every make target and must stay light
-
-    return {"cpu_model": cpu_model(), "cpu_flags": cpu_flags(), "cpus": os.cpu_count(),
-            "torch": torch.__version__, "python": platform.python_version(),
-            "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-
-
-def git_commit(root: Path = REPO_ROOT) -> Dict[str, Any]:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], cwd=root, capture_output=True,
-                             text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-        return {"commit": sha, "dirty": bool(dirty)}
-    except (OSError, subprocess.SubprocessError):
-        return {"commit": "unknown", "dirty": None}
-
-
-def stamp(target: str, start: float, path: Path) -> Dict[str, Any]:
-    """Append one timed make target to ``path`` (a JSON list, newest last)."""
-    rec = {"target": target, "seconds": round(time.time() - start, 1), **git_commit(),
-           "cpu_model": cpu_model(), "cpu_flags": cpu_flags(), "cpus": os.cpu_count(),
-           "loadavg": list(os.getloadavg()),
-           "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        old = json.loads(path.read_text()) if path.is_file() else []
-    except json.JSONDecodeError as e:
-        raise SystemExit(f"report stamp: {path} is not JSON ({e}); move it away and rerun") from e
-    path.write_text(json.dumps(old + [rec], indent=1) + "\n")
-    print(f"[timing] make {target}: {rec['seconds']:.0f} s on {rec['cpu_model']} ({path})")
-    return rec
-
+from experiments.machine import cpu_model
+# the scoreboard's half of the reports (re-exported: `report.stamp`, `report.scoreboard_rows`, ...)
+from experiments.scoreboard import (SCOREBOARD, TIMINGS, ReportError, _fmt, _load_json, _minutes, _rel,  # noqa: F401
+                                    publish_scoreboard, publish_timings, render_scoreboard, render_timings,
+                                    scoreboard_rows, stamp)
 
 # ----------------------------------------------------------------------------------------
 # the committed results and where their pages go
@@ -107,7 +44,6 @@ ABLATION_RESULTS = ABLATIONS / "results"  # <name>.json (+ .csv, every metric) p
 ABLATION_FIGURES = ABLATIONS / "figures"  # <name>.png: the shown metrics' curves
 BENCH_RESULTS = REPO_ROOT / "benchmarks" / "results"
 BENCH_PAGE = REPO_ROOT / "docs" / "benchmarks.md"
-SCOREBOARD = REPO_ROOT / "experiments" / "world" / "scoreboard.json"
 README = REPO_ROOT / "README.md"
 FINDING_RE = re.compile(r"<!-- finding.*?-->.*?<!-- /finding -->", re.S)
 FINDING_EMPTY = ("<!-- finding: hand-written; `python -m experiments.report` keeps this block -->\n"
@@ -117,43 +53,6 @@ BLOCKS = {  # README blocks: marker name -> renderer of the scoreboard file
     "scoreboard": lambda sb: render_scoreboard(sb),
     "timings": lambda sb: render_timings(sb),
 }
-
-
-class ReportError(ValueError):
-    """A results file or page that cannot be used; the message names it and the fix."""
-
-
-def _load_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ReportError(f"{_rel(path)}: cannot read it as JSON ({e}); restore it with git or republish it") from e
-
-
-def _rel(path: Path) -> str:
-    try:
-        return str(Path(path).resolve().relative_to(REPO_ROOT))
-    except ValueError:
-        return str(path)
-
-
-def _fmt(v: Any, digits: int = 4) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, bool):
-        return str(v).lower()
-    if isinstance(v, float):
-        return f"{v:.{digits}g}"
-    if isinstance(v, (list, dict)):
-        return json.dumps(v)
-    return str(v)
-
-
-def _minutes(seconds: Optional[float]) -> str:
-    if seconds is None:
-        return "?"
-    m, s = divmod(int(round(seconds)), 60)
-    return f"{m} min {s:02d} s"
 
 
 # ----------------------------------------------------------------------------------------
@@ -316,135 +215,6 @@ def render_benchmarks(results: Path = BENCH_RESULTS) -> str:
     return "\n".join(out)
 
 
-# ----------------------------------------------------------------------------------------
-# the scoreboard
-# ----------------------------------------------------------------------------------------
-
-
-def interval(p: Optional[float], n: Optional[int]) -> str:
-    """95% interval of a mean of n scores in [0, 1]: p +- 1.96 sqrt(p(1-p)/n). For 0/1 scores it is
-    the normal approximation of the binomial; for scores between (an image's mean over its
-    attributes) p(1-p) bounds their variance from above, so the interval is conservative."""
-    if p is None or not n:
-        return "n/a"
-    h = 1.96 * (p * (1 - p) / n) ** 0.5
-    return f"[{max(0.0, p - h):.3f}, {min(1.0, p + h):.3f}]"
-
-
-def render_scoreboard(sb: Dict[str, Any]) -> str:
-    rep, prov = sb["report"], sb["provenance"]
-    s2, s3 = rep.get("stage2", {}), rep.get("stage3", {})
-    n_q, n_g = s2.get("n"), s3.get("gen_n")
-    floor = (rep.get("real_vs_real") or {}).get("fid")
-    ceil = (rep.get("vqvae_reconstruction") or {})
-    und = (rep.get("understanding_only") or {}).get("vqa_accuracy")
-    best_of = rep.get("gen_best_of")
-    one = rep.get("gen_attribute_accuracy_one_draw") if best_of else rep.get("gen_attribute_accuracy")
-    fid_one = rep.get("fid_one_draw") if best_of else rep.get("fid")
-    rows = [("VQA accuracy, test split (after stage 2)", f"**{rep['vqa_accuracy']:.4f}**",
-             interval(rep["vqa_accuracy"], n_q), n_q),
-            ("understanding-only baseline (stage 2 without generation data)", _fmt(und),
-             interval(und, n_q), n_q if und is not None else None),
-            ("VQA, held-out attribute combinations", _fmt(s2.get("vqa_accuracy_heldout")),
-             interval(s2.get("vqa_accuracy_heldout"), n_q), n_q),
-            ("blind baseline (same model, no image)", _fmt(s2.get("vqa_blind_baseline")),
-             interval(s2.get("vqa_blind_baseline"), n_q), n_q),
-            ("attribute accuracy of generated images, **one draw** (mean over requested attributes)",
-             f"**{one:.3f}**" if one is not None else "", interval(one, n_g), n_g)]
-    if best_of:
-        rows.append((f"attribute accuracy, best of {best_of} (test-time compute: {best_of} draws + "
-                     f"{best_of} judgements by the model per prompt; compare with the one-draw row)",
-                     _fmt(rep.get("gen_attribute_accuracy")), interval(rep.get("gen_attribute_accuracy"), n_g), n_g))
-    by_obj = s3.get("gen_attr_by_objects") or {}
-    if by_obj:
-        rows.append(("attribute accuracy by objects in the prompt (" + " / ".join(sorted(by_obj)) + ")"
-                     + (f", best of {best_of}" if best_of else ""),
-                     " / ".join(_fmt(by_obj[k], 3) for k in sorted(by_obj)), "n/a", n_g))
-    if fid_one is not None:
-        rows.append(("FID, one draw (world classifier features; lower is better)"
-                     + (f" / its ratio to the real-vs-real floor {floor:.1f}" if floor else ""),
-                     f"{fid_one:.1f}" + (f" = {fid_one / floor:.2f}x" if floor else ""), "n/a (one run)", n_g))
-    if ceil.get("gen_attribute_accuracy") is not None or ceil.get("attribute_accuracy") is not None:
-        c = ceil.get("gen_attribute_accuracy", ceil.get("attribute_accuracy"))
-        rows.append(("tokenizer ceiling: attribute accuracy of VQVAE reconstructions of the targets",
-                     _fmt(c, 3), interval(c, n_g), n_g))
-    if s3.get("gen_prompt_gain") is not None:
-        rows.append(("prompt gain (nats/token the prompt is worth to the image loss)", _fmt(s3["gen_prompt_gain"], 4),
-                     "n/a", None))
-    t = prov.get("timings", {})
-    lines = ["| measure | figure | 95% interval | n |", "|---|---|---|---|"]
-    lines += [f"| {a} | {b} | {c} | {'' if d is None else d} |" for a, b, c, d in rows]
-    head = (f"World scoreboard of commit `{prov['commit']}`{' (dirty work tree)' if prov.get('dirty') else ''}, "
-            f"published {prov['published_utc'][:10]} from `runs/pipeline/report.json` of a fresh clone, "
-            f"{prov['cpu_model']} ({', '.join(prov.get('cpu_flags', [])) or 'flags not recorded'}), "
-            f"{prov.get('cpus', '?')} cores; `make stage1` {_minutes((t.get('stage1') or {}).get('seconds'))}, "
-            f"then `make pipeline` {_minutes((t.get('pipeline') or {}).get('seconds'))} "
-            f"(load average {_fmt((t.get('pipeline') or {}).get('loadavg', [None])[0], 2) or '?'} at its end). "
-            f"Intervals: +-1.96 sqrt(p(1-p)/n) over questions or prompts (conservative for attribute "
-            f"accuracy, an image's mean over its attributes); two figures whose intervals overlap are not "
-            f"separated. Seeds: training {prov.get('train_seeds', {})}, evaluation {prov.get('eval_seed', '?')}.")
-    return head + "\n\n" + "\n".join(lines)
-
-
-def render_timings(sb: Dict[str, Any]) -> str:
-    t, prov = sb["provenance"].get("timings", {}), sb["provenance"]
-    parts = []
-    for target in ("stage1", "pipeline", "test"):
-        rec = t.get(target)
-        if rec:
-            parts.append(f"`make {target}` **{_minutes(rec['seconds'])}**")
-    where = f"on a fresh clone of `{prov['commit']}`, {prov['cpu_model']}, 2 cores"
-    return ("Measured " + where + ": " + ", ".join(parts) + " (`experiments/world/scoreboard.json`; "
-            "other CPUs differ by up to 2x).") if parts else "Not timed yet."
-
-
-def publish_timings(runs_root: Path, out: Path = SCOREBOARD, targets: Sequence[str] = ("test",)) -> Path:
-    """Add the newest timed ``targets`` of ``<runs_root>/runs/timings.json`` (e.g. `make test` in a
-    fresh clone, as CI runs it) to the published scoreboard file."""
-    tpath = runs_root / "runs" / "timings.json"
-    if not tpath.is_file():
-        raise ReportError(f"{tpath} not found: run the make targets ({', '.join(targets)}) in {runs_root} first")
-    if not out.is_file():
-        raise ReportError(f"{_rel(out)} not found: publish the scoreboard first (publish scoreboard)")
-    sb = _load_json(out)
-    found = {rec["target"]: rec for rec in _load_json(tpath) if rec["target"] in targets}
-    if not found:
-        raise ReportError(f"{tpath} has no record of {', '.join(targets)}")
-    sb["provenance"].setdefault("timings", {}).update(found)
-    out.write_text(json.dumps(sb, indent=1, default=str) + "\n")
-    print(f"[report] timings of {', '.join(sorted(found))} -> {_rel(out)}")
-    return out
-
-
-def publish_scoreboard(runs_root: Path, out: Path = SCOREBOARD) -> Path:
-    """Copy ``<runs_root>/runs/pipeline/report.json`` with its provenance into ``out``."""
-    runs = runs_root / "runs"
-    rep_path = runs / "pipeline" / "report.json"
-    if not rep_path.is_file():
-        raise ReportError(f"{rep_path} not found: run `make stage1 && make pipeline` in {runs_root} first")
-    rep = _load_json(rep_path)
-    timings: Dict[str, Any] = {}
-    tpath = runs / "timings.json"
-    if tpath.is_file():
-        for rec in _load_json(tpath):  # the newest record of each target wins
-            timings[rec["target"]] = rec
-    seeds: Dict[str, Any] = {}
-    for stage in ("stage1", "stage2", "stage2_und_only", "stage3"):
-        cfg = runs / "world" / stage / "config.yaml"
-        if cfg.is_file():
-            m = re.search(r"^seed:\s*(\S+)", cfg.read_text(), re.M)
-            seeds[stage] = m.group(1) if m else "?"
-    git = rep.get("git", {})
-    prov = {"commit": str(git.get("git_commit", "unknown"))[:7], "dirty": git.get("git_dirty") == "true",
-            **{k: v for k, v in machine_info().items() if k != "date_utc"},
-            "published_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "timings": timings, "train_seeds": seeds, "eval_seed": (rep.get("protocol") or {}).get("seed"),
-            "source": str(rep_path), "command": "python -m experiments.report publish scoreboard"}
-    out.write_text(json.dumps({"provenance": prov, "report": rep}, indent=1, default=str) + "\n")
-    print(f"[report] scoreboard of {prov['commit']} -> {_rel(out)}")
-    return out
-
-
 def replace_block(text: str, name: str, body: str, where: str = "README.md") -> str:
     pat = re.compile(rf"(<!-- {name}:[^\n]*-->\n).*?(<!-- /{name} -->)", re.S)
     if not pat.search(text):
@@ -528,6 +298,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     pb.add_argument("what", choices=("sweep", "scoreboard", "timings"))
     pb.add_argument("name", nargs="?", default="", help="sweep: the sweep (or MLflow experiment) name")
     pb.add_argument("--tracking-uri", default=None, help="sweep: MLflow store (default runs/mlflow.db)")
+    pb.add_argument("--preset", default="default", help="scoreboard: which column (default, v1)")
     pb.add_argument("--runs-root", default=str(REPO_ROOT),
                     help="scoreboard / timings: the checkout whose runs/ holds pipeline/report.json and "
                          "timings.json (a fresh clone)")
@@ -542,7 +313,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     ap.error("publish sweep needs the sweep's name")
                 publish_sweep(args.name, args.tracking_uri)
             elif args.what == "scoreboard":
-                publish_scoreboard(Path(args.runs_root))
+                publish_scoreboard(Path(args.runs_root), args.preset)
             else:
                 publish_timings(Path(args.runs_root))
         check = args.cmd == "render" and args.check

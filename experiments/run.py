@@ -22,13 +22,14 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from experiments import tracking
 from experiments.config import ConfigError, LoadedConfig, load_config, output_dir, resolve_path
+from experiments.machine import cpu_model
 from experiments.run_guard import (Preempted, RunError, RunLock, check_writable, find_resume, init_hash, is_rank_zero,
                                   set_aside_export)
-from modules.checkpoint import StateDictMismatchError, write_export
+from modules.checkpoint import StateDictMismatchError, WeightsIntegrityError, write_export
 from modules.stages import build_stage
 from modules.stages.callbacks import ThreadsFromFile
 
@@ -105,7 +106,17 @@ def export_weights(module: Any, loaded: LoadedConfig, out: Path, extra: Optional
                    files: Optional[dict] = None) -> Path:
     """The stage's exports (or ``files``, gathered) + config.yaml + export.json, each atomic."""
     return write_export(out, files if files is not None else module.exports(), loaded.to_yaml(),
-                        metadata={"config_hash": loaded.hash, "stage": loaded.cfg.stage, **(extra or {})})
+                        metadata={"config_hash": loaded.hash, "stage": loaded.cfg.stage, "config_source": loaded.source,
+                                  "seed": loaded.cfg.seed, **(extra or {})})
+
+
+def provenance(trainer: Any, seconds: float) -> Dict[str, Any]:
+    """What made an export, for whoever reads it later (``experiments.bases pack`` copies it into
+    assets/world/MANIFEST.json): commit, CPU, steps, wall time and the last logged metrics."""
+    metrics = {k: round(float(v), 6) for k, v in sorted(trainer.callback_metrics.items())
+               if k.startswith(("val/", "train/loss")) and getattr(v, "numel", lambda: 1)() == 1}
+    return {"git": tracking.git_info(), "cpu_model": cpu_model(), "steps": int(trainer.global_step),
+            "fit_seconds": round(seconds, 1), "final_metrics": metrics}
 
 
 def sharded_exports(trainer: Any, module: Any) -> Optional[dict]:
@@ -209,7 +220,7 @@ def _fit(loaded: LoadedConfig, resume: Optional[str], out: Path, ckpt_dir: Path,
     if cfg.trainer.save_checkpoint:
         files = sharded_exports(trainer, module)  # a collective under FSDP / ZeRO-3: every rank
         if trainer.is_global_zero:
-            path = export_weights(module, loaded, out, start_from, files)
+            path = export_weights(module, loaded, out, {**start_from, **provenance(trainer, elapsed)}, files)
             print(f"[run] weights: {path}")
     if logger is not None and trainer.is_global_zero:
         logger.log_metrics({"time/fit_seconds": elapsed}, step=trainer.global_step)
@@ -232,7 +243,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 
 # Expected failures: one clear line and a non-zero exit, no traceback (unexpected ones keep theirs).
-EXPECTED = (RunError, FileNotFoundError, StateDictMismatchError)
+EXPECTED = (RunError, FileNotFoundError, StateDictMismatchError, WeightsIntegrityError)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -18,14 +18,27 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional
 
 from experiments.config import REPO_ROOT, LoadedConfig, flatten, resolve_path
+from experiments.machine import cpu_model
 from modules.evaluation import report_metrics
 
 SWEEP_ENV = "VARGPT_SWEEP_TAGS"  # JSON dict of extra tags set by the sweep launcher
-# What the MLflow UI reads to open an experiment as model training (runs table, charts) rather than
-# on its GenAI overview (traces, judges): the experiment tag mlflow.experimentKind. Every
-# experiment the suite creates or reuses carries it (ensure_experiment).
+# The experiment tag that says an experiment is model training (runs, charts), not GenAI (traces,
+# judges). Every experiment the suite creates or reuses carries it (ensure_experiment); search
+# filters and other tools read it, but the MLflow 3.17/3.18 UI does not: see UI_WORKFLOW below.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 TRAINING_KIND = "custom_model_development"
+# What the MLflow UI (3.17, 3.18) opens an experiment as: the URL's `workflowType` query parameter,
+# else the sidebar's GenAI | Model training toggle as last set in this browser (local storage),
+# else GenAI, which lands on the GenAI overview. It ignores EXPERIMENT_KIND_TAG for this
+# (https://github.com/mlflow/mlflow/issues/24498), and its own links between pages drop the
+# parameter. So every dashboard link the suite prints goes straight to the page and carries it.
+UI_WORKFLOW = "workflowType=machine_learning"
+UI_HOST = "127.0.0.1"  # where `make mlflow-ui` serves (--host), on $PORT (default UI_PORT)
+UI_PORT = "5000"
+# The UI keeps the toggle per browser once it is clicked (local storage); from then on every page
+# opens as model training, also those reached through the UI's own links. `make mlflow-ui` says so.
+UI_TOGGLE_HINT = ("[mlflow-ui] a page shows GenAI (Overview, Traces, Judges)? click 'Model training' at the "
+                  "top of the sidebar once: this browser keeps it")
 RUN_KIND_TAG = "run_kind"  # benchmarks runs (experiments/eval_benchmarks.py) say so
 # System metrics (CPU, memory, disk, network; GPU where pynvml finds one) beside the training
 # metrics, as system/* in the run. On by default for training runs; MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING
@@ -57,6 +70,64 @@ def experiment_name(cfg: Any) -> str:
     return cfg.logging.experiment or f"vargpt-{cfg.stage}"
 
 
+# ----------------------------------------------------------------------------------------
+# dashboard links (UI_WORKFLOW): printed by training runs, `make mlflow-ui`, eval_benchmarks
+# ----------------------------------------------------------------------------------------
+def ui_base_url(uri: Optional[str] = None) -> str:
+    """The dashboard's address: the tracking server itself when ``uri`` is one (http[s]://...),
+    else where `make mlflow-ui` serves, http://127.0.0.1:$PORT (5000 when PORT is unset or empty,
+    as the Makefile's ${PORT:-5000})."""
+    if uri and uri.startswith(("http://", "https://")):
+        return uri.rstrip("/")
+    return f"http://{UI_HOST}:{os.environ.get('PORT') or UI_PORT}"
+
+
+def ui_experiments_url(uri: Optional[str] = None) -> str:
+    """The experiment list as model training. Its links into an experiment drop the parameter, so
+    in a browser whose toggle was never set they land on the GenAI overview (prefer ui_experiment_url)."""
+    return f"{ui_base_url(uri)}/#/experiments?{UI_WORKFLOW}"
+
+
+def ui_experiment_url(experiment_id: str, uri: Optional[str] = None) -> str:
+    """An experiment's runs: the runs table beside their metric charts (compareRunsMode=CHART;
+    the UI's default is the table alone)."""
+    return f"{ui_base_url(uri)}/#/experiments/{experiment_id}/runs?{UI_WORKFLOW}&compareRunsMode=CHART"
+
+
+def ui_run_url(experiment_id: str, run_id: str, uri: Optional[str] = None, tab: str = "model-metrics") -> str:
+    """A run's page. The default tab, model-metrics, charts every metric over steps and refreshes
+    while the run goes on (what a training log's reader wants); ``tab=""`` is the overview (status,
+    params, the metrics' last values). The experiment id is needed: the UI's short route
+    #/runs/<run_id> redirects to the run without the workflow parameter."""
+    path = f"/#/experiments/{experiment_id}/runs/{run_id}" + (f"/{tab}" if tab else "")
+    return f"{ui_base_url(uri)}{path}?{UI_WORKFLOW}"
+
+
+def ui_run_link(run_id: str, uri: Optional[str] = None, tab: str = "") -> str:
+    """ui_run_url for a run known by its id alone (its experiment read from the store)."""
+    exp_id = get_client(uri).get_run(run_id).info.experiment_id
+    return ui_run_url(exp_id, run_id, uri, tab)
+
+
+def print_run_link(logger: Any, uri: Optional[str]) -> None:
+    """The training log's line with the run's dashboard page (see ui_run_url)."""
+    print(f"[run] MLflow: {ui_run_url(logger.experiment_id, logger.run_id, uri)}", flush=True)
+
+
+def ui_links(uri: str) -> List[str]:
+    """What `make mlflow-ui` prints: the experiment list, each of the suite's experiments (those with
+    the kind tag) with its runs link, and how to keep a browser on model training (the UI's own links
+    drop the parameter). A SQLite store that does not exist yet is not created (the server does)."""
+    lines = [f"[mlflow-ui] experiments: {ui_experiments_url(uri)}"]
+    db = Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+    if db is None or db.is_file():
+        found = get_client(uri).search_experiments(
+            filter_string=f"tags.`{EXPERIMENT_KIND_TAG}` = '{TRAINING_KIND}'", order_by=["name ASC"])
+        lines += [f"[mlflow-ui] {e.name}: {ui_experiment_url(e.experiment_id, uri)}" for e in found]
+    return lines + [UI_TOGGLE_HINT]
+
+
+
 def git_info(root: Path = REPO_ROOT) -> Dict[str, str]:
     """Commit SHA and whether the work tree differs from it ("unknown" outside a git checkout)."""
     try:
@@ -81,6 +152,7 @@ def run_tags(loaded: LoadedConfig, extra: Optional[Dict[str, str]] = None) -> Di
         "stage": cfg.stage,
         "config_source": loaded.source,
         "experiment_name": cfg.name,
+        "cpu_model": cpu_model(),  # timings of runs on other CPUs are not comparable
         **cfg.logging.tags,
     }
     env_tags = os.environ.get(SWEEP_ENV)
@@ -183,10 +255,12 @@ def _system_metrics_logger_class():
 
 def log_run_start(logger: Any, loaded: LoadedConfig, counts: Dict[str, int],
                   trainable_names: Optional[list] = None) -> None:
-    """Resolved config as params + YAML artifact, parameter counts, trainable names."""
+    """Resolved config as params + YAML artifact, parameter counts, trainable names; prints the
+    run's dashboard link (print_run_link)."""
     params: Dict[str, Any] = {k: ("" if v is None else v) for k, v in flatten(loaded.yaml_cfg).items()}
     params.update({f"params/{k.replace('params_', '')}": v for k, v in counts.items()})
     logger.log_hyperparams(params)
+    print_run_link(logger, tracking_uri(loaded.cfg))
     log_text(logger, "config.yaml", loaded.to_yaml())
     if trainable_names is not None:
         log_text(logger, "trainable_parameters.txt", "\n".join(trainable_names) + "\n")
@@ -274,9 +348,11 @@ def mark_failed_if_running(uri: str, run_id: str, why: str) -> None:
 
 
 def mark_resumed(logger: Any, checkpoint: str, step: int) -> None:
+    """Tag a resumed run and print its dashboard link again (the resumed process's log is new)."""
     c = logger.experiment
     c.set_tag(logger.run_id, "vargpt.resumed_from", f"{checkpoint} (step {step})")
     c.set_tag(logger.run_id, "vargpt.preempted", "")
+    print_run_link(logger, getattr(logger, "_tracking_uri", None))
 
 
 def mark_preempted(logger: Any, signal_name: str, step: int) -> None:
@@ -388,9 +464,13 @@ def log_eval_report(client: Any, run_id: str, report: Dict[str, Any], report_pat
         client.log_dict(run_id, json.loads(json.dumps(report, default=str)), "report.json")
 
 
-if __name__ == "__main__":  # python -m experiments.tracking init [URI]
+if __name__ == "__main__":  # python -m experiments.tracking init|links [URI]
     import sys
 
-    if sys.argv[1:2] != ["init"]:
-        sys.exit("usage: python -m experiments.tracking init [TRACKING_URI]")
-    init_store(sys.argv[2] if len(sys.argv) > 2 else None)
+    if sys.argv[1:2] not in (["init"], ["links"]):
+        sys.exit("usage: python -m experiments.tracking init|links [TRACKING_URI]")
+    _uri = sys.argv[2] if len(sys.argv) > 2 else None
+    if sys.argv[1] == "init":
+        init_store(_uri)
+    else:  # `make mlflow-ui`: the dashboard links to open (ui_links)
+        print("\n".join(ui_links(_uri or default_tracking_uri())), flush=True)

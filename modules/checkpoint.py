@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 from pathlib import Path
-from typing import Dict, Iterable, Mapping, Optional, Sequence
+from typing import Any, Dict, Iterable, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -65,7 +65,7 @@ def _write_text_atomic(path: Path, text: str) -> None:
 
 
 def write_export(out_dir: Path, files: Mapping[str, Mapping[str, torch.Tensor]], config_yaml: str,
-                 metadata: Optional[Dict[str, str]] = None) -> Path:
+                 metadata: Optional[Dict[str, Any]] = None) -> Path:
     """A run's export: every ``files`` entry (name -> state dict) as safetensors, the resolved
     ``config.yaml`` beside them and ``export.json`` ({file: {sha256, tensors}}, metadata) written
     last, so a directory with a manifest is complete. Returns the path of ``model.safetensors``
@@ -74,8 +74,11 @@ def write_export(out_dir: Path, files: Mapping[str, Mapping[str, torch.Tensor]],
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    meta = {k: str(v) for k, v in (metadata or {}).items()}
-    manifest: Dict[str, object] = {"metadata": meta, "files": {}}
+    # export.json keeps the metadata's JSON values (numbers, the run's provenance dicts); the
+    # safetensors header takes strings only, so non-strings go there as JSON text
+    native = json.loads(json.dumps(dict(metadata or {}), default=str))
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in native.items()}
+    manifest: Dict[str, object] = {"metadata": native, "files": {}}
     (out_dir / EXPORT_MANIFEST).unlink(missing_ok=True)  # incomplete until rewritten below
     for name, sd in files.items():
         save_state_dict(sd, out_dir / name, metadata=meta)
@@ -86,9 +89,45 @@ def write_export(out_dir: Path, files: Mapping[str, Mapping[str, torch.Tensor]],
     return out_dir / ("model.safetensors" if "model.safetensors" in files else next(iter(files)))
 
 
+class WeightsIntegrityError(RuntimeError):
+    """A weights file whose sha256 differs from the MANIFEST.json beside it."""
+
+
+MANIFEST = "MANIFEST.json"
+_VERIFIED: Dict[tuple, str] = {}  # (path, size, mtime_ns) -> sha256 already checked in this process
+
+
+def verify_manifest(path: Path) -> None:
+    """When a MANIFEST.json beside ``path`` lists it (the shipped world bases), its sha256 must
+    match: a truncated download, a bad merge or a hand edit would otherwise train from wrong
+    weights without a word."""
+    mf = path.parent / MANIFEST
+    if not mf.is_file():
+        return
+    import json
+
+    try:
+        entries = json.loads(mf.read_text())
+    except json.JSONDecodeError as e:
+        raise WeightsIntegrityError(f"{mf}: not JSON ({e}); restore it with `git checkout -- {mf}`") from e
+    want = next((e.get("sha256") for e in entries.values() if isinstance(e, dict) and e.get("file") == path.name), None)
+    if want is None:
+        return
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    got = _VERIFIED.get(key) or sha256_file(path)
+    if got != want:
+        raise WeightsIntegrityError(
+            f"{path}: sha256 {got[:12]}... differs from {mf} ({want[:12]}...): the file is damaged or was "
+            f"changed by hand. Restore the shipped one with `git checkout -- {path}`, or retrain and repack "
+            f"every base with `make clean-bases bases` (which rewrites {MANIFEST})")
+    _VERIFIED[key] = got
+
+
 def read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
     """safetensors, or a torch pickle loaded with weights_only=True (official .pth files).
-    A directory means every shard in it (HF layout: *.safetensors, else pytorch_model*.bin)."""
+    A directory means every shard in it (HF layout: *.safetensors, else pytorch_model*.bin).
+    A file listed in a MANIFEST.json beside it is checked against its sha256 first."""
     path = Path(path)
     if path.is_dir():
         shards = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
@@ -100,6 +139,7 @@ def read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
         return out
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
+    verify_manifest(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 

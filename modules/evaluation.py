@@ -148,6 +148,22 @@ def target_images(samples: Sequence[Dict[str, Any]], resolution: int) -> torch.T
     return torch.stack([tf(s["images"][-1]).add(1).mul(0.5) for s in samples])
 
 
+def rerendered_targets(samples: Sequence[Dict[str, Any]], resolution: int, seed: int = 1) -> torch.Tensor:
+    """Each world generation sample's request rendered again with its own placement and seed
+    (``datamodules.world.rerender_request``), transformed as ``target_images``: real images for the
+    same prompts, independent of the stored targets. (N, 3, R, R) in [0, 1]."""
+    from PIL import Image
+
+    from datamodules.world import render, rerender_request  # lazy: the world only where it is evaluated
+
+    if not all("scene" in s["record"] for s in samples):
+        raise ValueError("a same-prompt real-vs-real floor needs world generation records (a 'scene' per "
+                         "sample); for other data pass shards of other real images as the baseline")
+    tf = GenTransform(resolution)
+    return torch.stack([tf(Image.fromarray(render(rerender_request(s["record"], seed)))).add(1).mul(0.5)
+                        for s in samples])
+
+
 @torch.no_grad()
 def vqvae_reconstructions(vqvae: torch.nn.Module, images: torch.Tensor, batch: int = 64) -> torch.Tensor:
     """Images (N, 3, H, W) in [0, 1] (as ``target_images`` gives them) -> their VQVAE
@@ -182,6 +198,7 @@ def evaluate_generation(net, samples: Sequence[Dict[str, Any]], cfg: EvalConfig,
     images = generate_for(net, prompts, cfg, teacher)
     out: Dict[str, Any] = {"gen_n": len(prompts), "gen_images": images, "gen_prompts": prompts}
     first_draw = images
+    draws = [images]
     if cfg.best_of > 1:  # N draws per prompt, the model's own understanding keeps one (modules/self_verify.py)
         questions = prompt_questions(prompts, [str(s.get("key", "")) or f"sample {i}" for i, s in enumerate(samples)])
         draws = [images] + [generate_for(net, prompts, replace(cfg, seed=draw_seed(cfg.seed, k)), teacher)
@@ -191,24 +208,45 @@ def evaluate_generation(net, samples: Sequence[Dict[str, Any]], cfg: EvalConfig,
         out.update(gen_images=images, gen_best_of_kept=pick_summary(pick_N, cfg.best_of))
     if cfg.prompt_gain_samples > 0:  # callers evaluate in eval mode (no dropout), as for sampling
         out.update(prompt_gain(net, samples[:cfg.prompt_gain_samples], cfg.batch_size))
+    seeds: Dict[str, List[float]] = {}  # best of N: every draw is a one-draw run at its own seed
     if classifier is not None and all("scene" in s["record"] for s in samples):
         groups = [requested_groups(s["record"]) for s in samples]
         scores = attribute_scores(classifier, images, groups)
-        # gen_attr_<attribute>, and gen_attr_by_objects: one- vs multi-object prompts
+        # gen_attr_<attribute> (+ _mean_ci95 / _all_ci95), and gen_attr_by_objects: one- vs multi-object prompts
         out.update({f"gen_attr_{k}": v for k, v in scores.items()})
         out["gen_attribute_accuracy"] = scores["mean"]
-        if cfg.best_of > 1:  # the single-draw protocol's figure, from the same run (draw 0)
-            out["gen_attribute_accuracy_one_draw"] = attribute_scores(classifier, first_draw, groups)["mean"]
+        if cfg.best_of > 1:  # the single-draw protocol's figures, from the same run (draw 0)
+            per_draw = [attribute_scores(classifier, d, groups) for d in draws]
+            one = per_draw[0]
+            out["gen_attribute_accuracy_one_draw"] = one["mean"]
+            out["gen_one_draw"] = {k: one[k] for k in ("mean", "mean_ci95", "all", "all_ci95", "object", "count",
+                                                        "position", "by_objects") if k in one}
+            seeds.update(attribute_accuracy=[d["mean"] for d in per_draw], attr_all=[d["all"] for d in per_draw])
     if classifier is not None or cfg.extractor == "inception":
         if reals is None:
             reals = target_images(samples, images.shape[-1])
         out.update(fid_is(images, reals, cfg, classifier, real_key or "prompts"))
-        if cfg.best_of > 1:  # draw 0 against the same reals: the single-draw protocol's FID / IS
-            one = fid_is(first_draw, reals, cfg, classifier, real_key or "prompts")
-            out.update(fid_one_draw=one["fid"], inception_score_one_draw=one["inception_score"])
+        if cfg.best_of > 1:  # each draw against the same reals: the single-draw protocol's FID / IS
+            per_fid = [fid_is(d, reals, cfg, classifier, real_key or "prompts") for d in draws]
+            out.update(fid_one_draw=per_fid[0]["fid"], inception_score_one_draw=per_fid[0]["inception_score"])
+            seeds.update(fid=[f["fid"] for f in per_fid], inception_score=[f["inception_score"] for f in per_fid])
+    if seeds:
+        # The spread a one-draw figure has from the draw seed alone (the prompts fixed): the K draws
+        # of best of K are K one-draw runs. Mean and 1.96 standard deviations over them.
+        out["gen_draw_seeds"] = {k: {"values": [round(x, 4) for x in v], "mean": round(float(torch.tensor(v).mean()), 4),
+                                     "range95": _range95(v)} for k, v in seeds.items()}
     if cfg.clip_dir:
         out.update(clip_score(images, clip_texts(samples), str(resolve_path(cfg.clip_dir)), cfg.batch_size))
     return out
+
+
+def _range95(values: Sequence[float]) -> List[float]:
+    """mean +- 1.96 sd (sample sd) of K one-draw figures: where one run's figure falls 95% of the
+    time from its draw seed alone."""
+    t = torch.tensor(list(values), dtype=torch.float64)
+    sd = float(t.std()) if len(t) > 1 else float("nan")
+    m = float(t.mean())
+    return [round(m - 1.96 * sd, 4), round(m + 1.96 * sd, 4)]
 
 
 def clip_texts(samples: Sequence[Dict[str, Any]]) -> List[str]:

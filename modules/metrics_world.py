@@ -26,7 +26,7 @@ attribute of every prompt (the scoreboard's ``gen_attribute_accuracy``).
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Sequence
+from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -158,10 +158,41 @@ def scores_by_objects(predicted: Sequence[Mapping[str, Any]],
             for n, ix in sorted(by.items())}
 
 
+def prompt_counts(predicted: Sequence[Mapping[str, Any]],
+                  groups: Sequence[Sequence[Mapping[str, Any]]]) -> Tuple[Tensor, Tensor, Tensor]:
+    """Per prompt: (attributes right, attributes requested) among those averaged in ``mean``, and
+    1 where every requested attribute is right (``all``); three (N,) tensors."""
+    right, asked, all_ok = [], [], []
+    for g, p in zip(groups, predicted):
+        res = check_scene(g, p)
+        right.append(sum(int(res[k]) for k in _IN_MEAN if k in res))
+        asked.append(sum(1 for k in _IN_MEAN if k in res))
+        all_ok.append(int(res["all"]))
+    as_t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    return as_t(right), as_t(asked), as_t(all_ok)
+
+
+def bootstrap_ci(num_N: Tensor, den_N: Tensor, reps: int = 2000, seed: int = 0, level: float = 0.95) -> List[float]:
+    """Percentile bootstrap interval of ``sum(num) / sum(den)`` with the N prompts resampled (the
+    pooled attribute accuracy is a ratio of sums: prompts ask for 1-8 attributes, so a binomial
+    interval over prompts or over attributes would be wrong either way)."""
+    n = len(num_N)
+    if n == 0:
+        return [float("nan"), float("nan")]
+    g = torch.Generator().manual_seed(seed)
+    idx_RN = torch.randint(0, n, (reps, n), generator=g)
+    ratio_R = num_N[idx_RN].sum(1) / den_N[idx_RN].sum(1).clamp(min=1)
+    lo, hi = torch.quantile(ratio_R, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=ratio_R.dtype))
+    return [round(float(lo), 4), round(float(hi), 4)]
+
+
 def attribute_scores(classifier: Any, images: Tensor, groups: Sequence[Sequence[Mapping[str, Any]]],
                      batch: int = 64) -> Dict[str, Any]:
     """The classifier's reading of ``images`` (N, 3, H, W) in [0, 1] scored against ``groups``
-    (one classifier pass): ``{attribute: accuracy, "mean": ..., "by_objects": scores_by_objects}``,
-    the accuracies as floats. The one scorer of generated and reference images."""
+    (one classifier pass): ``{attribute: accuracy, "mean": ..., "by_objects": scores_by_objects,
+    "mean_ci95": [lo, hi], "all_ci95": [lo, hi]}``, the accuracies as floats; the intervals are
+    bootstraps over the prompts. The one scorer of generated and reference images."""
     predicted = predict_scenes(classifier, images, batch)
-    return {**score_scenes(predicted, groups), "by_objects": scores_by_objects(predicted, groups)}
+    right, asked, all_ok = prompt_counts(predicted, groups)
+    return {**score_scenes(predicted, groups), "by_objects": scores_by_objects(predicted, groups),
+            "mean_ci95": bootstrap_ci(right, asked), "all_ci95": bootstrap_ci(all_ok, torch.ones_like(all_ok))}

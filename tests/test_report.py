@@ -43,9 +43,9 @@ def test_readme_block_follows_the_scoreboard_file(tmp_path):
     sb = json.loads(sb_path.read_text())
     text = (REPO_ROOT / "README.md").read_text()
     assert report.render_readme(text, sb) == text  # the committed README is its own rendering
-    shown = f"{sb['report']['vqa_accuracy']:.4f}"
-    assert shown in text
-    sb["report"]["vqa_accuracy"] = 0.1234
+    rep = sb["presets"]["default"]["report"]
+    assert f"**{rep['vqa_accuracy']:.4f}".rstrip("0") in text
+    rep["vqa_accuracy"] = 0.1234
     other = report.render_readme(text, sb)
     assert "**0.1234**" in other and other != text
     # a README without the markers is refused with the fix
@@ -53,12 +53,37 @@ def test_readme_block_follows_the_scoreboard_file(tmp_path):
         report.render_readme("# no blocks here\n", sb)
 
 
-def test_interval_is_the_binomial_normal_approximation():
-    assert report.interval(0.5, 400) == "[0.451, 0.549]"  # 1.96 * sqrt(0.25 / 400) = 0.049
-    assert report.interval(1.0, 10) == "[1.000, 1.000]"
-    assert report.interval(None, 10) == "n/a"
+FAKE = {
+    "git": {"git_commit": "a" * 40, "git_dirty": "false"}, "vqa_accuracy": 0.8875, "gen_best_of": 16,
+    "gen_attribute_accuracy": 0.591, "fid_one_draw": 349.9, "fid": 299.0,
+    "stage2": {"n": 400, "vqa_accuracy": 0.8875, "vqa_accuracy_ci95": [0.857, 0.918], "vqa_accuracy_heldout": 0.7175},
+    "understanding_only": {"vqa_accuracy": 0.885, "vqa_accuracy_ci95": [0.854, 0.916]},
+    "stage3": {"gen_n": 200, "gen_attr_mean_ci95": [0.55, 0.63], "gen_attr_all": 0.4, "gen_attr_all_ci95": [0.33, 0.47],
+               "gen_one_draw": {"mean": 0.404, "mean_ci95": [0.37, 0.44], "all": 0.26, "all_ci95": [0.2, 0.32],
+                                "by_objects": {"1": {"mean": 0.9, "all": 0.8}, "2": {"mean": 0.4, "all": 0.2}}},
+               "gen_draw_seeds": {"attribute_accuracy": {"values": [0.404, 0.38], "range95": [0.35, 0.43]},
+                                  "fid": {"values": [349.9, 360.0], "range95": [330.0, 380.0]}},
+               "gen_prompt_gain": 1.586},
+    "real_vs_real": {"fid": 120.0, "shards": "same-prompts", "attribute_accuracy": 0.95, "attribute_accuracy_ci95": [0.93, 0.97]},
+    "vqvae_reconstruction": {"attribute_accuracy": 0.739, "attribute_accuracy_ci95": [0.7, 0.77], "attr_all": 0.6,
+                             "attr_all_ci95": [0.53, 0.67]},
+}
 
 
+def test_scoreboard_rows_show_one_draw_headline_best_of_apart_and_intervals():
+    rows = dict(report.scoreboard_rows(FAKE))
+    head = next(k for k in rows if k.startswith("**attribute accuracy, one draw**"))
+    assert rows[head] == "**0.404** [0.370, 0.440]; over 2 draw seeds [0.350, 0.430]"
+    best = next(k for k in rows if k.startswith("best of 16"))
+    assert "16 draws + 16 judgements" in best and rows[best] == "0.591 [0.550, 0.630] / 0.4 [0.330, 0.470]"
+    assert rows["images with every requested attribute right, one draw"] == "0.26 [0.200, 0.320]"
+    fid = next(v for k, v in rows.items() if k.startswith("FID, one draw"))
+    assert fid == "349.9 = 2.92x the floor; over draw seeds [330.0, 380.0]"
+    assert any(k.startswith("floor: real images for the same prompts") for k in rows)
+    assert rows["VQA accuracy, test split"] == "**0.8875** [0.857, 0.918]"
+    table = report.render_scoreboard({"presets": {"default": {"report": FAKE, "provenance": {
+        "commit": "aaaaaaa", "cpu_model": "Some CPU", "cpu_flags": ["avx2"], "cpus": 2, "timings": {}}}}})
+    assert "| measure (95% interval) | suite default |" in table and "VARGPT v1" not in table.splitlines()[0]
 def test_tiny_sweep_publishes_a_page_with_table_and_figure(tmp_path, capsys):
     """Launch a two-variant sweep of the debug stage, publish it from MLflow, render its page."""
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -211,6 +211,19 @@ def test_three_stages_chain_end_to_end(tiny_world, tmp_path, tracking_uri, model
             assert isinstance(rep[k], float), k
         assert "gen_attribute_accuracy_one_draw>=0.50_minimum" in rep["targets_met"]
         assert sum(rep["stage3"]["gen_best_of_kept"].values()) == pytest.approx(1.0)
+        # the fair scoreboard's figures: intervals, both attribute readings, each draw a one-draw run
+        s3 = rep["stage3"]
+        seeds = s3["gen_draw_seeds"]
+        assert len(seeds["attribute_accuracy"]["values"]) == 2 and len(seeds["fid"]["values"]) == 2
+        assert seeds["attribute_accuracy"]["values"][0] == pytest.approx(rep["gen_attribute_accuracy_one_draw"], abs=1e-4)
+        assert seeds["fid"]["values"][0] == pytest.approx(rep["fid_one_draw"], abs=1e-3)
+        one = s3["gen_one_draw"]
+        assert one["mean"] == rep["gen_attribute_accuracy_one_draw"] and 0.0 <= one["all"] <= one["mean"] + 1e-9
+        assert one["mean_ci95"][0] <= one["mean"] <= one["mean_ci95"][1]
+        lo, hi = rep["stage2"]["vqa_accuracy_ci95"]
+        assert lo <= rep["vqa_accuracy"] <= hi and hi - lo > 0 or rep["vqa_accuracy"] in (0.0, 1.0)
+        assert rep["real_vs_real"]["shards"] == "same-prompts" and rep["real_vs_real"]["n"] == 4
+        assert "attr_all" in rep["real_vs_real"] and "attr_all" in rep["vqvae_reconstruction"]
 
 
 def test_infer_cli_answers_and_draws(tiny_world, tmp_path, tracking_uri, capsys):

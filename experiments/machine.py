@@ -1,0 +1,42 @@
+"""The machine a figure was measured on: what makes two timings comparable (or not).
+
+Read by every results file's provenance (experiments.report, experiments.tracking run tags,
+exports, benchmarks): the CPU's model name and its matrix-unit flags, which change timings by up
+to 2x between the machines this suite runs on (Intel AMX, AMD AVX-512, AVX2 only).
+"""
+from __future__ import annotations
+
+import platform
+import subprocess
+import functools
+from pathlib import Path
+from typing import List
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_model() -> str:
+    """The CPU's marketing name (lscpu "Model name"), the fact that makes two timings comparable."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in out.splitlines():
+            if line.strip().startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def cpu_flags() -> List[str]:
+    """The matrix-unit flags that change timings most between machines of this kind."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = next((l.split(":", 1)[1].split() for l in text.splitlines() if l.startswith("flags")), [])
+    return [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]

@@ -1,0 +1,289 @@
+"""The world scoreboard as a committed results file, and the wall times of the make targets.
+
+    publish_scoreboard   runs/pipeline[-PRESET]/report.json of a fresh clone + its provenance
+                         (commit, CPU, timed make targets, seeds) -> experiments/world/scoreboard.json
+    publish_timings      `make test`'s time (runs/timings.json of a fresh clone) -> the same file
+    render_scoreboard    the README's scoreboard block: VARGPT v1 beside the suite default, every
+                         figure with its 95% interval, the one-draw headline, best of N apart
+    stamp                one make target's wall time -> runs/timings.json (the Makefile calls it)
+
+``experiments.report`` renders the README from it; nothing here is typed into a page by hand.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from experiments.config import REPO_ROOT
+from experiments.machine import cpu_flags, cpu_model
+
+SCOREBOARD = REPO_ROOT / "experiments" / "world" / "scoreboard.json"
+
+TIMINGS = "runs/timings.json"  # make targets' wall times, written by `stamp`
+
+
+def machine_info() -> Dict[str, Any]:
+    import torch  # lazy: `stamp` runs at the end of every make target and must stay light
+
+    return {"cpu_model": cpu_model(), "cpu_flags": cpu_flags(), "cpus": os.cpu_count(),
+            "torch": torch.__version__, "python": platform.python_version(),
+            "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def git_commit(root: Path = REPO_ROOT) -> Dict[str, Any]:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], cwd=root, capture_output=True,
+                             text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        return {"commit": sha, "dirty": bool(dirty)}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": "unknown", "dirty": None}
+
+
+def stamp(target: str, start: float, path: Path) -> Dict[str, Any]:
+    """Append one timed make target to ``path`` (a JSON list, newest last)."""
+    rec = {"target": target, "seconds": round(time.time() - start, 1), **git_commit(),
+           "cpu_model": cpu_model(), "cpu_flags": cpu_flags(), "cpus": os.cpu_count(),
+           "loadavg": list(os.getloadavg()),
+           "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        old = json.loads(path.read_text()) if path.is_file() else []
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"report stamp: {path} is not JSON ({e}); move it away and rerun") from e
+    path.write_text(json.dumps(old + [rec], indent=1) + "\n")
+    print(f"[timing] make {target}: {rec['seconds']:.0f} s on {rec['cpu_model']} ({path})")
+    return rec
+
+
+class ReportError(ValueError):
+    """A results file or page that cannot be used; the message names it and the fix."""
+
+
+def _load_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ReportError(f"{_rel(path)}: cannot read it as JSON ({e}); restore it with git or republish it") from e
+
+
+def _rel(path: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
+
+
+def _fmt(v: Any, digits: int = 4) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, float):
+        return f"{v:.{digits}g}"
+    if isinstance(v, (list, dict)):
+        return json.dumps(v)
+    return str(v)
+
+
+def _minutes(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return "?"
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m} min {s:02d} s"
+
+
+# ----------------------------------------------------------------------------------------
+# the scoreboard
+# ----------------------------------------------------------------------------------------
+
+
+PRESETS = ("v1", "default")  # scoreboard columns, left to right
+PRESET_TITLES = {"v1": "VARGPT v1 (`PRESET=v1`)", "default": "suite default"}
+
+
+def _ci(v: Any) -> str:
+    return f"[{v[0]:.3f}, {v[1]:.3f}]" if isinstance(v, (list, tuple)) and len(v) == 2 else ""
+
+
+def _cell(value: Optional[float], ci: Any = None, digits: int = 4, bold: bool = False) -> str:
+    if value is None:
+        return "n/a"
+    txt = f"{value:.{digits}f}".rstrip("0").rstrip(".") if digits else f"{value}"
+    txt = f"**{txt}**" if bold else txt
+    return f"{txt} {_ci(ci)}".strip()
+
+
+def _g(d: Optional[Dict[str, Any]], *path: str) -> Any:
+    for k in path:
+        if not isinstance(d, dict):
+            return None
+        d = d.get(k)
+    return d
+
+
+def scoreboard_rows(rep: Dict[str, Any]) -> List[tuple]:
+    """(measure, cell) for one preset's report, in the scoreboard's order. Every figure carries
+    its 95% interval: VQA from n (binomial), attribute accuracy a bootstrap over prompts, and a
+    one-draw figure also the range its draw seed alone spans (the K draws of best of K)."""
+    s2, s3 = rep.get("stage2", {}), rep.get("stage3", {})
+    best_of = rep.get("gen_best_of")
+    one = s3.get("gen_one_draw") or {}
+    seeds = s3.get("gen_draw_seeds") or {}
+    rr, rc = rep.get("real_vs_real") or {}, rep.get("vqvae_reconstruction") or {}
+    floor = rr.get("fid")
+    rows = [
+        ("VQA accuracy, test split", _cell(rep.get("vqa_accuracy"), s2.get("vqa_accuracy_ci95"), bold=True)),
+        ("understanding-only baseline (stage 2 without generation data)",
+         _cell(_g(rep, "understanding_only", "vqa_accuracy"), _g(rep, "understanding_only", "vqa_accuracy_ci95"))),
+        ("VQA, held-out attribute combinations", _cell(s2.get("vqa_accuracy_heldout"), s2.get("vqa_accuracy_heldout_ci95"))),
+        ("blind baseline (the same model, no image)", _cell(s2.get("vqa_blind_baseline"), s2.get("vqa_blind_baseline_ci95"))),
+    ]
+    if one:
+        seed_rng = _g(seeds, "attribute_accuracy", "range95")
+        rows += [
+            ("**attribute accuracy, one draw** (mean over requested attributes)",
+             _cell(one.get("mean"), one.get("mean_ci95"), 3, bold=True)
+             + (f"; over {len(seeds['attribute_accuracy']['values'])} draw seeds {_ci(seed_rng)}" if seed_rng else "")),
+            ("images with every requested attribute right, one draw", _cell(one.get("all"), one.get("all_ci95"), 3)),
+            ("one draw by objects in the prompt: mean / all right (1, 2, 3 objects)",
+             "; ".join(f"{n}: {_g(one, 'by_objects', n, 'mean'):.2f} / {_g(one, 'by_objects', n, 'all'):.2f}"
+                       for n in sorted(one.get("by_objects") or {}))),
+        ]
+    elif rep.get("gen_attribute_accuracy") is not None:  # a one-draw report (best of 1)
+        rows.append(("**attribute accuracy, one draw** (mean over requested attributes)",
+                     _cell(rep["gen_attribute_accuracy"], s3.get("gen_attr_mean_ci95"), 3, bold=True)))
+        rows.append(("images with every requested attribute right, one draw",
+                     _cell(s3.get("gen_attr_all"), s3.get("gen_attr_all_ci95"), 3)))
+    if best_of:
+        rows += [(f"best of {best_of}: test-time compute ({best_of} draws + {best_of} judgements by the model per "
+                  f"prompt), mean / every attribute right", _cell(rep.get("gen_attribute_accuracy"), s3.get("gen_attr_mean_ci95"), 3)
+                  + " / " + _cell(s3.get("gen_attr_all"), s3.get("gen_attr_all_ci95"), 3))]
+    fid1 = rep.get("fid_one_draw") if best_of else rep.get("fid")
+    fid_rng = _g(seeds, "fid", "range95")
+    if fid1 is not None:
+        rows.append(("FID, one draw (world classifier features; lower is better)",
+                     f"{fid1:.1f}" + (f" = {fid1 / floor:.2f}x the floor" if floor else "")
+                     + (f"; over draw seeds [{fid_rng[0]:.1f}, {fid_rng[1]:.1f}]" if fid_rng else "")))
+    if floor:
+        rows.append(("floor: real images for the same prompts (re-rendered) vs the targets: FID / attribute accuracy"
+                     if rr.get("shards") == "same-prompts" else "floor: real images of other prompts vs the targets: FID",
+                     f"{floor:.1f}" + (f" / {_cell(rr.get('attribute_accuracy'), rr.get('attribute_accuracy_ci95'), 3)}"
+                                       if rr.get("attribute_accuracy") is not None else "")))
+    if rc.get("attribute_accuracy") is not None:
+        rows.append(("ceiling: VQVAE reconstructions of those images: attribute accuracy / every attribute right",
+                     _cell(rc["attribute_accuracy"], rc.get("attribute_accuracy_ci95"), 3)
+                     + (f" / {_cell(rc.get('attr_all'), rc.get('attr_all_ci95'), 3)}" if rc.get("attr_all") is not None else "")))
+    if s3.get("gen_prompt_gain") is not None:
+        rows.append(("prompt gain (nats per image token the prompt is worth; no interval: one teacher-forced pass)",
+                     f"{s3['gen_prompt_gain']:.3f}"))
+    return rows
+
+
+def render_scoreboard(sb: Dict[str, Any]) -> str:
+    cols = [p for p in PRESETS if p in sb.get("presets", {})]
+    if not cols:
+        return "Not published yet."
+    per = {p: dict(scoreboard_rows(sb["presets"][p]["report"])) for p in cols}
+    measures: List[str] = []
+    for p in cols:
+        measures += [m for m, _ in scoreboard_rows(sb["presets"][p]["report"]) if m not in measures]
+    lines = ["| measure (95% interval) | " + " | ".join(PRESET_TITLES.get(p, p) for p in cols) + " |",
+             "|---|" + "---|" * len(cols)]
+    lines += [f"| {m} | " + " | ".join(per[p].get(m, "n/a") for p in cols) + " |" for m in measures]
+    notes = []
+    for p in cols:
+        pv = sb["presets"][p]["provenance"]
+        t = pv.get("timings", {})
+        tag = "" if p == "default" else f"-{p}"
+        trained = sorted({r.get("commit", "?") for k, r in t.items() if k in (f"stage1{tag}", f"pipeline{tag}")})
+        when = (f"`make stage1{'' if p == 'default' else ' PRESET=' + p}` "
+                f"{_minutes(_g(t, f'stage1{tag}', 'seconds'))} + `make pipeline{'' if p == 'default' else ' PRESET=' + p}` "
+                f"{_minutes(_g(t, f'pipeline{tag}', 'seconds'))}")
+        load = _g(t, f"pipeline{tag}", "loadavg")
+        notes.append(f"- {PRESET_TITLES.get(p, p)}: {when} in a fresh clone (trained at "
+                     f"{', '.join(f'`{c}`' for c in trained) or 'unknown'}, evaluated at `{pv['commit']}`"
+                     f"{' with a dirty tree' if pv.get('dirty') else ''}), {pv['cpu_model']} "
+                     f"({', '.join(pv.get('cpu_flags', []))}), {pv.get('cpus', '?')} cores"
+                     + (f", load average {load[0]:.1f} at the end (other jobs shared the cores)" if load and load[0] > 2.5 else "")
+                     + f"; {sb['presets'][p]['report'].get('stage2', {}).get('n', '?')} test questions, "
+                     f"{sb['presets'][p]['report'].get('stage3', {}).get('gen_n', '?')} test prompts, "
+                     f"training seeds {pv.get('train_seeds', {})}, evaluation seed {pv.get('eval_seed', '?')}.")
+    return "\n".join(lines) + "\n\n" + "\n".join(notes)
+
+
+def render_timings(sb: Dict[str, Any]) -> str:
+    d = (sb.get("presets") or {}).get("default")
+    if not d:
+        return "Not timed yet."
+    t, pv = d["provenance"].get("timings", {}), d["provenance"]
+    parts = [f"`make {k}` **{_minutes(t[k]['seconds'])}**" for k in ("stage1", "pipeline") if k in t]
+    test = (sb.get("timings") or {}).get("test")
+    text = (f"Measured in fresh clones on a 2-core {pv['cpu_model']} ({', '.join(pv.get('cpu_flags', []))}): "
+            + ", then ".join(parts))
+    if test:
+        text += f"; `make test` **{_minutes(test['seconds'])}** (`{test.get('commit', '?')}`, as CI runs it)"
+    load = _g(t, "pipeline", "loadavg")
+    if load and load[0] > 2.5:
+        text += (f". Other jobs shared the cores during the pipeline (load average {load[0]:.1f} at its end), "
+                 "so these are upper bounds")
+    return text + ". Other CPUs differ by up to 2x (`experiments/world/scoreboard.json` has the record)."
+
+
+def publish_timings(runs_root: Path, out: Path = SCOREBOARD, targets: Sequence[str] = ("test",)) -> Path:
+    """Add the newest timed ``targets`` of ``<runs_root>/runs/timings.json`` (e.g. `make test` in a
+    fresh clone, as CI runs it) to the published scoreboard file."""
+    tpath = runs_root / "runs" / "timings.json"
+    if not tpath.is_file():
+        raise ReportError(f"{tpath} not found: run the make targets ({', '.join(targets)}) in {runs_root} first")
+    sb = _load_json(out) if out.is_file() else {"presets": {}}
+    found = {rec["target"]: rec for rec in _load_json(tpath) if rec["target"] in targets}
+    if not found:
+        raise ReportError(f"{tpath} has no record of {', '.join(targets)}")
+    sb.setdefault("timings", {}).update(found)
+    out.write_text(json.dumps(sb, indent=1, default=str) + "\n")
+    print(f"[report] timings of {', '.join(sorted(found))} -> {_rel(out)}")
+    return out
+
+
+def publish_scoreboard(runs_root: Path, preset: str = "default", out: Path = SCOREBOARD) -> Path:
+    """Copy ``<runs_root>/runs/pipeline[-PRESET]/report.json`` with its provenance (commit, CPU,
+    the timed make targets, seeds) into ``out`` as that preset's column."""
+    tag = "" if preset == "default" else f"-{preset}"
+    runs = runs_root / "runs"
+    rep_path = runs / f"pipeline{tag}" / "report.json"
+    if not rep_path.is_file():
+        raise ReportError(f"{rep_path} not found: run `make stage1{' PRESET=' + preset if tag else ''} && "
+                          f"make pipeline{' PRESET=' + preset if tag else ''}` in {runs_root} first")
+    rep = _load_json(rep_path)
+    timings: Dict[str, Any] = {}
+    tpath = runs / "timings.json"
+    if tpath.is_file():
+        for rec in _load_json(tpath):  # the newest record of each target wins
+            if rec["target"] in (f"stage1{tag}", f"pipeline{tag}"):
+                timings[rec["target"]] = rec
+    seeds: Dict[str, Any] = {}
+    wdir = runs / f"world{tag}"
+    for stage in ("stage1", "stage2", "stage2_und_only", "stage3"):
+        cfg = wdir / stage / "config.yaml"
+        if cfg.is_file():
+            m = re.search(r"^seed:\s*(\S+)", cfg.read_text(), re.M)
+            seeds[stage] = m.group(1) if m else "?"
+    git = rep.get("git", {})
+    prov = {"commit": str(git.get("git_commit", "unknown"))[:7], "dirty": git.get("git_dirty") == "true",
+            **{k: v for k, v in machine_info().items() if k != "date_utc"},
+            "published_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "timings": timings, "train_seeds": seeds, "eval_seed": (rep.get("protocol") or {}).get("seed"),
+            "source": str(rep_path), "command": f"python -m experiments.report publish scoreboard --preset {preset}"}
+    sb = _load_json(out) if out.is_file() else {}
+    sb.setdefault("presets", {})[preset] = {"provenance": prov, "report": rep}
+    out.write_text(json.dumps(sb, indent=1, default=str) + "\n")
+    print(f"[report] scoreboard {preset} of {prov['commit']} -> {_rel(out)}")
+    return out
