@@ -34,6 +34,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from experiments import tracking
 from experiments.config import hash_excluded
+from experiments.scoreboard import _mmss
 from experiments.sweep_schema import SWEEPS_DIR, read_sweep
 
 # Bookkeeping metrics: their "best" means nothing (final value only) and they sort last. MLflow's
@@ -113,7 +114,7 @@ class Report:
                 cols += pair if (m != self.metric or self.rank == "best") else pair[::-1]
             else:
                 cols.append((m, "final", m))
-        cols.append(("minutes", "minutes", ""))
+        cols.append(("time", "minutes", ""))
         return cols
 
 
@@ -280,7 +281,7 @@ def _cells(report: Report, row: Row, i: int, raw: bool = False, full: bool = Fal
     out: List[Any] = []
     for _, kind, ref in report.columns(full):
         if kind == "minutes":
-            out.append("" if row.seconds is None else (round(row.seconds / 60, 2) if raw else f"{row.seconds / 60:.1f}"))
+            out.append("" if row.seconds is None else (round(row.seconds, 1) if raw else _mmss(row.seconds)))
         elif kind == "rank":
             out.append(i + 1 if ref == "" and (report.metric in row.best) else "")
         elif kind == "name":

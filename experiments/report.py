@@ -31,7 +31,7 @@ from typing import Any, Dict, List, Optional
 from experiments.config import REPO_ROOT
 from experiments.machine import cpu_model
 # the scoreboard's half of the reports (re-exported: `report.stamp`, `report.scoreboard_rows`, ...)
-from experiments.scoreboard import (SCOREBOARD, TIMINGS, ReportError, _fmt, _load_json, _minutes, _rel,  # noqa: F401
+from experiments.scoreboard import (SCOREBOARD, TIMINGS, ReportError, _fmt, _load_json, _minutes, _mmss, _rel,  # noqa: F401
                                     publish_scoreboard, publish_timings, render_scoreboard, render_timings,
                                     scoreboard_rows, stamp)
 
@@ -105,7 +105,7 @@ def _sweep_meta(yaml_path: Path) -> Dict[str, Any]:
 
 
 def results_table(data: Dict[str, Any]) -> str:
-    """The comparison's short table (rank, variant, swept keys, the shown metrics, minutes)."""
+    """The comparison's short table (rank, variant, swept keys, the shown metrics, run time)."""
     metric, shown = data["metric"], data.get("shown") or [data["metric"]]
     head = ["rank", "variant", "status"] + [f"`{k}`" for k in data["keys"]]
     cols: List[tuple] = []
@@ -115,14 +115,14 @@ def results_table(data: Dict[str, Any]) -> str:
             cols += [(f"{m} best", "best", m), (f"{m} final", "final", m)]
         else:
             cols.append((m, "final", m))
-    head += [c[0] for c in cols] + ["minutes"]
+    head += [c[0] for c in cols] + ["time"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for i, r in enumerate(data["rows"]):
         ranked = metric in r.get("best", {})
         cells = [str(i + 1) if ranked else "", r["name"], r["status"]]
         cells += [_fmt(r["values"].get(k, "")) for k in data["keys"]]
         cells += [_fmt(r.get(kind, {}).get(m)) for _, kind, m in cols]
-        cells.append("" if r.get("seconds") is None else f"{r['seconds'] / 60:.1f}")
+        cells.append("" if r.get("seconds") is None else _mmss(r["seconds"]))
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines)
 

@@ -93,6 +93,13 @@ def _fmt(v: Any, digits: int = 4) -> str:
     return str(v)
 
 
+def _mmss(seconds: float) -> str:
+    """A run's wall time as m:ss (h:mm:ss from an hour on)."""
+    m, sec = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
+
+
 def _minutes(seconds: Optional[float]) -> str:
     if seconds is None:
         return "?"

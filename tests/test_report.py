@@ -121,7 +121,7 @@ def test_tiny_sweep_publishes_a_page_with_table_and_figure(tmp_path, capsys):
     assert fig.is_file() and fig.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and fig.stat().st_size > 5000
     page = report.render_ablation(y, abl)
     assert "**Finding.** kept." in page and "old text" not in page
-    assert "| rank | variant | status | `optim.lr` | val/loss best | val/loss final | train/loss | minutes |" in page
+    assert "| rank | variant | status | `optim.lr` | val/loss best | val/loss final | train/loss | time |" in page
     rows = [l for l in page.splitlines() if l.startswith("| 1 |") or l.startswith("| 2 |")]
     assert len(rows) == 2 and "![tiny_lr" in page and "(figures/tiny_lr.png)" in page
     # ranked by val/loss best: row 1 holds the smaller value

@@ -335,7 +335,7 @@ def test_compare_any_experiment(tmp_path, store):
     assert report.metrics[-1] == "system/cpu_utilization_percentage"
     assert report.shown == ["train/loss", "val/acc"]
     header = (tmp_path / "c" / "table.md").read_text().splitlines()[2]
-    assert "system/" not in header and "| minutes |" in header
+    assert "system/" not in header and "| time |" in header
     csv_header = (tmp_path / "c" / "table.csv").read_text().splitlines()[0].split(",")
     assert "system/cpu_utilization_percentage" in csv_header and "system/cpu_utilization_percentage best" not in csv_header
     assert report.kind == "experiment" and report.metric == "train/loss" and report.mode == "min"
