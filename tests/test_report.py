@@ -157,3 +157,37 @@ def test_stamp_appends_and_refuses_a_broken_file(tmp_path):
     path.write_text("{")
     with pytest.raises(SystemExit, match="not JSON"):
         report.stamp("x", time.time(), path)
+
+
+def test_publish_puts_each_preset_in_its_column(tmp_path):
+    """publish scoreboard copies a fresh clone's report with its provenance, one column per preset;
+    publish timings adds `make test`; the README blocks render both columns and the times."""
+    import time
+
+    clone = tmp_path / "clone"
+    for preset, tag in (("default", ""), ("v1", "-v1")):
+        (clone / "runs" / f"pipeline{tag}").mkdir(parents=True)
+        rep = json.loads(json.dumps(FAKE))
+        rep["vqa_accuracy"] = 0.8875 if preset == "default" else 0.7
+        (clone / "runs" / f"pipeline{tag}" / "report.json").write_text(json.dumps(rep))
+        (clone / "runs" / f"world{tag}" / "stage1").mkdir(parents=True)
+        (clone / "runs" / f"world{tag}" / "stage1" / "config.yaml").write_text("seed: 7\n")
+        report.stamp(f"stage1{tag}", time.time() - 300, clone / "runs" / "timings.json")
+        report.stamp(f"pipeline{tag}", time.time() - 1500, clone / "runs" / "timings.json")
+    report.stamp("test", time.time() - 400, clone / "runs" / "timings.json")
+    out = tmp_path / "scoreboard.json"
+    with pytest.raises(report.ReportError, match="make stage1 PRESET=v9 && make pipeline PRESET=v9"):
+        report.publish_scoreboard(clone, "v9", out)
+    report.publish_scoreboard(clone, "default", out)
+    report.publish_scoreboard(clone, "v1", out)
+    report.publish_timings(clone, out)
+    sb = json.loads(out.read_text())
+    assert set(sb["presets"]) == {"default", "v1"} and sb["timings"]["test"]["seconds"] >= 400
+    d = sb["presets"]["default"]["provenance"]
+    assert d["train_seeds"] == {"stage1": "7"} and set(d["timings"]) == {"stage1", "pipeline"} and d["cpu_model"]
+    table = report.render_scoreboard(sb)
+    assert table.splitlines()[0] == "| measure (95% interval) | VARGPT v1 (`PRESET=v1`) | suite default |"
+    assert "| VQA accuracy, test split | **0.7** [0.857, 0.918] | **0.8875** [0.857, 0.918] |" in table
+    times = report.render_timings(sb)
+    assert "`make stage1` **5 min 00 s**" in times and "`make pipeline` **25 min 00 s**" in times
+    assert "`make test` **6 min 40 s**" in times
