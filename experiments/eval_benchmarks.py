@@ -15,8 +15,8 @@ reports for that benchmark), ``bench/<task>/<metric>`` (every metric lmms-eval g
 results as artifacts. Evaluating the same checkpoint again (other tasks, say) adds to its run.
 
 The datasets are lmms-eval's (Hugging Face hub ids); offline, they must already be in the
-Hugging Face datasets cache: ``--prefetch`` (with network) puts them there (README "Benchmarks
-through lmms-eval"). lmms-eval exits 0 even when
+Hugging Face datasets cache: ``--prefetch`` (with network) puts them there (docs/evaluation.md,
+lmms-eval). lmms-eval exits 0 even when
 a task fails; this command fails when the results file is missing.
 """
 from __future__ import annotations
