@@ -295,3 +295,54 @@ class BSQTokenizer(nn.Module):
 @TOKENIZERS.register("bsq")
 def build_bsq(cfg: BSQConfig) -> BSQTokenizer:
     return BSQTokenizer(cfg)
+
+
+def bitwise_self_correction(tok: BSQTokenizer, f_BdHW: torch.Tensor, scales: Optional[Schedule] = None,
+                            max_strength: float = 0.3, layers: int = -1,
+                            strength_rng=None, generator: Optional[torch.Generator] = None,
+                            flipped: Optional[Sequence[torch.Tensor]] = None,
+                            input_mode: str = "area") -> Dict[str, List[torch.Tensor]]:
+    """Bitwise self-correction (Infinity's BSC): teacher-forced inputs from randomly flipped bits.
+
+    Per scale k < ``layers`` (all when -1): strength s_k = randint(0, 100*max_strength) / 100
+    (``strength_rng``: a numpy RandomState), each bit of the scale flips with probability s_k
+    (``torch.rand`` on ``generator``). Labels of scale k are the bits of the residual left by the
+    *flipped* earlier scales, so the decoder learns to correct its own mistakes. ``flipped`` replays
+    recorded flipped bits instead of drawing. ``input_mode`` resamples the running sum of codes to
+    the next scale: "area" (what inference does) or "bilinear" (what the released training
+    forward does: its up-sampling mode, also for this down-sampling). Returns ``labels`` / ``flipped`` [(B, h*w, d)],
+    ``inputs`` [(B, d, h_{k+1}, w_{k+1})] and ``strength`` [float]."""
+    import numpy as np  # numpy's legacy RandomState is what the released strengths are drawn with
+
+    sched = tok.schedule(scales)
+    H, W = sched[-1]
+    rng = strength_rng if strength_rng is not None else np.random.RandomState(0)
+    n_noisy = len(sched) if layers < 0 else layers
+    f = f_BdHW.float()
+    B = f.shape[0]
+    cum, labels, flips, inputs, strength = torch.zeros_like(f), [], [], [], []
+    for k, hw in enumerate(sched):
+        rest = f - cum
+        r = rest if hw == (H, W) else F.interpolate(rest.unsqueeze(2), size=(1, *hw), mode="area").squeeze(2)
+        bits = (r > 0).to(torch.uint8).permute(0, 2, 3, 1).reshape(B, -1, tok.d)
+        labels.append(bits)
+        if flipped is not None:
+            fb = flipped[k].reshape(B, -1, tok.d).to(torch.uint8)
+            strength.append(float("nan"))
+        elif k < n_noisy:
+            s = rng.randint(0, int(round(100 * max_strength)) + 1) * 0.01
+            mask = torch.rand(B, 1, hw[0], hw[1], tok.d, generator=generator).to(f.device) < s
+            fb = torch.where(mask.view(B, -1, tok.d), 1 - bits, bits)
+            strength.append(s)
+        else:
+            fb = bits
+            strength.append(0.0)
+        flips.append(fb)
+        cum = cum + tok._up(tok.codes_from_bits(fb, hw), (H, W))
+        if k + 1 < len(sched):
+            nxt = sched[k + 1]
+            if input_mode not in ("area", "bilinear"):
+                raise ValueError(f"input_mode {input_mode!r}: choose area or bilinear")
+            mode = "area" if input_mode == "area" else "trilinear"
+            inputs.append(cum if nxt == (H, W) else F.interpolate(cum.unsqueeze(2), size=(1, *nxt), mode=mode).squeeze(2))
+    return {"labels": labels, "flipped": flips, "inputs": inputs, "strength": strength}
