@@ -53,7 +53,7 @@ class V11Switches(GenSwitches):
     @classmethod
     def released(cls) -> "V11Switches":
         return cls(ca_bf16=True, uncond_path="released", cond_drop="sos", bsc_in_eval=True,
-                   gen_positions_with_deltas=False, uint8="truncate", bsc_input_mode="bilinear", train_positions="1d", text_labels="input_ids")
+                   gen_positions_with_deltas=False, uint8="truncate", train_positions="1d", text_labels="input_ids")
 
 
 @dataclass

@@ -309,8 +309,8 @@ def bitwise_self_correction(tok: BSQTokenizer, f_BdHW: torch.Tensor, scales: Opt
     (``torch.rand`` on ``generator``). Labels of scale k are the bits of the residual left by the
     *flipped* earlier scales, so the decoder learns to correct its own mistakes. ``flipped`` replays
     recorded flipped bits instead of drawing. ``input_mode`` resamples the running sum of codes to
-    the next scale: "area" (what inference does) or "bilinear" (what the released training
-    forward does: its up-sampling mode, also for this down-sampling). Returns ``labels`` / ``flipped`` [(B, h*w, d)],
+    the next scale: "area" (``next_inputs``) or "bilinear" (what the released decoder is trained
+    and sampled with: the up-sampling mode, also for this down-sampling). Returns ``labels`` / ``flipped`` [(B, h*w, d)],
     ``inputs`` [(B, d, h_{k+1}, w_{k+1})] and ``strength`` [float]."""
     import numpy as np  # numpy's legacy RandomState is what the released strengths are drawn with
 
