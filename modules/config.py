@@ -24,7 +24,7 @@ SUBMODULES = ("vision", "und_proj", "llm", "gen_lora", "gen_in", "gen_out", "gen
               "vqvae", "var")
 # How the prompt reaches the VAR blocks (ModelConfig.var_cond).
 VAR_CONDS = ("label", "gen_start", "prompt_attn")
-LOAD_FORMATS = ("native", "official_var", "official_vqvae", "llava", "hf", "timm", "vargpt", "llava_hf")
+LOAD_FORMATS = ("native", "official_var", "official_vqvae", "llava", "hf", "timm", "vargpt", "llava_hf", "vargpt11")
 # Released-behaviour switches: name -> valid values. Each left at "" (None for the numbers)
 # follows `behaviour`; BEHAVIOURS gives the value of each under "corrected" (the defaults) and
 # "released" (the official VARGPT-v1 code).
@@ -114,6 +114,8 @@ class LoadSpec:
             vargpt          a released VARGPT directory (VARGPT-family/VARGPT_LLaVA-v1 layout:
                             config.json + safetensors shards), the whole model, shard by shard
             llava_hf        llava-hf/llava-1.5-7b-hf (a directory): vision, und_proj and llm
+            vargpt11        a released VARGPT-v1.1 directory (config.json + safetensors shards)
+                            into a VARGPT11 model, whole and strict (modules/vargpt11_format.py)
             hf              a Hugging Face save_pretrained directory (into: llm or vision)
             timm            a timm ViT state dict (into: vision)
     (adapters in modules/weights.py; paths relative to the repository root)

@@ -259,10 +259,21 @@ def _load_llava_hf_dir(model: nn.Module, path: Path, spec: LoadSpec, src: str) -
     return stream_load(model, path, llava_hf_key_map(_nested_vision(model)), spec, src, parts=parts)
 
 
+def _load_vargpt11_dir(model: nn.Module, path: Path, spec: LoadSpec, src: str) -> Dict[str, int]:
+    # the released VARGPT-v1.1 directory into a VARGPT11 model: strict, one shard at a time
+    from modules.vargpt11_format import load_released  # lazy: pulls the Qwen2-VL classes
+
+    if spec.keys or spec.allow_missing or spec.allow_unexpected:
+        raise ValueError(f"{src}: format vargpt11 loads the whole model strictly (no keys / allow_* lists)")
+    done = load_released(model, path)
+    return {"tensors": len(done)}
+
+
 # Formats whose file is a directory read shard by shard (a model composed as VARGPT, into "").
 DIR_LOADERS: Dict[str, Callable[[nn.Module, Path, LoadSpec, str], Dict[str, int]]] = {
     "vargpt": _load_vargpt_dir,
     "llava_hf": _load_llava_hf_dir,
+    "vargpt11": _load_vargpt11_dir,
 }
 assert set(LOADERS) | set(DIR_LOADERS) == set(LOAD_FORMATS), "modules/config.py LOAD_FORMATS and LOADERS disagree"
 # The submodule a format loads into when `into` is not given.

@@ -51,7 +51,7 @@ class Qwen2VLConfig(ComponentConfig):
     vision_depth: int = 32
     vision_embed_dim: int = 1280
     vision_num_heads: int = 16
-    vision_mlp_ratio: float = 4.0
+    vision_mlp_ratio: int = 4
     patch_size: int = 14
     temporal_patch_size: int = 2
     spatial_merge_size: int = 2
