@@ -20,8 +20,9 @@ length and the prompt's rope delta) and what its unconditional half is.
 """
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -51,6 +52,40 @@ class Packed:
     def from_rows(cls, rows: Sequence[torch.Tensor]) -> "Packed":
         cu = torch.tensor([0] + [int(r.shape[0]) for r in rows], dtype=torch.int32).cumsum(0).to(torch.int32)
         return cls(torch.cat(list(rows)), cu)
+
+
+LLMStep = Callable[[torch.Tensor, torch.Tensor, Any], Tuple[torch.Tensor, Any]]
+
+
+class GenerationSide(nn.Module, abc.ABC):
+    """The interface a composed model sees (module doc). Implementations: ``InfinitySide``
+    (VARGPT-v1.1). VAR-v1 (``modules/vargpt.py`` + ``modules/inference.py``) is not behind it
+    yet; docs/v11.md lists what moving it takes."""
+
+    @property
+    @abc.abstractmethod
+    def tokens_per_image(self) -> int:
+        """Tokens one image is predicted as (the slots it needs are >= this)."""
+
+    @abc.abstractmethod
+    def teacher_inputs(self, pixels_B3HW: torch.Tensor, n_slots: int, *, train: bool = True,
+                       **kw) -> Tuple[torch.Tensor, Dict[str, Any]]:
+        """Target images -> (LLM inputs at the image slots (B, n_slots, H_llm), state)."""
+
+    @abc.abstractmethod
+    def train_outputs(self, slot_hidden_BSH: torch.Tensor, prompt_states: "Packed",
+                      state: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+        """LLM states at the slots (+ the prompt's) -> at least ``image_logits`` and ``loss_img``."""
+
+    @abc.abstractmethod
+    def generate(self, llm_step: LLMStep, prompt_states: "Packed", cache: Any, next_position: torch.Tensor,
+                 rope_delta: torch.Tensor, *, generator: Optional[torch.Generator] = None,
+                 **sampling) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """Sample: -> (the tokenizer's latent for ``decode``, tokens per scale)."""
+
+    @abc.abstractmethod
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        """Latent -> image (B, 3, H, W) in [-1, 1]."""
 
 
 class GenProjector(nn.Module):
@@ -91,7 +126,7 @@ class GenSwitches:
     uint8: str = "round"  # released "truncate": (x+1)/2*255 truncated
 
 
-class InfinitySide(nn.Module):
+class InfinitySide(GenerationSide):
     def __init__(self, tok_cfg: BSQConfig, dec_cfg: InfinityConfig, llm_hidden: int, vocab_rows: int,
                  gen_start_id: int, switches: Optional[GenSwitches] = None):
         super().__init__()

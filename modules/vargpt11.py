@@ -110,8 +110,8 @@ class VARGPT11(nn.Module):
 
     def llm(self, embeds, positions, attention_mask=None, cache=None, use_cache=False):
         out = self.model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions,
-                         past_key_values=cache, use_cache=use_cache)
-        return out.last_hidden_state, out.past_key_values
+                         cache=cache, use_cache=use_cache)
+        return out.last_hidden_state, getattr(out, "cache", None)
 
     def understand_logits(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                           positions: Optional[str] = None) -> torch.Tensor:
