@@ -212,10 +212,12 @@ class VARGPT11(nn.Module):
         return ids
 
     @torch.no_grad()
-    def generate_image(self, input_ids, pixel_values=None, image_grid_thw=None, *, seed: int = 0,
+    def generate_image(self, input_ids, pixel_values=None, image_grid_thw=None, *, seed=0,
                        trace: Optional[Dict] = None) -> Dict[str, torch.Tensor]:
-        """Prompt -> image. The start token is appended (forced), its step runs, then the
-        generation side samples every scale with a generator seeded from ``seed``."""
+        """Prompts (B rows of one length) -> images. The start token is appended (forced), its
+        step runs, then the generation side samples every scale. ``seed``: an int (row b draws
+        from a generator seeded seed + b) or one seed per row; a row's draws never depend on its
+        batch-mates, and nothing reads the clock."""
         h, cache, nxt, delta = self.prefill(input_ids, pixel_values, image_grid_thw)
         B = input_ids.shape[0]
         start = torch.full((B, 1), self.cfg.ids.gen_start, dtype=torch.long)
@@ -223,7 +225,10 @@ class VARGPT11(nn.Module):
         hs, cache = self._llm_step(self.model.embed_tokens(start), p, cache)
         nxt = nxt + 1
         prompt = Packed.from_rows([h[b] for b in range(B)])
-        g = torch.Generator().manual_seed(seed)
+        seeds = [int(seed) + b for b in range(B)] if isinstance(seed, int) else [int(x) for x in seed]
+        if len(seeds) != B:
+            raise ValueError(f"{len(seeds)} seeds for {B} prompts")
+        g = [torch.Generator().manual_seed(x) for x in seeds]
         cfg = self.cfg
         summed, bits = self.gen.generate(self._llm_step, prompt, cache, nxt, delta, cfg=cfg.cfg, tau=cfg.tau,
                                          top_k=cfg.top_k, top_p=cfg.top_p, generator=g, trace=trace)

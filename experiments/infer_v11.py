@@ -1,0 +1,156 @@
+"""VARGPT-v1.1 inference from a released-layout directory (``experiments.infer`` hands over here).
+
+    python -m experiments.infer /checkpoints/VARGPT-v1.1 --question "What is in the image?" --image a.png
+    python -m experiments.infer /checkpoints/VARGPT-v1.1 --prompt "a red apple on a table" --out apple.png
+    python -m experiments.infer /checkpoints/VARGPT-v1.1 --prompt "make it green" --edit-image apple.png
+    python -m experiments.infer tests/fixtures/vargpt_v11_official --prompt-ids 201,5,9,202 --out x.png
+
+Text goes through the directory's tokenizer (ChatML, as Qwen2-VL) when it has one; a directory
+without tokenizer files takes token ids (``--prompt-ids`` / ``--question-ids``, comma separated,
+the whole turn). Several prompts run as batches of equal-length prompts; row i draws from a
+generator seeded ``--seed + i`` (never the clock), and images are written here, not by the model.
+``--behaviour released`` sets every released switch (modules/vargpt11.py ``V11Switches``).
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from modules.components.qwen2vl import image_to_patches, smart_resize
+from modules.vargpt11 import V11Switches, VARGPT11
+from modules.vargpt11_format import build_released
+
+SYSTEM = "You are a helpful assistant."
+
+
+def is_v11_dir(p: str | Path) -> bool:
+    import json
+
+    c = Path(p) / "config.json"
+    return c.is_file() and json.loads(c.read_text()).get("model_type") == "vargpt_qwen2_vl"
+
+
+def _tokenizer(d: Path):
+    if not any((d / f).is_file() for f in ("tokenizer.json", "vocab.json", "tokenizer_config.json")):
+        return None
+    from transformers import AutoTokenizer  # lazy: only with tokenizer files
+
+    return AutoTokenizer.from_pretrained(str(d))
+
+
+def _image(path: str, model: VARGPT11) -> Tuple[torch.Tensor, torch.Tensor]:
+    from PIL import Image
+
+    lc = model.cfg.llm
+    img = Image.open(path).convert("RGB")
+    h, w = smart_resize(img.height, img.width, factor=lc.patch_size * lc.spatial_merge_size)
+    arr = torch.from_numpy(np.asarray(img.resize((w, h), Image.BICUBIC)).copy())
+    p, g = image_to_patches(arr, lc)
+    return p, g.view(1, 3)
+
+
+def chat_ids(model: VARGPT11, tok, text: str, grid: Optional[torch.Tensor], generate: bool) -> List[int]:
+    """One ChatML turn: system, user (image placeholders first), the assistant's opening."""
+    ids = model.cfg.ids
+    vision: List[int] = []
+    if grid is not None:
+        n = int(grid[0].prod()) // model.cfg.llm.spatial_merge_size ** 2
+        vision = [ids.vision_start] + [ids.image_pad] * n + [ids.vision_end]
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    im_start, im_end = tok.convert_tokens_to_ids("<|im_start|>"), tok.convert_tokens_to_ids("<|im_end|>")
+    nl = enc("\n")
+    return ([im_start] + enc("system\n" + SYSTEM) + [im_end] + nl + [im_start] + enc("user\n") + vision +
+            enc(text) + [im_end] + nl + [im_start] + enc("assistant\n"))
+
+
+def _parse_ids(s: str) -> List[int]:
+    try:
+        return [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"--prompt-ids / --question-ids take comma-separated integers, got {s!r}")
+
+
+def _batches(rows: Sequence[List[int]]) -> Dict[int, List[int]]:
+    """Row indices grouped by prompt length (a batch needs one length: no padding in generate)."""
+    groups: Dict[int, List[int]] = {}
+    for i, r in enumerate(rows):
+        groups.setdefault(len(r), []).append(i)
+    return groups
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m experiments.infer (VARGPT-v1.1)", description=__doc__.split("\n")[0])
+    ap.add_argument("ckpt")
+    ap.add_argument("--question", action="append", default=[])
+    ap.add_argument("--question-ids", action="append", default=[])
+    ap.add_argument("--image", action="append", default=[], help="image of each question")
+    ap.add_argument("--prompt", action="append", default=[])
+    ap.add_argument("--prompt-ids", action="append", default=[])
+    ap.add_argument("--edit-image", action="append", default=[],
+                    help="source image of each prompt, in order (--prompt-ids first, then --prompt): editing. "
+                         "Token-id prompts must hold the vision placeholders themselves")
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--pn", default="0.25M", help="scale schedule (Infinity pn name)")
+    ap.add_argument("--cfg", type=float, default=None)
+    ap.add_argument("--tau", type=float, default=None)
+    ap.add_argument("--top-k", type=int, default=None)
+    ap.add_argument("--top-p", type=float, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--behaviour", default="corrected", choices=["corrected", "released"])
+    ap.add_argument("--out", default="generated.png")
+    args = ap.parse_args(argv)
+    d = Path(args.ckpt)
+    sw = asdict(V11Switches.released() if args.behaviour == "released" else V11Switches())
+    model, cfg = build_released(d, pn=args.pn, **sw)
+    for k in ("cfg", "tau", "top_k", "top_p"):
+        if getattr(args, k) is not None:
+            setattr(model.cfg, k, getattr(args, k))
+    tok = _tokenizer(d)
+    if (args.prompt or args.question) and tok is None:
+        raise SystemExit(f"{d} has no tokenizer files: give --prompt-ids / --question-ids instead of text")
+
+    # questions
+    qs = [(q, None) for q in args.question_ids] + [(q, i) for i, q in enumerate(args.question)]
+    for q, i in qs:
+        img = args.image[i] if i is not None and i < len(args.image) else None
+        pv, grid = _image(img, model) if img else (None, None)
+        ids = _parse_ids(q) if i is None else chat_ids(model, tok, q, grid, False)
+        out = model.generate_text(torch.tensor([ids]), pv, grid, max_new_tokens=args.max_new_tokens)[0, len(ids):]
+        print(f"Q: {q}\nA: {tok.decode(out) if tok is not None else out.tolist()}")
+
+    # image prompts (generation, or editing with --edit-image)
+    prompts = [(p, _parse_ids(p)) for p in args.prompt_ids]
+    n_all = len(args.prompt_ids) + len(args.prompt)
+    srcs = [args.edit_image[j] if j < len(args.edit_image) else None for j in range(n_all)]
+    for p, src in zip(args.prompt, srcs[len(args.prompt_ids):]):
+        grid = _image(src, model)[1] if src else None
+        prompts.append((p, chat_ids(model, tok, p, grid, True)))
+    if not prompts:
+        return 0
+    images: List[Optional[torch.Tensor]] = [None] * len(prompts)
+    for n, rows in _batches([r for _, r in prompts]).items():
+        ids = torch.tensor([prompts[i][1] for i in rows])
+        src = [srcs[i] for i in rows]
+        pv = grid = None
+        if any(src):
+            if not all(src):
+                raise SystemExit("prompts of one length must all edit or all generate; vary the wording")
+            parts = [_image(s, model) for s in src]
+            pv, grid = torch.cat([p for p, _ in parts]), torch.cat([g for _, g in parts])
+        out = model.generate_image(ids, pv, grid, seed=[args.seed + i for i in rows])
+        for j, i in enumerate(rows):
+            images[i] = out["uint8"][j]
+    from PIL import Image
+
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid_img = torch.cat(list(images), dim=1)  # side by side (H, sum W, 3)
+    Image.fromarray(grid_img.numpy()).save(path)
+    print(f"wrote {path} ({len(images)} image(s), behaviour={args.behaviour}, cfg={model.cfg.cfg}, tau={model.cfg.tau}, "
+          f"top_k={model.cfg.top_k}, top_p={model.cfg.top_p}, seed={args.seed})")
+    return 0
