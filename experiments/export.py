@@ -59,7 +59,7 @@ def _export_v11(src: Path, out: Path, args) -> int:
     if (src / "config.json").is_file():
         model, cfg = build_released(src)
     else:
-        from experiments.infer import load_v11_export  # lazy: only for suite exports
+        from experiments.infer_v11 import load_v11_export  # lazy: only for suite exports
 
         model, cfg = load_v11_export(src)
     write_released(model, cfg, out, max_shard_bytes=args.max_shard_bytes, dtype=_DTYPES[args.dtype])

@@ -35,6 +35,25 @@ def is_v11_dir(p: str | Path) -> bool:
     return c.is_file() and json.loads(c.read_text()).get("model_type") == "vargpt_qwen2_vl"
 
 
+def load_v11_export(d: str | Path):
+    """(VARGPT11World in eval mode, its VARGPT11Config) from an experiments.run export of a
+    ``model.family: vargpt11`` run (model.safetensors + config.yaml)."""
+    from experiments.config import load_config
+    from modules.vargpt11_world import VARGPT11World
+    from modules.weights import load_weights
+
+    d = Path(d)
+    d = d if d.is_dir() else d.parent
+    if not (d / "config.yaml").is_file():
+        raise FileNotFoundError(f"{d / 'config.yaml'} not found: not an experiments.run export")
+    loaded = load_config(d / "config.yaml", ["init_from=''", "model.load=[]"])
+    if loaded.cfg.model.family != "vargpt11":
+        raise ValueError(f"{d}: model.family is {loaded.cfg.model.family!r}, not vargpt11 (use --format vargpt)")
+    net = VARGPT11World(loaded.cfg.model, template=loaded.cfg.data.chat)
+    load_weights(net, [], init_from=str(d.resolve() / "model.safetensors"))
+    return net.eval(), net.cfg
+
+
 def _tokenizer(d: Path):
     if not any((d / f).is_file() for f in ("tokenizer.json", "vocab.json", "tokenizer_config.json")):
         return None

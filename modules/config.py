@@ -17,6 +17,7 @@ from modules.components.text_tokenizer import TokenizerConfig
 from modules.components.var_decoder import VARConfig
 from modules.components.vision_encoders import VisionEncoderConfig
 from modules.components.vqvae import VQVAEConfig
+from modules.vargpt11 import VARGPT11Config
 
 # Submodule names of the composed model (modules/vargpt.py): what `load[].into` and the stages'
 # trainable sets refer to.
@@ -132,6 +133,11 @@ class LoadSpec:
 
 @dataclass
 class ModelConfig:
+    # Which composed model: vargpt (v1 and this suite's extensions: modules/vargpt.py) or
+    # vargpt11 (Qwen2-VL + Infinity + BSQ, modules/vargpt11.py; sizes in model.v11, the text
+    # tokenizer from model.tokenizer; docs/v11.md)
+    family: str = "vargpt"
+    v11: Optional[VARGPT11Config] = None  # set (a mapping, even {}) with family vargpt11
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     vision: VisionEncoderConfig = field(default_factory=VisionEncoderConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)

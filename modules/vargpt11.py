@@ -64,6 +64,7 @@ class VARGPT11Config:
     ids: TokenIds = field(default_factory=TokenIds)
     switches: V11Switches = field(default_factory=V11Switches)
     sos_rows: int = 0  # sos_embedding rows; 0 = gen_start + 1
+    image_side: int = 0  # suite data: input images resized to this square side; 0 = 2 x patch x merge
     cond_drop_rate: float = 0.1
     bsc_max_strength: float = 0.3
     bsc_layers: int = -1  # scales that get bit flips; -1 = all
@@ -145,17 +146,23 @@ class VARGPT11(nn.Module):
     def forward_train(self, input_ids, attention_mask=None, labels=None, pixel_values=None, image_grid_thw=None,
                       pixel_gen=None, *, train: Optional[bool] = None, cond_drop_B=None, strength_rng=None,
                       generator: Optional[torch.Generator] = None, flipped=None) -> Dict[str, Any]:
-        """Text CE (+ bit CE when ``pixel_gen`` (B, 3, H, W) in [-1, 1] is given)."""
+        """Text CE (+ bit CE when ``pixel_gen`` (N, 3, H, W) in [-1, 1] is given: one target per
+        row that holds <|image_gen_pad|> slots, in row order; other rows are text / understanding)."""
         train = self.training if train is None else train
         x = self.embed(input_ids, pixel_values, image_grid_thw)
         out: Dict[str, Any] = {}
+        slots = input_ids == self.cfg.ids.gen_pad
+        gen_rows = slots.any(1).nonzero().flatten()
         if pixel_gen is not None:
-            slots = input_ids == self.cfg.ids.gen_pad
-            n = slots.sum(1)
+            if pixel_gen.shape[0] != gen_rows.numel():
+                raise ValueError(f"{pixel_gen.shape[0]} target images for {gen_rows.numel()} rows with "
+                                 f"<|image_gen_pad|> slots (one target per row)")
+            n = slots[gen_rows].sum(1)
             if int(n.min()) != int(n.max()):
                 raise ValueError(f"rows hold different numbers of <|image_gen_pad|> slots: {n.tolist()}")
+            N = pixel_gen.shape[0]
             if cond_drop_B is None and train and self.cfg.cond_drop_rate > 0:
-                cond_drop_B = torch.rand(input_ids.shape[0], generator=generator) < self.cfg.cond_drop_rate
+                cond_drop_B = torch.rand(N, generator=generator) < self.cfg.cond_drop_rate
             slot_x, state = self.gen.teacher_inputs(pixel_gen, int(n[0]), train=train, cond_drop_B=cond_drop_B,
                                                     strength_rng=strength_rng, generator=generator,
                                                     bsc_max_strength=self.cfg.bsc_max_strength,
@@ -169,9 +176,8 @@ class VARGPT11(nn.Module):
         out["logits"], out["hidden"] = logits, h
         out["loss"] = out["loss_text"]
         if pixel_gen is not None:
-            B = input_ids.shape[0]
-            slot_h = h[input_ids == self.cfg.ids.gen_pad].view(B, -1, h.shape[-1])
-            prompt = self._prompt_states(h, input_ids)
+            slot_h = h[slots].view(pixel_gen.shape[0], -1, h.shape[-1])
+            prompt = self._prompt_states(h[gen_rows], input_ids[gen_rows])
             g = self.gen.train_outputs(slot_h, prompt, out["gen_state"])
             out.update(g, prompt_states=prompt, gen_hidden=slot_h)
             out["loss"] = out["loss_text"] + self.cfg.loss_img_weight * g["loss_img"]

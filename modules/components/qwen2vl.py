@@ -25,6 +25,7 @@ import torch.nn as nn
 from modules.components.registry import ComponentConfig, Registry
 
 POSITION_SCHEMES = Registry("position_scheme")
+QWEN2VL = Registry("qwen2vl")
 
 # CLIP statistics: what the Qwen2-VL image processor normalizes with
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -35,7 +36,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 class Qwen2VLConfig(ComponentConfig):
     """Sizes of the LLM + ViT. Defaults: the release (Qwen2-VL-7B) at its 152064-row vocabulary."""
 
-    family: ClassVar[str] = "llm"
+    family: ClassVar[str] = "qwen2vl"
     name: str = "qwen2vl"
     vocab_size: int = 152064
     hidden_size: int = 3584
@@ -184,10 +185,11 @@ def positions_mrope(input_ids_BL: torch.Tensor, attention_mask_BL: Optional[torc
     """Qwen2-VL 3-D positions -> (3, B, L), deltas (B, 1). Padded positions (mask 0) hold 1.
 
     Per row, over the unpadded tokens: a text run continues t = h = w from the running maximum
-    + 1; an image of merged grid (t, h, w) placed after its ``<|image_pad|>`` run starts takes
-    (t_i, h_i, w_i) + offset, so the next text starts at offset + max(t, h, w)."""
+    + 1; an image of merged grid (t, h, w), whose t*h*w ``<|image_pad|>`` tokens start at the
+    next image_pad, takes (t_i, h_i, w_i) + offset, so the next text starts at offset +
+    max(t, h, w). Grids are consumed in order over the rows (``image_grid_thw``)."""
     if ids is None:
-        raise ValueError("mrope positions need the image / vision-start token ids (PositionIds)")
+        raise ValueError("mrope positions need the image token id (PositionIds)")
     B, L = input_ids_BL.shape
     dev = input_ids_BL.device
     mask = torch.ones_like(input_ids_BL) if attention_mask_BL is None else attention_mask_BL
@@ -199,11 +201,9 @@ def positions_mrope(input_ids_BL: torch.Tensor, attention_mask_BL: Optional[torc
     for b in range(B):
         toks = input_ids_BL[b][mask[b] == 1].tolist()
         parts: List[torch.Tensor] = []
-        nxt = 0
-        i = 0
-        n = len(toks)
+        nxt, i, n = 0, 0, len(toks)
         while i < n:
-            if toks[i] == ids.image_token_id and i > 0 and toks[i - 1] == ids.vision_start_id:
+            if toks[i] == ids.image_token_id:
                 if gi >= len(grids):
                     raise ValueError(f"row {b}: more image placeholders than image_grid_thw rows ({len(grids)})")
                 t, h, w = grids[gi][0], grids[gi][1] // m, grids[gi][2] // m
@@ -216,7 +216,7 @@ def positions_mrope(input_ids_BL: torch.Tensor, attention_mask_BL: Optional[torc
                 i += t * h * w
             else:
                 j = i
-                while j < n and not (toks[j] == ids.image_token_id and j > 0 and toks[j - 1] == ids.vision_start_id):
+                while j < n and toks[j] != ids.image_token_id:
                     j += 1
                 parts.append(torch.arange(nxt, nxt + j - i).view(1, -1).expand(3, -1))
                 nxt += j - i
@@ -233,3 +233,9 @@ POSITION_SCHEMES.register("mrope")(lambda: positions_mrope)
 
 def position_fn(name: str) -> Callable[..., Tuple[torch.Tensor, torch.Tensor]]:
     return POSITION_SCHEMES.get(name, "position scheme")()
+
+
+@QWEN2VL.register("qwen2vl")
+def build_qwen2vl(cfg: Qwen2VLConfig) -> Tuple[nn.Module, nn.Module]:
+    """(text model, vision model) of one config."""
+    return build_text_model(cfg), build_vision_model(cfg)
