@@ -38,9 +38,9 @@ def is_v11_dir(p: str | Path) -> bool:
 def load_v11_export(d: str | Path):
     """(VARGPT11World in eval mode, its VARGPT11Config) from an experiments.run export of a
     ``model.family: vargpt11`` run (model.safetensors + config.yaml)."""
-    from experiments.config import load_config
-    from modules.vargpt11_world import VARGPT11World
-    from modules.weights import load_weights
+    from experiments.config import load_config  # lazy: only for suite exports
+    from modules.vargpt11_world import VARGPT11World  # lazy: only for suite exports
+    from modules.weights import load_weights  # lazy: only for suite exports
 
     d = Path(d)
     d = d if d.is_dir() else d.parent

@@ -193,9 +193,5 @@ def build_datamodule(cfg: Any, net: VARGPT) -> VargptDataModule:
 
 
 def build(name: str, cfg: Any):
-    if getattr(cfg.model, "family", "vargpt") == "vargpt11":
-        from modules.stages import v11_stages  # lazy: the Qwen2-VL / Infinity model, only for v1.1 runs
-
-        return v11_stages.build(name, cfg)
     module = STAGE_CLASSES[name](cfg)
     return module, build_datamodule(cfg, module.net)
