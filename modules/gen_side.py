@@ -175,6 +175,7 @@ class InfinitySide(GenerationSide):
                        bsc_layers: int = -1, flipped: Optional[Sequence[torch.Tensor]] = None):
         """-> slot embeddings (B, n_slots, H_llm) for the LLM, and the state ``train_outputs`` needs."""
         B = pixels_B3HW.shape[0]
+        self.vargpt_gen.set_ca_bf16(self.sw.ca_bf16)  # the switch may change after construction
         with torch.no_grad():
             f = self.vae_local.encoder(pixels_B3HW.float())
         if train or self.sw.bsc_in_eval or flipped is not None:
@@ -198,6 +199,7 @@ class InfinitySide(GenerationSide):
 
     def train_outputs(self, slot_hidden_BSH: torch.Tensor, prompt_states: Packed, state: Dict) -> Dict[str, torch.Tensor]:
         """LLM states at the slots -> bit logits (B, L, 2d), labels (B, L, d), 3 x mean bit CE."""
+        self.vargpt_gen.set_ca_bf16(self.sw.ca_bf16)
         drop = state["drop"] if self.sw.cond_drop == "sos_and_prompt" else None
         ca = self.prompt_kv(prompt_states, drop)
         sched = self.schedule
@@ -226,6 +228,7 @@ class InfinitySide(GenerationSide):
         ``next_position`` (B,) the cache length (the next token's cache_position) and
         ``rope_delta`` (B,) the prompt's M-RoPE offset. -> (summed codes (B, d, h, w), bits)."""
         dec, tok = self.vargpt_gen, self.vae_local
+        dec.set_ca_bf16(self.sw.ca_bf16)
         sched = self.schedule
         B = prompt_states.cu.numel() - 1
         dev = prompt_states.x.device
@@ -277,7 +280,7 @@ class InfinitySide(GenerationSide):
         finally:
             dec.set_caching(False)
         if trace is not None:
-            trace.update(sos_in_proj_2B=None, ca_kv_cond_projected=cond_kv)
+            trace.update(ca_kv_cond_projected=cond_kv)
         return summed, all_bits
 
     def decode(self, summed_codes: torch.Tensor) -> torch.Tensor:

@@ -13,8 +13,8 @@ names are the released ones except the ``gen.`` prefix of the generation side
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
 
 import torch
 import torch.nn as nn

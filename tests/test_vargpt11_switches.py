@@ -3,7 +3,7 @@ reproduces the official vectors (tests/test_vargpt11_parity.py), the corrected d
 where it should and only there."""
 from __future__ import annotations
 
-from dataclasses import asdict, replace
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -130,10 +130,10 @@ def test_ca_bf16_switch_changes_only_rounding(setup):
     kw = dict(train=True, cond_drop_B=torch.zeros(2, dtype=torch.bool), flipped=g["bsc_flipped_bits_per_scale"])
     args = (g["input_ids"], g["attention_mask"], g["labels_arg"], None, None, _px(g["pixel_gen_uint8_BHWC"]))
     with torch.no_grad():
-        model.gen.vargpt_gen.set_ca_bf16(False)
+        model.gen.sw.ca_bf16 = False
         try:
             fp32 = model.forward_train(*args, **kw)["image_logits"]
         finally:
-            model.gen.vargpt_gen.set_ca_bf16(True)
+            model.gen.sw.ca_bf16 = True
     d = (fp32 - g["image_logits"]).abs().max()
     assert 1e-4 < d < 5e-2  # bf16-sized, not a different computation

@@ -5,7 +5,6 @@ mode. It checks the parity command for fixture-specific assumptions (sizes, ids,
 are all read from the directory); it is not official parity (tests/test_vargpt11_parity.py is)."""
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 
 import torch

@@ -12,12 +12,11 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any, Dict, List, Tuple
 
-import torch
 import torch.nn as nn
 
 from datamodules.datamodule import VargptDataModule
 from datamodules.paths import resolve_path
-from modules.stages.vargpt_stages import VARGPTStage, _eval_frozen
+from modules.stages.vargpt_stages import VARGPTStage
 from modules.vargpt11_world import VARGPT11World
 from modules.weights import load_weights
 
