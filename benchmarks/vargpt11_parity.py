@@ -28,7 +28,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
-from modules.components.qwen2vl import image_to_patches, smart_resize
+from modules.components.qwen2vl import preprocess_image
 from modules.vargpt11 import V11Switches
 from modules.vargpt11_format import build_released
 
@@ -49,15 +49,7 @@ def _schedule(v: Dict[str, Any]) -> Optional[List[List[int]]]:
 
 
 def _processed(img_HWC: torch.Tensor, llm_cfg):
-    f = llm_cfg.patch_size * llm_cfg.spatial_merge_size
-    H, W = img_HWC.shape[:2]
-    h, w = smart_resize(H, W, factor=f)
-    if (h, w) != (H, W):
-        from PIL import Image  # lazy: only for images that need resizing
-
-        img_HWC = torch.from_numpy(np.asarray(Image.fromarray(img_HWC.numpy()).resize((w, h), Image.BICUBIC)).copy())
-    p, g = image_to_patches(img_HWC, llm_cfg)
-    return p, g.view(1, 3)
+    return preprocess_image(img_HWC, llm_cfg)
 
 
 def _maxabs(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from modules.components.qwen2vl import image_to_patches, smart_resize
+from modules.components.qwen2vl import preprocess_image
 from modules.vargpt11 import V11Switches, VARGPT11
 from modules.vargpt11_format import build_released
 
@@ -65,12 +65,8 @@ def _tokenizer(d: Path):
 def _image(path: str, model: VARGPT11) -> Tuple[torch.Tensor, torch.Tensor]:
     from PIL import Image
 
-    lc = model.cfg.llm
-    img = Image.open(path).convert("RGB")
-    h, w = smart_resize(img.height, img.width, factor=lc.patch_size * lc.spatial_merge_size)
-    arr = torch.from_numpy(np.asarray(img.resize((w, h), Image.BICUBIC)).copy())
-    p, g = image_to_patches(arr, lc)
-    return p, g.view(1, 3)
+    arr = torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).copy())
+    return preprocess_image(arr, model.cfg.llm)
 
 
 def chat_ids(model: VARGPT11, tok, text: str, grid: Optional[torch.Tensor], generate: bool) -> List[int]:

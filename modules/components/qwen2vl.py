@@ -162,6 +162,23 @@ def smart_resize(h: int, w: int, factor: int = 28, min_pixels: int = 56 * 56, ma
     return hb, wb
 
 
+def preprocess_image(img_HWC_u8: torch.Tensor, cfg: Qwen2VLConfig, min_pixels: int = 56 * 56,
+                     max_pixels: int = 28 * 28 * 1280) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Qwen2-VL's image processor: ``smart_resize`` (PIL bicubic when the size changes), CLIP
+    normalization, patches -> (patches (N, 3*T*p*p), grid (1, 3)). Equal to transformers'
+    Qwen2VLImageProcessorPil on the vendored images and on random sizes (tests)."""
+    f = cfg.patch_size * cfg.spatial_merge_size
+    H, W = img_HWC_u8.shape[:2]
+    h, w = smart_resize(H, W, factor=f, min_pixels=min_pixels, max_pixels=max_pixels)
+    if (h, w) != (H, W):
+        import numpy as np
+        from PIL import Image  # lazy: only for images that need resizing
+
+        img_HWC_u8 = torch.from_numpy(np.asarray(Image.fromarray(img_HWC_u8.numpy()).resize((w, h), Image.BICUBIC)).copy())
+    p, g = image_to_patches(img_HWC_u8, cfg)
+    return p, g.view(1, 3)
+
+
 # ---------------------------------------------------------------------------------------------
 # position schemes
 
