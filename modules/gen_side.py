@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from modules.components.bsq import BSQConfig, BSQTokenizer, bitwise_self_correction
+from modules.components.registry import Registry
 from modules.components.infinity import InfinityConfig, InfinityDecoder, block_causal_bias
 from modules.components.var_sampling import sample_top_k_top_p
 
@@ -55,12 +56,14 @@ class Packed:
 
 
 LLMStep = Callable[[torch.Tensor, torch.Tensor, Any], Tuple[torch.Tensor, Any]]
+# name -> builder(VARGPT11Config) -> GenerationSide ("infinity" here, "var" in gen_side_var.py)
+GEN_SIDES = Registry("gen_side")
 
 
 class GenerationSide(nn.Module, abc.ABC):
     """The interface a composed model sees (module doc). Implementations: ``InfinitySide``
-    (VARGPT-v1.1). VAR-v1 (``modules/vargpt.py`` + ``modules/inference.py``) is not behind it
-    yet; docs/v11.md lists what moving it takes."""
+    (VARGPT-v1.1) and ``VARSide`` (v1's VAR, modules/gen_side_var.py). The v1 composed model
+    (``modules/vargpt.py`` + ``modules/inference.py``) does not call it yet (docs/v11.md)."""
 
     @property
     @abc.abstractmethod
@@ -84,8 +87,17 @@ class GenerationSide(nn.Module, abc.ABC):
         """Sample: -> (the tokenizer's latent for ``decode``, tokens per scale)."""
 
     @abc.abstractmethod
-    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+    def decode(self, latent: Any) -> torch.Tensor:
         """Latent -> image (B, 3, H, W) in [-1, 1]."""
+
+    @property
+    @abc.abstractmethod
+    def resolution(self) -> int:
+        """Side of the square target images (pixels)."""
+
+    @abc.abstractmethod
+    def to_uint8(self, img_m1p1: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8 RGB."""
 
 
 class GenProjector(nn.Module):
@@ -152,6 +164,10 @@ class InfinitySide(GenerationSide):
     def tokens_per_image(self) -> int:
         return sum(h * w for h, w in self.schedule)
 
+    @property
+    def resolution(self) -> int:
+        return self.vae_local.cfg.downsample * self.schedule[-1][0]
+
     def _sos_kv(self, drop_B: torch.Tensor) -> Packed:
         B = drop_B.shape[0]
         cond = self.sos_embedding.weight[self.gen_start_id].unsqueeze(0).expand(B, -1)
@@ -211,9 +227,11 @@ class InfinitySide(GenerationSide):
         logits = self.vargpt_gen.logits(h[:, :L], state["cond_BD"])
         B = logits.shape[0]
         ce = F.cross_entropy(logits.reshape(-1, 2), state["labels"].reshape(-1).long())
+        with torch.no_grad():
+            acc = (logits.view(B, L, -1, 2).argmax(-1) == state["labels"].long()).float().mean()
         # the released per-scale reweighting divides an already mean-reduced loss: a no-op, so
         # the image loss is 3 x the plain mean bit CE
-        return {"image_logits": logits.view(B, L, -1), "loss_img": 3.0 * ce, "ca_kv": ca[0]}
+        return {"image_logits": logits.view(B, L, -1), "loss_img": 3.0 * ce, "acc_img": acc, "ca_kv": ca[0]}
 
     @staticmethod
     def _as_kv(p: Packed):
@@ -292,3 +310,9 @@ class InfinitySide(GenerationSide):
         x = (img_m1p1 + 1) / 2 * 255
         x = x if self.sw.uint8 == "truncate" else x.round()
         return x.clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+
+
+@GEN_SIDES.register("infinity")
+def build_infinity_side(cfg: Any) -> InfinitySide:
+    return InfinitySide(cfg.tokenizer, cfg.decoder, cfg.llm.hidden_size, cfg.sos_rows or cfg.ids.gen_start + 1,
+                        cfg.ids.gen_start, cfg.switches)

@@ -24,7 +24,10 @@ from modules.components.bsq import BSQConfig
 from modules.components.infinity import InfinityConfig
 from modules.components.qwen2vl import (PositionIds, Qwen2VLConfig, build_text_model, build_vision_model,
                                         position_fn)
-from modules.gen_side import GenSwitches, InfinitySide, Packed
+from modules.components.var_decoder import VARConfig
+from modules.components.vqvae import VQVAEConfig
+from modules.gen_side import GEN_SIDES, GenSwitches, Packed
+from modules import gen_side_var  # noqa: F401  (registers the "var" generation side)
 
 
 @dataclass
@@ -57,7 +60,19 @@ class V11Switches(GenSwitches):
 
 
 @dataclass
+class VarSideConfig:
+    """``gen_side: var``: v1's VQVAE + VAR decoder behind the generation seam."""
+
+    vqvae: VQVAEConfig = field(default_factory=VQVAEConfig)
+    var: VARConfig = field(default_factory=lambda: VARConfig(cond_mode="external"))
+    input_noise: float = 0.0  # v1 extension: random codes in the teacher-forced inputs (training)
+
+
+@dataclass
 class VARGPT11Config:
+    # the generation side (modules/gen_side.py GEN_SIDES): infinity (v1.1) | var (v1's VAR decoder)
+    gen_side: str = "infinity"
+    var_side: VarSideConfig = field(default_factory=VarSideConfig)
     llm: Qwen2VLConfig = field(default_factory=Qwen2VLConfig)
     tokenizer: BSQConfig = field(default_factory=BSQConfig)
     decoder: InfinityConfig = field(default_factory=InfinityConfig)
@@ -83,8 +98,7 @@ class VARGPT11(nn.Module):
         self.model = build_text_model(lc)
         self.visual = build_vision_model(lc)
         self.lm_head = nn.Linear(lc.hidden_size, lc.vocab_size, bias=False)
-        self.gen = InfinitySide(cfg.tokenizer, cfg.decoder, lc.hidden_size, cfg.sos_rows or cfg.ids.gen_start + 1,
-                                cfg.ids.gen_start, cfg.switches)
+        self.gen = GEN_SIDES.get(cfg.gen_side, "model.v11.gen_side")(cfg)
         self.pos_ids = PositionIds(cfg.ids.image_pad, cfg.ids.vision_start, lc.spatial_merge_size)
 
     @property

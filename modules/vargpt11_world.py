@@ -53,7 +53,7 @@ class VARGPT11World(VARGPT11):
         lc = cfg.llm
         f = lc.patch_size * lc.spatial_merge_size
         self.image_side = smart_resize(f * 2, f * 2, factor=f)[0] if not cfg.image_side else cfg.image_side
-        self.gen_resolution = self.gen.vae_local.cfg.downsample * self.gen.schedule[-1][0]
+        self.gen_resolution = self.gen.resolution
 
     @property
     def num_image_tokens(self) -> int:
@@ -89,11 +89,8 @@ class VARGPT11World(VARGPT11):
         out = self.forward_train(ids, batch.get("attention_mask"), batch.get("labels"), px, grid, gen)
         res = {"loss": out["loss"], "loss_text": out["loss_text"]}
         if gen is not None:
-            st = out["gen_state"]
-            logits = out["image_logits"]
-            B, L = logits.shape[:2]
-            hit = (logits.view(B, L, -1, 2).argmax(-1) == st["labels"].long()).float()
-            res.update(loss_img=out["loss_img"], acc_img=hit.mean(), n_img_tokens=torch.tensor(B * L))
+            B, L = out["image_logits"].shape[:2]
+            res.update(loss_img=out["loss_img"], acc_img=out["acc_img"], n_img_tokens=torch.tensor(B * L))
         else:
             res.update(loss_img=out["loss"].new_zeros(()), n_img_tokens=torch.tensor(0))
         return res
