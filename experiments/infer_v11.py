@@ -9,7 +9,8 @@ Text goes through the directory's tokenizer (ChatML, as Qwen2-VL) when it has on
 without tokenizer files takes token ids (``--prompt-ids`` / ``--question-ids``, comma separated,
 the whole turn). Several prompts run as batches of equal-length prompts; row i draws from a
 generator seeded ``--seed + i`` (never the clock), and images are written here, not by the model.
-``--behaviour released`` sets every released switch (modules/vargpt11.py ``V11Switches``).
+``--behaviour released`` sets every released switch (modules/vargpt11.py ``V11Switches``). CKPT may
+also be an experiments.run export of a ``model.family: vargpt11`` run (its own chat template).
 """
 from __future__ import annotations
 
@@ -29,10 +30,50 @@ SYSTEM = "You are a helpful assistant."
 
 
 def is_v11_dir(p: str | Path) -> bool:
+    """A released v1.1 directory, or an experiments.run export of a ``model.family: vargpt11`` run."""
     import json
 
-    c = Path(p) / "config.json"
+    p = Path(p)
+    p = p if p.is_dir() else p.parent
+    c, y = p / "config.json", p / "config.yaml"
+    if y.is_file():
+        from omegaconf import OmegaConf
+
+        return OmegaConf.select(OmegaConf.load(y), "model.family", default="vargpt") == "vargpt11"
     return c.is_file() and json.loads(c.read_text()).get("model_type") == "vargpt_qwen2_vl"
+
+
+class _WorldPrompts:
+    """Prompts of a suite export: its own collator's chat template and fixed image side."""
+
+    def __init__(self, model):
+        from datamodules.tokens import IMAGE_TOKEN  # lazy: only for suite exports
+        from modules.vargpt11_world import PatchTransform  # lazy: only for suite exports
+
+        self.model, self.image_token = model, IMAGE_TOKEN
+        self.enc = model.collator()
+        self.patches = PatchTransform(model.image_side, model.cfg.llm)
+
+    def image(self, path: str):
+        from PIL import Image
+
+        g = self.model.image_side // self.model.cfg.llm.patch_size
+        return self.patches(Image.open(path)), torch.tensor([[1, g, g]])
+
+    def ids(self, text: str, grid) -> List[int]:
+        content = (self.image_token + "\n" if grid is not None else "") + text
+        return self.enc.encode_prompt([{"role": "user", "content": content}])
+
+
+class _ReleasedPrompts:
+    def __init__(self, model, tok):
+        self.model, self.tok = model, tok
+
+    def image(self, path: str):
+        return _image(path, self.model)
+
+    def ids(self, text: str, grid) -> List[int]:
+        return chat_ids(self.model, self.tok, text, grid, True)
 
 
 def load_v11_export(d: str | Path):
@@ -120,12 +161,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--out", default="generated.png")
     args = ap.parse_args(argv)
     d = Path(args.ckpt)
-    sw = asdict(V11Switches.released() if args.behaviour == "released" else V11Switches())
-    model, cfg = build_released(d, pn=args.pn, **sw)
+    sw = V11Switches.released() if args.behaviour == "released" else V11Switches()
+    if (d if d.is_dir() else d.parent).joinpath("config.yaml").is_file():
+        model, _ = load_v11_export(d)
+        model.cfg.switches.__dict__.update(asdict(sw))  # the one switch object the sides share
+        tok, prompts_of = model.tokenizer, _WorldPrompts(model)
+    else:
+        model, _ = build_released(d, pn=args.pn, **asdict(sw))
+        tok = _tokenizer(d)
+        prompts_of = _ReleasedPrompts(model, tok)
     for k in ("cfg", "tau", "top_k", "top_p"):
         if getattr(args, k) is not None:
             setattr(model.cfg, k, getattr(args, k))
-    tok = _tokenizer(d)
     if (args.prompt or args.question) and tok is None:
         raise SystemExit(f"{d} has no tokenizer files: give --prompt-ids / --question-ids instead of text")
 
@@ -133,8 +180,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     qs = [(q, None) for q in args.question_ids] + [(q, i) for i, q in enumerate(args.question)]
     for q, i in qs:
         img = args.image[i] if i is not None and i < len(args.image) else None
-        pv, grid = _image(img, model) if img else (None, None)
-        ids = _parse_ids(q) if i is None else chat_ids(model, tok, q, grid, False)
+        pv, grid = prompts_of.image(img) if img else (None, None)
+        ids = _parse_ids(q) if i is None else prompts_of.ids(q, grid)
         out = model.generate_text(torch.tensor([ids]), pv, grid, max_new_tokens=args.max_new_tokens)[0, len(ids):]
         print(f"Q: {q}\nA: {tok.decode(out) if tok is not None else out.tolist()}")
 
@@ -143,8 +190,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     n_all = len(args.prompt_ids) + len(args.prompt)
     srcs = [args.edit_image[j] if j < len(args.edit_image) else None for j in range(n_all)]
     for p, src in zip(args.prompt, srcs[len(args.prompt_ids):]):
-        grid = _image(src, model)[1] if src else None
-        prompts.append((p, chat_ids(model, tok, p, grid, True)))
+        grid = prompts_of.image(src)[1] if src else None
+        prompts.append((p, prompts_of.ids(p, grid)))
     if not prompts:
         return 0
     images: List[Optional[torch.Tensor]] = [None] * len(prompts)
@@ -155,7 +202,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if any(src):
             if not all(src):
                 raise SystemExit("prompts of one length must all edit or all generate; vary the wording")
-            parts = [_image(s, model) for s in src]
+            parts = [prompts_of.image(s) for s in src]
             pv, grid = torch.cat([p for p, _ in parts]), torch.cat([g for _, g in parts])
         out = model.generate_image(ids, pv, grid, seed=[args.seed + i for i in rows])
         for j, i in enumerate(rows):

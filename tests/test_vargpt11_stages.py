@@ -63,3 +63,14 @@ def test_world_export_writes_the_released_layout(tiny_world, tmp_path, tracking_
     assert export_main([str(out.parent), str(tmp_path / "released"), "--format", "vargpt11", "--dtype", "float32"]) == 0
     model, cfg = build_released(tmp_path / "released", scales=[[1, 1], [2, 2], [4, 4]])
     assert (cfg.decoder.embed_dim, cfg.tokenizer.codebook_dim, cfg.llm.num_hidden_layers) == (128, 16, 1)
+    # the run itself through experiments.infer: a question about an image, a drawing, an edit
+    from PIL import Image
+
+    from experiments.infer import main as infer_main
+
+    src = tmp_path / "src.png"
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(src)
+    assert infer_main([str(out.parent), "--question", "What colour is the circle?", "--image", str(src),
+                       "--max-new-tokens", "2", "--prompt", "Draw a red circle.", "--prompt", "Make it blue.",
+                       "--edit-image", "", "--edit-image", str(src), "--out", str(tmp_path / "g.png")]) == 0
+    assert Image.open(tmp_path / "g.png").size == (2 * 64, 64)
