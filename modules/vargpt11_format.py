@@ -120,8 +120,12 @@ def expected_keys(model: nn.Module) -> Dict[str, torch.Tensor]:
 
 
 def load_released(model: nn.Module, d: Path) -> List[str]:
-    """Strict, shard by shard. Returns the loaded keys; raises naming the first missing/stray keys."""
+    """Strict, shard by shard. Returns the loaded keys; raises naming the first missing/stray keys.
+    A model built under ``modules.checkpoint.empty_parameters`` (parameters on the meta device)
+    gets each tensor assigned as it is read: memory is the model plus one tensor."""
     from safetensors import safe_open
+
+    from modules.checkpoint import _assign  # lazy: keeps this module import-light
 
     d = Path(d)
     wm = weight_map(d)
@@ -141,10 +145,7 @@ def load_released(model: nn.Module, d: Path) -> List[str]:
                 p = want[k]
                 if tuple(t.shape) != tuple(p.shape):
                     raise ReleasedLayoutError(f"{d / shard}: {k!r} has shape {tuple(t.shape)}, the model {tuple(p.shape)}")
-                with torch.no_grad():
-                    if p.is_meta:
-                        raise ReleasedLayoutError(f"{k!r} is on the meta device; build with to_empty() first")
-                    p.copy_(t.to(p.dtype))
+                _assign(model, from_released_key(k), t.to(p.dtype))
                 done.append(k)
     return done
 
@@ -206,7 +207,10 @@ def build_released(d: Path, device: str = "cpu", **kw):
     """Model of a released directory with its weights (fp32)."""
     from modules.vargpt11 import VARGPT11  # lazy: vargpt11 imports transformers
 
+    from modules.checkpoint import empty_parameters  # lazy: same
+
     cfg = config_from_released(d, **kw)
-    model = VARGPT11(cfg)
+    with empty_parameters():  # no random init of what the checkpoint overwrites
+        model = VARGPT11(cfg)
     load_released(model, d)
     return model.eval(), cfg
