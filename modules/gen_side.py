@@ -174,12 +174,19 @@ class InfinitySide(GenerationSide):
         rows = torch.where(drop_B[:, None], self.vargpt_gen.cfg_uncond[:1].expand(B, -1), cond)
         return Packed(rows, torch.arange(B + 1, dtype=torch.int32))
 
+    def _uncond_rows(self, n: int) -> torch.Tensor:
+        rows = self.vargpt_gen.cfg_uncond
+        if n > rows.shape[0]:
+            raise ValueError(f"a prompt of {n} tokens is longer than the decoder's {rows.shape[0]} unconditional "
+                             f"key/value rows (cfg_uncond, text_maxlen): shorten the prompt (the release has 512)")
+        return rows[:n]
+
     def prompt_kv(self, prompt_states: Packed, drop_B: Optional[torch.Tensor] = None):
         kv = self.image_gen_projector_out(prompt_states.x)
         if drop_B is not None and bool(drop_B.any()):
             lens, rows, s = prompt_states.lens, [], 0
             for b, n in enumerate(lens):
-                rows.append(self.vargpt_gen.cfg_uncond[:n] if drop_B[b] else kv[s:s + n])
+                rows.append(self._uncond_rows(n) if drop_B[b] else kv[s:s + n])
                 s += n
             kv = torch.cat(rows)
         return kv, prompt_states.cu, prompt_states.max_len
@@ -255,7 +262,7 @@ class InfinitySide(GenerationSide):
         cond_BD, gss = dec.condition(self._as_kv(sos))  # (2B, D): rows [cond, uncond]
         cond_kv = self.image_gen_projector_out(prompt_states.x)
         lens = prompt_states.lens
-        unc_kv = torch.cat([dec.cfg_uncond[:n] for n in lens])
+        unc_kv = torch.cat([self._uncond_rows(n) for n in lens])
         ca = (torch.cat([cond_kv, unc_kv]), torch.tensor([0] + lens + lens, dtype=torch.int32).cumsum(0).to(torch.int32),
               max(lens))
         dec.set_caching(True)

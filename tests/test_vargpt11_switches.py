@@ -137,3 +137,10 @@ def test_ca_bf16_switch_changes_only_rounding(setup):
             model.gen.sw.ca_bf16 = True
     d = (fp32 - g["image_logits"]).abs().max()
     assert 1e-4 < d < 5e-2  # bf16-sized, not a different computation
+
+
+def test_prompt_longer_than_the_unconditional_rows_is_refused(setup):
+    model, _ = setup
+    n = model.gen.vargpt_gen.cfg_uncond.shape[0] + 1
+    with pytest.raises(ValueError, match="cfg_uncond, text_maxlen"):
+        model.gen._uncond_rows(n)
