@@ -36,6 +36,7 @@ def test_every_stage_type_trains_through_the_launcher(stage, tiny_world, tmp_pat
     over = [f"stage={stage}", f"model.tokenizer.path={tok}", f"data.root={root}", f"output_dir={tmp_path / stage}",
             f"logging.tracking_uri={tracking_uri}", f"logging.artifact_root={tmp_path / 'art'}",
             "trainer.max_steps=2", "data.batch_size=4", "trainer.log_every_n_steps=1", "trainer.num_threads=1",
+            "logging.enabled=false", "trainer.save_checkpoint=true", "checkpoint.at_end=false",
             "model.v11.llm.num_hidden_layers=2", "model.v11.tokenizer.base_ch=24", "model.v11.tokenizer.ch_mult=[1,1,1,1,1]"]
     loaded = load_config(REPO_ROOT / "experiments/v11/world.yaml", over)
     torch.manual_seed(0)
