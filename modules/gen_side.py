@@ -136,6 +136,10 @@ class GenSwitches:
     bsc_in_eval: bool = False  # released True: bit flips also in eval / reference forwards
     gen_positions_with_deltas: bool = True  # released False: image slots take cache_position only
     uint8: str = "round"  # released "truncate": (x+1)/2*255 truncated
+    # 2-D RoPE of a cached scale starts at its place in the sequence. The release's fused path
+    # (what ran for the fixture and on GPU) does so; false reproduces its non-fused path, which
+    # drops the scale index so every scale starts at position 0.
+    rope_scale_offset: bool = True
 
 
 class InfinitySide(GenerationSide):
@@ -287,7 +291,8 @@ class InfinitySide(GenerationSide):
                     unc_pos = unc_pos + n
                 pos = pos + n
                 hid = dec.add_levels(self.image_gen_projector_out(torch.cat([out_c, out_u])), [(h, w)], first_scale=si)
-                hid = dec.blocks(hid, gss, ca, None, tuple(t.to(dev) for t in dec.rope(sched, scale_ind=si)))
+                rope = dec.rope(sched, scale_ind=si, scale_offset=self.sw.rope_scale_offset)
+                hid = dec.blocks(hid, gss, ca, None, tuple(t.to(dev) for t in rope))
                 lg = dec.logits(hid, cond_BD)  # (2B, n, 2d)
                 mixed = cfg * lg[:B] / tau + (1 - cfg) * lg[B:] / tau
                 bits = sample_top_k_top_p(mixed.reshape(B, -1, 2).clone(), top_k=top_k, top_p=top_p,

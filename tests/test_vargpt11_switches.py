@@ -144,3 +144,14 @@ def test_prompt_longer_than_the_unconditional_rows_is_refused(setup):
     n = model.gen.vargpt_gen.cfg_uncond.shape[0] + 1
     with pytest.raises(ValueError, match="cfg_uncond, text_maxlen"):
         model.gen._uncond_rows(n)
+
+
+def test_rope_scale_offset_switch(setup):
+    model, v = setup
+    dec = model.gen.vargpt_gen
+    sched = [(h, w) for _, h, w in v["infer"]["scale_schedule"]]
+    full_cos, _ = dec.rope(sched)
+    cos, _ = dec.rope(sched, scale_ind=2)
+    bug, _ = dec.rope(sched, scale_ind=2, scale_offset=False)
+    assert torch.equal(cos, full_cos[5:21]) and torch.equal(bug, full_cos[:16]) and not torch.equal(cos, bug)
+    assert model.cfg.switches.rope_scale_offset is True  # released (fused path) and corrected agree

@@ -316,12 +316,15 @@ class InfinityDecoder(nn.Module):
         """(B, L, C) -> bit logits (B, L, 2d): two logits per bit, bit-major."""
         return self.head(self.head_nm(h_BLC.float(), cond_BD.float()))
 
-    def rope(self, schedule: Sequence[Tuple[int, int]], pad_to: int = 0, scale_ind: Optional[int] = None):
-        """cos/sin for the whole (padded) sequence, or for scale ``scale_ind`` alone (caching)."""
+    def rope(self, schedule: Sequence[Tuple[int, int]], pad_to: int = 0, scale_ind: Optional[int] = None,
+             scale_offset: bool = True):
+        """cos/sin for the whole (padded) sequence, or for scale ``scale_ind`` alone (caching).
+        ``scale_offset=False`` starts every scale's rows at sequence position 0: what the
+        release's non-fused block path computes with KV caching (it drops the scale index)."""
         g, t = self.cfg.rope_grid, self.cfg.rope_theta
         if scale_ind is None:
             return rope_angles(schedule, self.head_dim, g, t, pad_to=pad_to)
-        start = sum(h * w for h, w in schedule[:scale_ind])
+        start = sum(h * w for h, w in schedule[:scale_ind]) if scale_offset else 0
         h, w = schedule[scale_ind]
         return rope_angles(schedule, self.head_dim, g, t, start=start, length=h * w)
 
