@@ -178,12 +178,23 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     # questions
     qs = [(q, None) for q in args.question_ids] + [(q, i) for i, q in enumerate(args.question)]
+    rows = []  # (question, ids, patches, grid)
     for q, i in qs:
         img = args.image[i] if i is not None and i < len(args.image) else None
         pv, grid = prompts_of.image(img) if img else (None, None)
-        ids = _parse_ids(q) if i is None else prompts_of.ids(q, grid)
-        out = model.generate_text(torch.tensor([ids]), pv, grid, max_new_tokens=args.max_new_tokens)[0, len(ids):]
-        print(f"Q: {q}\nA: {tok.decode(out) if tok is not None else out.tolist()}")
+        rows.append((q, _parse_ids(q) if i is None else prompts_of.ids(q, grid), pv, grid))
+    answers: List[List[int]] = [[] for _ in rows]
+    keyed = [(len(r[1]), r[2] is not None) for r in rows]  # a batch: one length, all with or without images
+    for key in dict.fromkeys(keyed):
+        idx = [j for j, k in enumerate(keyed) if k == key]
+        pv = torch.cat([rows[j][2] for j in idx]) if key[1] else None
+        grid = torch.cat([rows[j][3] for j in idx]) if key[1] else None
+        out = model.generate_text(torch.tensor([rows[j][1] for j in idx]), pv, grid, max_new_tokens=args.max_new_tokens)
+        for b, j in enumerate(idx):
+            new = out[b, key[0]:].tolist()
+            answers[j] = new[: new.index(model.cfg.ids.eos) + 1] if model.cfg.ids.eos in new else new
+    for (q, *_), a in zip(rows, answers):
+        print(f"Q: {q}\nA: {tok.decode(a) if tok is not None else a}")
 
     # image prompts (generation, or editing with --edit-image)
     prompts = [(p, _parse_ids(p)) for p in args.prompt_ids]

@@ -49,3 +49,11 @@ def test_batched_rows_draw_as_alone():
     assert all(torch.equal(a[1:], b) for a, b in zip(both["bits"], alone["bits"]))
     again = model.generate_image(ids, seed=[11, 12])
     assert torch.equal(again["uint8"], both["uint8"])
+
+
+def test_batched_answers_equal_one_by_one():
+    model, _ = build_released(require_fixture(V11), pn="0.06M")
+    ids = torch.tensor([[201, 5, 9, 202, 201], [201, 6, 7, 202, 201]])
+    both = model.generate_text(ids, max_new_tokens=3)
+    for b in range(2):
+        assert torch.equal(model.generate_text(ids[b:b + 1], max_new_tokens=3)[0], both[b])
