@@ -45,7 +45,10 @@ class VARGPT11World(VARGPT11):
         pad = ids["pad"] if ids["pad"] is not None else (ids["eos"] or 0)
         cfg.ids = TokenIds(pad=pad, eos=ids["eos"] if ids["eos"] is not None else pad, vision_start=-1, vision_end=-1,
                            image_pad=ids["image"], gen_start=ids["gen_start"], gen_end=ids["gen_end"], gen_pad=ids["gen_pad"])
-        cfg.llm = replace(cfg.llm, vocab_size=len(tok))
+        # vocab_size 0: the tokenizer's length; else at least that many rows (the release keeps
+        # 152064 rows for a 151,6xx-token tokenizer, so added tokens land in existing rows)
+        rows = len(tok) if cfg.llm.vocab_size <= 0 else max(cfg.llm.vocab_size, len(tok))
+        cfg.llm = replace(cfg.llm, vocab_size=rows)
         cfg.sos_rows = max(cfg.sos_rows, cfg.ids.gen_start + 1)
         super().__init__(cfg)
         self.tokenizer = tok
