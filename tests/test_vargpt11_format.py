@@ -116,3 +116,20 @@ def test_model_load_format_vargpt11(released):
     load_into(fresh, LoadSpec(path=str(require_fixture(V11)), format="vargpt11"))
     a, b = model.state_dict(), fresh.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_release_recipe_builds_the_1706_keys_on_meta(tmp_path):
+    """experiments/real/vargpt_v11.yaml at the release's sizes: its keys and shapes are the release's."""
+    from experiments.config import REPO_ROOT, load_config
+    from modules.components.text_tokenizer import TokenizerConfig, build_tokenizer
+    from modules.vargpt11_world import VARGPT11World
+
+    from tests.tiny import tiny_tokenizer_dir
+
+    loaded = load_config(REPO_ROOT / "experiments/real/vargpt_v11.yaml", ["model.load=[]"])
+    tok = build_tokenizer(TokenizerConfig(name="world", path=str(tiny_tokenizer_dir(tmp_path))))
+    with torch.device("meta"):
+        net = VARGPT11World(loaded.cfg.model, tokenizer=tok)
+    real = json.loads(require_fixture(V11, "official_real_keys.json").read_text())
+    mine = {k: list(v.shape) for k, v in expected_keys(net).items()}
+    assert mine == real["keys"]
