@@ -155,10 +155,21 @@ def run(d: Path) -> Dict[str, Any]:
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("dir", help="directory with config.json, the safetensors and vectors.pt")
+    ap.add_argument("--out", default="", help="also write the line, with what it ran on, to this JSON file "
+                                              "(benchmarks/results/vargpt11_parity.json is the committed one)")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     r = run(Path(a.dir))
     print(json.dumps(r, sort_keys=True))
+    if a.out:
+        from benchmarks.step_timing import machine_info  # lazy: subprocess / platform probes
+
+        import transformers
+
+        rec = {"result": r, "machine": machine_info(), "threads": 1, "transformers": transformers.__version__,
+               "command": "python -m benchmarks.vargpt11_parity " + " ".join(argv if argv is not None else sys.argv[1:])}
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(rec, indent=2, sort_keys=True) + "\n")
     return 0 if r["ok"] else 1
 
 
