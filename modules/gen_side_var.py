@@ -35,6 +35,20 @@ class VARSide(GenerationSide):
         self.gen_out = build_projector(ProjectorConfig(name="mlp", depth=2, in_dim=llm_hidden, out_dim=C))
         self.input_noise = input_noise
 
+    @classmethod
+    def of(cls, net: Any) -> "VARSide":
+        """A view of a v1 ``VARGPT``'s generation parts (``vqvae``, ``var``, ``gen_in``, ``gen_out``:
+        the same modules, shared, so ``net``'s state dict is untouched) behind the interface, for
+        the v1 configuration (``model.var_cond: label``, no ``var_skip``)."""
+        if net.cfg.var_cond != "label" or net.cfg.var_skip:
+            raise ValueError(f"VARSide.of: model.var_cond={net.cfg.var_cond}, var_skip={net.cfg.var_skip}; "
+                             "the view covers v1 (label, no var_skip); docs/v11.md lists the rest")
+        side = cls.__new__(cls)
+        GenerationSide.__init__(side)
+        side.vqvae, side.var, side.gen_in, side.gen_out = net.vqvae, net.var, net.gen_in, net.gen_out
+        side.input_noise = net.cfg.gen_input_noise
+        return side
+
     @property
     def tokens_per_image(self) -> int:
         return self.var.L

@@ -67,3 +67,26 @@ def test_var_side_is_v1s_teacher_forcing():
     idx = side.vqvae.img_to_idx(px)
     ref = side.gen_in(side.var.front_end(torch.zeros(2, dtype=torch.long), side.vqvae.idx_to_var_input(idx)))
     assert torch.equal(x, ref) and all(torch.equal(a, b) for a, b in zip(st["idx"], idx))
+
+
+def test_v1s_own_parts_behind_the_seam_give_v1s_image_loss(tmp_path):
+    """A v1 VARGPT's generation parts (shared, not copied) behind the interface: teacher inputs,
+    then train_outputs on the same LLM states, give exactly VARGPT.forward's image loss."""
+    from modules.vargpt import VARGPT
+
+    from tests.tiny import collator_for, gen_sample, tiny_model_config
+
+    torch.manual_seed(0)
+    net = VARGPT(tiny_model_config(tmp_path)).eval()
+    batch = collator_for(net)([gen_sample("a"), gen_sample("b", "Draw a blue square.", (200, 30, 30))])
+    ref = net(batch)["loss_img"]
+    side = VARSide.of(net)
+    slot_x, state = side.teacher_inputs(batch["gen_images"], net.L, train=False,
+                                        cond_drop_B=batch["gen_uncond"])
+    ids = batch["input_ids"]
+    gen_mask = ids == net.gen_pad_id
+    emb = net.llm.get_input_embeddings()(ids).masked_scatter(gen_mask.unsqueeze(-1), slot_x)
+    h = net.llm_states(emb, batch["attention_mask"], gen_mask)
+    out = side.train_outputs(h[gen_mask].view(2, net.L, -1), None, state)
+    assert torch.allclose(out["loss_img"], ref, atol=1e-6, rtol=0)
+    assert not any(k.startswith("gen") and k.split(".")[0] not in ("gen_in", "gen_out") for k in net.state_dict())
