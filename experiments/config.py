@@ -435,6 +435,12 @@ def value_problems(cfg: ExperimentConfig) -> List[Tuple[str, str]]:
 def config_hash(cfg: DictConfig) -> str:
     """A short stable hash of what the run computes (see _HASH_EXCLUDE)."""
     c = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    model = c.get("model")
+    if isinstance(model, DictConfig) and model.get("family", "vargpt") == "vargpt":
+        # the v1.1 family's fields postdate the v1 runs: absent from a v1 config's hash
+        for k in ("family", "v11"):
+            if k in model and (k == "family" or model[k] is None):
+                model.pop(k)
     for key in _HASH_EXCLUDE:
         parent, _, leaf = key.rpartition(".")
         node = OmegaConf.select(c, parent) if parent else c

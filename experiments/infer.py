@@ -6,6 +6,9 @@
     python -m experiments.infer /checkpoints/VARGPT_LLaVA-v1 --behaviour released --dtype bfloat16 \\
         --device cuda --prompt "Please design a drawing of a butterfly on a flower."
 
+A released VARGPT-v1.1 directory (config.json model_type vargpt_qwen2_vl) goes to
+experiments/infer_v11.py (questions, generation, editing with --edit-image).
+
 CKPT is an export directory of `experiments.run` (model.safetensors + config.yaml), the
 model.safetensors file itself, or a released-layout directory (VARGPT-family/VARGPT_LLaVA-v1:
 config.json + safetensors shards; built from its config.json and loaded shard by shard, see
@@ -97,6 +100,12 @@ def _best_of(net, args, questions, first):
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and not argv[0].startswith("-"):
+        from experiments.infer_v11 import is_v11_dir, main as main_v11  # lazy: the Qwen2-VL classes
+
+        if is_v11_dir(argv[0]):
+            return main_v11(argv)
     ap = argparse.ArgumentParser(prog="python -m experiments.infer", description=__doc__.split("\n")[0])
     ap.add_argument("ckpt")
     ap.add_argument("--image", action="append", default=[], help="input image (pairs with --question)")

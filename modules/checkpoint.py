@@ -10,6 +10,7 @@ that lists the keys (modules/weights.py maps foreign layouts onto ours before th
 from __future__ import annotations
 
 import fnmatch
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Dict, Iterable, Mapping, Optional, Sequence
 
@@ -364,3 +365,36 @@ def save_sharded_safetensors(items: Iterable, out_dir: Path, max_shard_bytes: in
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     _write_text_atomic(out_dir / SAFETENSORS_INDEX, json.dumps(index, indent=2) + "\n")
     return out_dir / SAFETENSORS_INDEX
+
+
+# ----------------------------------------------------------------------------------- streaming in
+@contextmanager
+def empty_parameters():
+    """Build modules whose parameters live on the meta device (no memory, no init cost) while
+    buffers are real (rotary tables, position ids, masks keep their values). Load every
+    parameter afterwards (``stream_load`` assigns them); one left on meta is a missing key."""
+    orig = nn.Module.register_parameter
+
+    def register(self, name, param):
+        orig(self, name, param)
+        if param is not None and param.device.type != "meta":
+            self._parameters[name] = type(param)(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = orig
+
+
+def _assign(model: nn.Module, name: str, t: torch.Tensor) -> None:
+    mod_name, _, attr = name.rpartition(".")
+    mod = model.get_submodule(mod_name) if mod_name else model
+    table = mod._parameters if attr in mod._parameters else mod._buffers
+    old = table[attr]
+    if old.device.type == "meta":
+        t = t.to(old.dtype)
+        table[attr] = nn.Parameter(t, requires_grad=old.requires_grad) if table is mod._parameters else t
+    else:
+        with torch.no_grad():
+            old.copy_(t)

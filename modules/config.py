@@ -17,6 +17,7 @@ from modules.components.text_tokenizer import TokenizerConfig
 from modules.components.var_decoder import VARConfig
 from modules.components.vision_encoders import VisionEncoderConfig
 from modules.components.vqvae import VQVAEConfig
+from modules.vargpt11 import VARGPT11Config
 
 # Submodule names of the composed model (modules/vargpt.py): what `load[].into` and the stages'
 # trainable sets refer to.
@@ -24,7 +25,7 @@ SUBMODULES = ("vision", "und_proj", "llm", "gen_lora", "gen_in", "gen_out", "gen
               "vqvae", "var")
 # How the prompt reaches the VAR blocks (ModelConfig.var_cond).
 VAR_CONDS = ("label", "gen_start", "prompt_attn")
-LOAD_FORMATS = ("native", "official_var", "official_vqvae", "llava", "hf", "timm", "vargpt", "llava_hf")
+LOAD_FORMATS = ("native", "official_var", "official_vqvae", "llava", "hf", "timm", "vargpt", "llava_hf", "vargpt11")
 # Released-behaviour switches: name -> valid values. Each left at "" (None for the numbers)
 # follows `behaviour`; BEHAVIOURS gives the value of each under "corrected" (the defaults) and
 # "released" (the official VARGPT-v1 code).
@@ -114,6 +115,8 @@ class LoadSpec:
             vargpt          a released VARGPT directory (VARGPT-family/VARGPT_LLaVA-v1 layout:
                             config.json + safetensors shards), the whole model, shard by shard
             llava_hf        llava-hf/llava-1.5-7b-hf (a directory): vision, und_proj and llm
+            vargpt11        a released VARGPT-v1.1 directory (config.json + safetensors shards)
+                            into a VARGPT11 model, whole and strict (modules/vargpt11_format.py)
             hf              a Hugging Face save_pretrained directory (into: llm or vision)
             timm            a timm ViT state dict (into: vision)
     (adapters in modules/weights.py; paths relative to the repository root)
@@ -130,6 +133,11 @@ class LoadSpec:
 
 @dataclass
 class ModelConfig:
+    # Which composed model: vargpt (v1 and this suite's extensions: modules/vargpt.py) or
+    # vargpt11 (Qwen2-VL + Infinity + BSQ, modules/vargpt11.py; sizes in model.v11, the text
+    # tokenizer from model.tokenizer; docs/v11.md)
+    family: str = "vargpt"
+    v11: Optional[VARGPT11Config] = None  # set (a mapping, even {}) with family vargpt11
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     vision: VisionEncoderConfig = field(default_factory=VisionEncoderConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)

@@ -29,7 +29,6 @@ The stage-0 bases load their frozen parts through ``load_into`` (the same adapte
 from __future__ import annotations
 
 import re
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
@@ -37,8 +36,9 @@ import torch
 import torch.nn as nn
 
 from datamodules.paths import resolve_path
-from modules.checkpoint import (StateDictMismatchError, _matches, iter_safetensors_shards, load_strict,
+from modules.checkpoint import (StateDictMismatchError, _assign, _matches, iter_safetensors_shards, load_strict,
                                 read_state_dict)
+from modules.checkpoint import empty_parameters  # noqa: F401 (re-exported: modules/released.py)
 from modules.config import LOAD_FORMATS, LoadSpec
 from modules.vargpt_format import DROP, LLAVA_HF_PARTS, KeyMap, llava_hf_key_map, read_config, released_ids, \
     vargpt_key_map
@@ -152,38 +152,6 @@ LOADERS: Dict[str, Callable[[nn.Module, StateDict, LoadSpec, str], None]] = {
 
 
 # ----------------------------------------------------------------------------------- directories
-@contextmanager
-def empty_parameters():
-    """Build modules whose parameters live on the meta device (no memory, no init cost) while
-    buffers are real (rotary tables, position ids, masks keep their values). Load every
-    parameter afterwards (``stream_load`` assigns them); one left on meta is a missing key."""
-    orig = nn.Module.register_parameter
-
-    def register(self, name, param):
-        orig(self, name, param)
-        if param is not None and param.device.type != "meta":
-            self._parameters[name] = type(param)(param.to("meta"), requires_grad=param.requires_grad)
-
-    nn.Module.register_parameter = register
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = orig
-
-
-def _assign(model: nn.Module, name: str, t: torch.Tensor) -> None:
-    mod_name, _, attr = name.rpartition(".")
-    mod = model.get_submodule(mod_name) if mod_name else model
-    table = mod._parameters if attr in mod._parameters else mod._buffers
-    old = table[attr]
-    if old.device.type == "meta":
-        t = t.to(old.dtype)
-        table[attr] = nn.Parameter(t, requires_grad=old.requires_grad) if table is mod._parameters else t
-    else:
-        with torch.no_grad():
-            old.copy_(t)
-
-
 def stream_load(model: nn.Module, path: Path, key_map: KeyMap, spec: LoadSpec, src: str,
                 parts: Sequence[str] = ()) -> Dict[str, int]:
     """Load a safetensors checkpoint directory into ``model`` shard by shard, tensor by tensor,
@@ -259,10 +227,21 @@ def _load_llava_hf_dir(model: nn.Module, path: Path, spec: LoadSpec, src: str) -
     return stream_load(model, path, llava_hf_key_map(_nested_vision(model)), spec, src, parts=parts)
 
 
+def _load_vargpt11_dir(model: nn.Module, path: Path, spec: LoadSpec, src: str) -> Dict[str, int]:
+    # the released VARGPT-v1.1 directory into a VARGPT11 model: strict, one shard at a time
+    from modules.vargpt11_format import load_released  # lazy: pulls the Qwen2-VL classes
+
+    if spec.keys or spec.allow_missing or spec.allow_unexpected:
+        raise ValueError(f"{src}: format vargpt11 loads the whole model strictly (no keys / allow_* lists)")
+    done = load_released(model, path)
+    return {"tensors": len(done)}
+
+
 # Formats whose file is a directory read shard by shard (a model composed as VARGPT, into "").
 DIR_LOADERS: Dict[str, Callable[[nn.Module, Path, LoadSpec, str], Dict[str, int]]] = {
     "vargpt": _load_vargpt_dir,
     "llava_hf": _load_llava_hf_dir,
+    "vargpt11": _load_vargpt11_dir,
 }
 assert set(LOADERS) | set(DIR_LOADERS) == set(LOAD_FORMATS), "modules/config.py LOAD_FORMATS and LOADERS disagree"
 # The submodule a format loads into when `into` is not given.

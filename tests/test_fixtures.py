@@ -98,3 +98,20 @@ def test_vae_local_reproduces_the_vargpt_vq_indices_and_image(vargpt_sd):
     inf = v["infer"]
     assert (m.idx_to_fhat(inf["idx"]) - inf["f_hat"]).abs().max() <= 1e-5
     assert ((m.idx_to_img(inf["idx"]) + 1) / 2 - inf["recon_01"]).abs().max() <= 1e-5
+
+
+V11 = "vargpt_v11_official"
+# sha256 of the single-file model.safetensors the official v1.1 code wrote (tests/fixtures/README.md)
+V11_MODEL_SHA256 = "9c70d639a927ab9ad1a84e18b1e68ca9e237ee7a6f9283e10092eec8ba8931c7"
+
+
+def test_vargpt_v11_fixture_is_complete_and_rebuilds_the_released_file():
+    for n in ("README.md", "config.json", "generation_config.json", "meta.json", "vectors.pt",
+              "official_real_keys.json", "model.safetensors.index.json", "model-00001-of-00002.safetensors",
+              "model-00002-of-00002.safetensors"):
+        require_fixture(V11, n)
+    sd = load_sharded_safetensors(V11)
+    assert len(sd) == 366
+    assert hashlib.sha256(save(sd, metadata={"format": "pt"})).hexdigest() == V11_MODEL_SHA256
+    real = json.loads(require_fixture(V11, "official_real_keys.json").read_text())
+    assert set(sd) <= set(real["keys"])  # the tiny config has fewer layers, not other names

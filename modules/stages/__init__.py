@@ -22,6 +22,10 @@ def _debug(cfg):
 
 def _vargpt(name):
     def builder(cfg):
+        if getattr(cfg.model, "family", "vargpt") == "vargpt11":
+            from modules.stages import v11_stages  # lazy: the Qwen2-VL / Infinity model, only for v1.1 runs
+
+            return v11_stages.build(name, cfg)
         from modules.stages import vargpt_stages  # lazy: Lightning + the model, only when a run starts
 
         return vargpt_stages.build(name, cfg)

@@ -1,0 +1,60 @@
+"""The VARGPT stages for a VARGPT-v1.1 model (``model.family: vargpt11``): the same stage names,
+the trainable sets mapped onto v1.1's parts (released names; the BSQ tokenizer never trains).
+
+    llava_align  visual.merger                            (the understanding projector)
+    llava_sft    visual.merger + model + lm_head
+    stage1       the generation projectors, sos_embedding, the decoder's SOS pool and pos_start
+    stage2       model + lm_head
+    stage3       the generation projectors, sos_embedding, the whole decoder (vargpt_gen)
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any, Dict, List, Tuple
+
+import torch.nn as nn
+
+from datamodules.datamodule import VargptDataModule
+from datamodules.paths import resolve_path
+from modules.stages.vargpt_stages import VARGPTStage
+from modules.vargpt11_world import VARGPT11World
+from modules.weights import load_weights
+
+_PROJ = ("gen.image_gen_projector", "gen.image_gen_projector_out", "gen.sos_embedding")
+TRAINABLE: Dict[str, Tuple[str, ...]] = {
+    "llava_align": ("visual.merger",),
+    "llava_sft": ("visual.merger", "model", "lm_head"),
+    "stage1": _PROJ + ("gen.vargpt_gen.pos_start", "gen.vargpt_gen.text_proj_for_sos", "gen.vargpt_gen.text_norm"),
+    "stage2": ("model", "lm_head"),
+    "stage3": _PROJ + ("gen.vargpt_gen",),
+}
+
+
+class V11Stage(VARGPTStage):
+    STAGE = ""
+
+    def __init__(self, cfg: Any, net: nn.Module | None = None):
+        # VARGPTStage.__init__ builds a v1 model: bypass it, keep its steps
+        super(VARGPTStage, self).__init__(cfg)
+        self.net = net if net is not None else VARGPT11World(cfg.model, template=cfg.data.chat)
+        if net is None:
+            load_weights(self.net, cfg.model.load, cfg.init_from, cfg.init_allow_missing, cfg.init_allow_unexpected)
+        self.apply_trainable_set()
+
+    def trainable_prefixes(self) -> Tuple[str, ...]:
+        return TRAINABLE[self.STAGE]
+
+    def configure_callbacks(self) -> List[Any]:
+        return []  # the in-loop evaluation protocol reads v1 models only (docs/v11.md)
+
+
+STAGE_CLASSES = {name: type(f"V11{name.title().replace('_', '')}", (V11Stage,), {"STAGE": name}) for name in TRAINABLE}
+
+
+def build(name: str, cfg: Any):
+    module = STAGE_CLASSES[name](cfg)
+    net = module.net
+    data = replace(cfg.data, root=str(resolve_path(cfg.data.root)) if cfg.data.root else "")
+    sizes = net.collator_sizes()
+    data = replace(data, num_image_tokens=sizes["num_image_tokens"], gen_num_tokens=sizes["gen_num_tokens"])
+    return module, VargptDataModule(data, net.collator(data, train=True), eval_collator=net.collator(data))

@@ -1,0 +1,57 @@
+"""`benchmarks.vargpt11_parity` on the vendored official VARGPT-v1.1 outputs: every check holds
+its tolerance, and a directory that stores fewer intermediates still yields every key."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from benchmarks.vargpt11_parity import main, run
+
+from tests.conftest import require_fixture
+
+V11 = "vargpt_v11_official"
+KEYS = ["tokenizer_bits_equal", "tokenizer_recon_max_abs", "und_logits_1d_max_abs", "und_logits_mrope_max_abs",
+        "und_generate_ids_equal", "gen_image_logits_max_abs", "gen_text_logits_max_abs", "gen_loss_abs",
+        "gen_null_loss_abs", "edit_loss_abs", "infer_bits_equal", "infer_image_max_abs", "edit_infer_bits_equal"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):  # see tests/conftest.py
+    yield
+
+
+def test_parity_command_prints_all_true_within_tolerance(capsys):
+    assert main([str(require_fixture(V11))]) == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for k in KEYS:
+        assert k in r, k
+        if k.endswith("_equal"):
+            assert r[k] is True, k
+    assert r["ok"] is True
+    for k in ("und_logits_1d_max_abs", "und_logits_mrope_max_abs", "gen_text_logits_max_abs", "gen_loss_abs",
+              "gen_null_loss_abs", "edit_loss_abs", "infer_image_max_abs", "tokenizer_recon_max_abs"):
+        assert r[k] <= 1e-4, (k, r[k])
+    assert r["gen_image_logits_max_abs"] <= 5e-3  # downstream of the bf16 cross-attention
+
+
+def test_fewer_intermediates_still_give_every_key(tmp_path):
+    src = require_fixture(V11)
+    d = tmp_path / "fewer"
+    d.mkdir()
+    for f in src.iterdir():
+        if f.name != "vectors.pt":
+            shutil.copy(f, d / f.name)
+    v = torch.load(src / "vectors.pt", weights_only=True)
+    for sec in ("gen", "gen_b1_null", "edit"):  # no recorded flips: replayed from the seed
+        v[sec].pop("bsc_flipped_bits_per_scale")
+        v[sec].pop("bsc_gt_bits_per_scale")
+    v["und"].pop("pixel_values")  # recomputed by the image processor
+    v["infer"].pop("decoded_m1p1")
+    torch.save(v, d / "vectors.pt")
+    r = run(d)
+    for k in KEYS:
+        assert k in r, k
+    assert r["gen_loss_abs"] <= 1e-4 and r["edit_loss_abs"] <= 1e-4 and r["infer_bits_equal"] is True
