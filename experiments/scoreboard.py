@@ -194,6 +194,13 @@ def scoreboard_rows(rep: Dict[str, Any]) -> List[tuple]:
     return rows
 
 
+def _seeds(seeds: Dict[str, Any]) -> str:
+    vals = set(seeds.values())
+    if len(vals) == 1:
+        return f"{vals.pop()} in every stage"
+    return ", ".join(f"{k} {v}" for k, v in seeds.items()) or "?"
+
+
 def render_scoreboard(sb: Dict[str, Any]) -> str:
     cols = [p for p in PRESETS if p in sb.get("presets", {})]
     if not cols:
@@ -222,7 +229,7 @@ def render_scoreboard(sb: Dict[str, Any]) -> str:
                      + (f", load average {load[0]:.1f} at the end (other jobs shared the cores)" if load and load[0] > 2.5 else "")
                      + f"; {sb['presets'][p]['report'].get('stage2', {}).get('n', '?')} test questions, "
                      f"{sb['presets'][p]['report'].get('stage3', {}).get('gen_n', '?')} test prompts, "
-                     f"training seeds {pv.get('train_seeds', {})}, evaluation seed {pv.get('eval_seed', '?')}.")
+                     f"training seed {_seeds(pv.get('train_seeds', {}))}, evaluation seed {pv.get('eval_seed', '?')}.")
     return "\n".join(lines) + "\n\n" + "\n".join(notes)
 
 
