@@ -226,7 +226,8 @@ def render_scoreboard(sb: Dict[str, Any]) -> str:
                      f"{', '.join(f'`{c}`' for c in trained) or 'unknown'}, evaluated at `{pv['commit']}`"
                      f"{' with a dirty tree' if pv.get('dirty') else ''}), {pv['cpu_model']} "
                      f"({', '.join(pv.get('cpu_flags', []))}), {pv.get('cpus', '?')} cores"
-                     + (f", load average {load[0]:.1f} at the end (other jobs shared the cores)" if load and load[0] > 2.5 else "")
+                     + (f", 15-minute load average {load[-1]:.1f} at the end (other jobs shared the cores)"
+                        if load and load[-1] > 2.5 else "")
                      + f"; {sb['presets'][p]['report'].get('stage2', {}).get('n', '?')} test questions, "
                      f"{sb['presets'][p]['report'].get('stage3', {}).get('gen_n', '?')} test prompts, "
                      f"training seed {_seeds(pv.get('train_seeds', {}))}, evaluation seed {pv.get('eval_seed', '?')}.")
@@ -245,8 +246,8 @@ def render_timings(sb: Dict[str, Any]) -> str:
     if test:
         text += f"; `make test` **{_minutes(test['seconds'])}** (`{test.get('commit', '?')}`, as CI runs it)"
     load = _g(t, "pipeline", "loadavg")
-    if load and load[0] > 2.5:
-        text += (f". Other jobs shared the cores during the pipeline (load average {load[0]:.1f} at its end), "
+    if load and load[-1] > 2.5:
+        text += (f". Other jobs shared the cores during the pipeline (15-minute load average {load[-1]:.1f} at its end), "
                  "so these are upper bounds")
     return text + ". Other CPUs differ by up to 2x (`experiments/world/scoreboard.json` has the record)."
 
