@@ -83,6 +83,9 @@ class VargptDataModule(L.LightningDataModule):
 
     def train_dataset(self) -> ShardStream:
         c = self.cfg
+        if c.replicate_across_ranks:  # every rank reads what rank 0 of a one-process run reads
+            self.collator.rank = 0
+            return ShardStream(c.sources, "train", c.seed, self.root, c.shuffle_buffer, c.resampled, rank=0, world_size=1)
         return ShardStream(c.sources, "train", c.seed, self.root, c.shuffle_buffer, c.resampled)
 
     def eval_dataset(self, sources: Sequence[SourceConfig]) -> ShardStream:

@@ -33,7 +33,7 @@ import lightning as L
 import numpy as np
 import torch
 
-from modules.checkpoint import checkpoint_name, finalize_checkpoint, prune_checkpoints
+from modules.checkpoint import checkpoint_name, finalize_checkpoint, prune_checkpoints, remove_checkpoint
 
 log = logging.getLogger(__name__)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -150,7 +150,7 @@ class TrainingCheckpoint(L.Callback):
                 prune_checkpoints(self.dir, self.keep_last)
         except OSError as e:
             if trainer.is_global_zero:
-                tmp.unlink(missing_ok=True)
+                remove_checkpoint(tmp)
             kind = "the disk is full" if e.errno == errno.ENOSPC else str(e)
             prev = f"the previous checkpoint {self.last_path} is still usable" if self.last_path else \
                 "no earlier checkpoint of this run exists"
