@@ -178,15 +178,21 @@ def _sha(t: torch.Tensor) -> str:
 
 
 def state_bytes(net: nn.Module, optimizers: List[Any]) -> Dict[str, int]:
-    """Bytes this rank holds of the parameters (its shards, plus the kept-whole parts) and of the
-    optimizer state (AdamW: step, exp_avg, exp_avg_sq per trainable shard): the sizes of the
-    tensors themselves, so the halving at 2 ranks is read off the state, not off a timing."""
-    params = sum(_local(p).numel() * p.element_size() for p in net.parameters())
+    """Bytes this rank holds of the parameters (its shards, plus the kept-whole parts, counted
+    apart as kept_whole_bytes) and of the optimizer state (AdamW: step, exp_avg, exp_avg_sq per
+    trainable shard): the sizes of the tensors themselves, so the halving at 2 ranks is read off
+    the state, not off a timing."""
+    params = kept = 0
+    for name, p in net.named_parameters():
+        n = _local(p).numel() * p.element_size()
+        params += n
+        kept += n if name.split(".")[0] in KEPT_WHOLE else 0
     opt = 0
     for o in optimizers:
         for st in o.state.values():
             opt += sum(_local(v).numel() * v.element_size() for v in st.values() if torch.is_tensor(v))
-    return {"param_bytes": int(params), "optimizer_bytes": int(opt), "total_bytes": int(params + opt)}
+    return {"param_bytes": int(params), "optimizer_bytes": int(opt), "total_bytes": int(params + opt),
+            "kept_whole_bytes": int(kept), "sharded_bytes": int(params + opt - kept)}
 
 
 class ShardingReport(L.Callback):
