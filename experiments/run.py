@@ -94,7 +94,7 @@ def export_weights(module: Any, loaded: LoadedConfig, out: Path, extra: Optional
 def sharded_exports(trainer: Any, module: Any) -> Optional[dict]:
     """Under sharding (fsdp) / DeepSpeed the parameters are spread over the ranks: gather the full
     state dict (a collective on every rank) for the export; None when nothing is sharded."""
-    from modules.sharded import full_state_dict, is_sharded
+    from modules.sharded import full_state_dict, is_sharded  # lazy: Lightning and the layer classes, only once a run has trained
 
     if is_sharded(trainer):
         full = full_state_dict(module.net)
@@ -169,7 +169,7 @@ def _fit(loaded: LoadedConfig, resume: Optional[str], out: Path, ckpt_dir: Path,
     saver = TrainingCheckpoint(ckpt_dir, c.every_n_steps, c.every_n_minutes, c.keep_last, c.at_end, meta)
     extra = [ThreadsFromFile(resolve_path(cfg.trainer.threads_file))] if cfg.trainer.threads_file else []
     if cfg.trainer.fsdp.report:
-        from modules.sharded import ShardingReport
+        from modules.sharded import ShardingReport  # lazy: Lightning, only for runs that report
 
         extra.append(ShardingReport(out))
     trainer = build_trainer(cfg, logger, [saver, *extra])
