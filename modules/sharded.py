@@ -12,9 +12,10 @@ What ``trainer.fsdp`` selects (experiments/config.py, FSDPConfig):
                             VAR's front end) is one unit at the root, gathered for the whole step
   activation_checkpointing  layer groups whose forward is recomputed in backward (activations of
                             only the block inputs are kept, (B, T, D) per block)
-  mixed_precision           "" follows trainer.precision; bf16 (or bf16-mixed): parameters are
-                            gathered and computed in bf16, gradients reduced in fp32 into the fp32
-                            sharded parameters (the optimizer's master weights)
+  mixed_precision           "" follows trainer.precision; bf16 (or bf16-mixed): the layer units'
+                            parameters are gathered and computed in bf16, gradients reduced in fp32
+                            into the fp32 sharded parameters (the optimizer's master weights); the
+                            root unit keeps its parameters' dtype (autocast runs its matmuls in bf16)
   sharding_strategy         FULL_SHARD: units free their gathered parameters after forward and
                             gather again in backward; SHARD_GRAD_OP: they keep them until backward
   state_dict_type           sharded: each rank writes its shards (torch.distributed.checkpoint
@@ -107,7 +108,10 @@ def recompute_in_backward(module: nn.Module) -> None:
         return inner(*args, **kwargs)
 
     def forward(*args: Any, **kwargs: Any) -> Any:
-        if torch.is_grad_enabled():
+        # a Hugging Face layer with gradient checkpointing on (model.llm.gradient_checkpointing)
+        # already reruns itself in training mode: once is enough
+        hf = getattr(module, "gradient_checkpointing", False) and module.training
+        if torch.is_grad_enabled() and not hf:
             return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
         return run(*args, **kwargs)
 
@@ -118,7 +122,7 @@ def shard_model(net: nn.Module, mesh: Any, fsdp: Any, precision: str) -> Dict[st
     """Apply activation checkpointing and ``fully_shard`` to ``net`` in place (layer units first,
     then the root for the rest; the parts in KEPT_WHOLE stay plain tensors). Returns what was done,
     for the run's sharding report."""
-    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     units, recompute = tuple(layer_classes(fsdp.wrap)), tuple(layer_classes(fsdp.activation_checkpointing))
     mp = mixed_precision_policy(fsdp, precision)
@@ -141,11 +145,16 @@ def shard_model(net: nn.Module, mesh: Any, fsdp: Any, precision: str) -> Dict[st
     if fsdp.activation_checkpointing and not recomputed:
         raise ValueError(f"trainer.fsdp.activation_checkpointing={list(fsdp.activation_checkpointing)} matches no "
                          f"layer of this model; name a group it has ({', '.join(fsdp.wrap) or 'none wrapped'}) or []")
-    fully_shard(net, **kw, ignored_params=kept)
+    # The root unit (embeddings, logit heads, projectors, norms, the VAR's front end and
+    # cross-attention: a few % of the parameters) computes in the parameters' own dtype: the model
+    # feeds some of these parts fp32 inputs on purpose (logit heads, the prompt context), which a
+    # bf16 LayerNorm weight would refuse, and bf16-mixed autocast runs their matmuls in bf16 anyway.
+    fully_shard(net, **{**kw, "mp_policy": MixedPrecisionPolicy(reduce_dtype=mp.reduce_dtype)}, ignored_params=kept)
     if hasattr(net, "run_every_part"):  # the same units on every rank, whatever a rank's batch holds
         net.run_every_part = True
     return {"units": wrapped, "recomputed": recomputed, "kept_whole": [n for n in KEPT_WHOLE if hasattr(net, n)],
-            "param_dtype": str(mp.param_dtype).replace("torch.", "") if mp.param_dtype else "",
+            "param_dtype": str(mp.param_dtype).replace("torch.", "") if mp.param_dtype else "",  # the layer units'
+            "root_param_dtype": "",  # the root unit: the parameters' own
             "reduce_dtype": str(mp.reduce_dtype).replace("torch.", "") if mp.reduce_dtype else "",
             "reshard_after_forward": kw["reshard_after_forward"], "cpu_offload": bool(fsdp.cpu_offload),
             "mesh": {"device_type": mesh.device_type, "size": mesh.size()}}
