@@ -209,25 +209,26 @@ class ShardingReport(L.Callback):
     each parameter's global and local shape, dtype and the sha256 of the local shard; the bytes of
     parameters and optimizer state this rank holds; the loss of every step; the dtype a wrapped
     unit's Linear weight had during forward (bf16 under mixed precision, while the stored shard
-    stays fp32); how often a recomputed block ran its forward per step (2 with activation
-    checkpointing: the forward and the rerun in backward). Written by any strategy (one process:
+    stays fp32); how often each recomputed block ran its forward per step (2: the forward and the
+    rerun in backward; 1 where no gradient flows through it, e.g. a frozen LLM run forward only). Written by any strategy (one process:
     local = global), so one- and multi-rank runs compare."""
 
     def __init__(self, out_dir: Path):
         self.out_dir = Path(out_dir)
         self.losses: List[float] = []
         self.compute_dtype: Optional[str] = None
-        self.forward_calls: List[int] = []
-        self._block: Optional[nn.Module] = None
-        self._seen = 0
+        self.forward_calls: Dict[str, List[int]] = {}
+        self._blocks: Dict[str, nn.Module] = {}
+        self._seen: Dict[str, int] = {}
         self._hooks: List[Any] = []
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         info = getattr(pl_module, "shard_info", None) or {}
         net = pl_module.net
-        if info.get("recomputed"):
-            self._block = net.get_submodule(info["recomputed"][0])
-            self._seen = self._block.forward_runs
+        for name in info.get("recomputed", []):
+            self._blocks[name] = net.get_submodule(name)
+            self._seen[name] = self._blocks[name].forward_runs
+            self.forward_calls[name] = []
         names = info.get("units") or info.get("recomputed") or []
         if names:
             block = net.get_submodule(names[0])
@@ -243,9 +244,9 @@ class ShardingReport(L.Callback):
                            batch_idx: int) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         self.losses.append(float(loss.detach().float()) if torch.is_tensor(loss) else math.nan)
-        if self._block is not None:
-            self.forward_calls.append(self._block.forward_runs - self._seen)
-            self._seen = self._block.forward_runs
+        for name, block in self._blocks.items():  # 2 when recomputed; 1 when no backward reached it
+            self.forward_calls[name].append(block.forward_runs - self._seen[name])
+            self._seen[name] = block.forward_runs
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for h in self._hooks:

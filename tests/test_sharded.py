@@ -150,8 +150,9 @@ def test_recipe_runs_bf16_compute_fp32_master_weights_and_recomputes(recipe_runs
         assert {p["dtype"] for p in r["params"].values()} == {"float32"}  # master weights (and the VQVAE)
         assert r["compute_dtype"] == "bfloat16"  # a unit's Linear weight as its forward saw it
         assert {"llm.model.layers.0", "llm.model.layers.1", "var.blocks.0"} <= set(s["recomputed"])
-        # the first recomputed block runs its forward twice a step: in forward, and again in backward
-        assert r["forward_calls_per_step"] == [2] * 8, r["forward_calls_per_step"]
+        # a recomputed block runs its forward twice a step: in forward, and again in backward (stage 2
+        # trains the LLM, and its gradient flows back through the frozen VAR blocks too)
+        assert r["forward_calls_per_step"] == {n: [2] * 8 for n in s["recomputed"]}, r["forward_calls_per_step"]
         assert all(math.isfinite(x) for x in r["losses"]) and len(r["losses"]) == 8
 
 

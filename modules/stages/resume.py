@@ -156,7 +156,11 @@ class TrainingCheckpoint(L.Callback):
                 "no earlier checkpoint of this run exists"
             log.error("checkpoint at step %d could not be written (%s): %s; training goes on", step, kind, prev)
             print(f"[run] checkpoint at step {step} could not be written ({kind}); {prev}", flush=True)
+            trainer.strategy.barrier("checkpoint")
             return None
+        # every rank goes on once the checkpoint is in place under its final name (a sharded one is
+        # a directory that rank 0 renames after every rank wrote into it)
+        trainer.strategy.barrier("checkpoint")
         self.saved_step, self.last_path, self._t_last = step, final, time.monotonic()
         if trainer.is_global_zero:
             print(f"[run] checkpoint: {final}", flush=True)
