@@ -62,7 +62,11 @@ class ShardedStrategy(ModelParallelStrategy):
     def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> Dict[str, Any]:
         path = Path(self.broadcast(checkpoint_path))
         if not path.is_dir():  # state_dict_type full: one file of gathered tensors
-            return super().load_checkpoint(path, weights_only=weights_only)
+            # Lightning takes the tensors out of what it returns; the stage checks their keys
+            keys = list(torch.load(path, mmap=True, map_location="cpu", weights_only=weights_only)["state_dict"])
+            meta = super().load_checkpoint(path, weights_only=weights_only)
+            meta["state_dict"] = dict.fromkeys(keys)
+            return meta
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                              get_optimizer_state_dict, set_model_state_dict,

@@ -70,8 +70,12 @@ def fp32_runs(world, tmp_path_factory):  # noqa: F811
     d = tmp_path_factory.mktemp("sharded_fp32")
     t0 = time.monotonic()
     one = launch(world, d / "one", "data.replicate_across_ranks=true", "trainer.max_steps=6", "checkpoint.at_end=false")
+    # the other sharding options on the way: units keep their gathered weights until backward, and
+    # checkpoints are one gathered file (rank 0) instead of a directory of shards
     two = launch(world, d / "sharded", "data.replicate_across_ranks=true", "trainer.max_steps=6",
-                 "checkpoint.at_end=false", "trainer.devices=2", "trainer.strategy=fsdp")
+                 "checkpoint.at_end=false", "trainer.devices=2", "trainer.strategy=fsdp",
+                 "trainer.fsdp.sharding_strategy=SHARD_GRAD_OP", "trainer.fsdp.state_dict_type=full",
+                 "checkpoint.every_n_steps=3")
     done(one), done(two)
     print(f"[test_sharded] fp32 pair: {time.monotonic() - t0:.1f} s")
     return {"one": reports(d / "one"), "sharded": reports(d / "sharded"), "dir": d}
@@ -106,6 +110,18 @@ def test_losses_equal_one_process(fp32_runs):
     for a, b, c in zip(one, r0, r1):
         assert math.isclose(a, b, rel_tol=1e-5) and math.isclose(a, c, rel_tol=1e-5), (one, r0, r1)
     assert fp32_runs["sharded"][0]["strategy"] == "ShardedStrategy" and fp32_runs["one"][0]["world_size"] == 1
+    assert fp32_runs["sharded"][0]["sharding"]["reshard_after_forward"] is False  # SHARD_GRAD_OP
+
+
+def test_full_state_dict_checkpoint_is_one_gathered_file(fp32_runs):
+    ckpt = fp32_runs["dir"] / "sharded" / "checkpoints" / "step-00000006.ckpt"
+    assert ckpt.is_file()
+    sd = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    params = fp32_runs["sharded"][0]["params"]
+    trainable = {f"net.{n}" for n, p in params.items() if p["trainable"]}
+    assert trainable <= set(sd) and not any(f"net.{n}" in sd for n, p in params.items() if not p["trainable"])
+    for k in trainable:  # full shapes, plain tensors: gathered, not one rank's shard
+        assert list(sd[k].shape) == params[k[len("net."):]]["shape"] and type(sd[k]) is torch.Tensor, k
 
 
 def test_each_rank_holds_half_of_each_sharded_tensor(fp32_runs):
