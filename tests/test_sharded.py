@@ -2,8 +2,9 @@
 `python -m experiments.run` on the tiny stage-2 preset: the code path the 7B recipes take on GPUs.
 
 Four launches, in two pairs run side by side, feed every test here (module-scoped fixtures):
-  one     one process, no sharding, fp32, 6 steps                       (the reference)
-  sharded 2 ranks, fp32, 6 steps, both ranks reading rank 0's batches (data.replicate_across_ranks)
+  one     one process, no sharding, fp32, 6 steps, a Qwen2 LLM (tied embedding / head) (the reference)
+  sharded the same on 2 ranks, both reading rank 0's batches (data.replicate_across_ranks), with
+          SHARD_GRAD_OP and full (gathered) checkpoints
   recipe  2 ranks, the recipe's path: bf16-mixed (bf16 compute, fp32 master weights), activation
           checkpointing of the LLM layers and VAR blocks, sharded checkpoints every 2 steps, each
           rank its own batches (so ranks meet batches with and without generation targets), 8 steps
@@ -69,10 +70,12 @@ def reports(out: Path) -> List[Dict]:
 def fp32_runs(world, tmp_path_factory):  # noqa: F811
     d = tmp_path_factory.mktemp("sharded_fp32")
     t0 = time.monotonic()
-    one = launch(world, d / "one", "data.replicate_across_ranks=true", "trainer.max_steps=6", "checkpoint.at_end=false")
+    # a Qwen2 LLM here: its input embedding and output head are one tied parameter
+    one = launch(world, d / "one", "model.llm.name=qwen2", "data.replicate_across_ranks=true", "trainer.max_steps=6",
+                 "checkpoint.at_end=false")
     # the other sharding options on the way: units keep their gathered weights until backward, and
     # checkpoints are one gathered file (rank 0) instead of a directory of shards
-    two = launch(world, d / "sharded", "data.replicate_across_ranks=true", "trainer.max_steps=6",
+    two = launch(world, d / "sharded", "model.llm.name=qwen2", "data.replicate_across_ranks=true", "trainer.max_steps=6",
                  "checkpoint.at_end=false", "trainer.devices=2", "trainer.strategy=fsdp",
                  "trainer.fsdp.sharding_strategy=SHARD_GRAD_OP", "trainer.fsdp.state_dict_type=full",
                  "checkpoint.every_n_steps=3")
@@ -111,6 +114,20 @@ def test_losses_equal_one_process(fp32_runs):
         assert math.isclose(a, b, rel_tol=1e-5) and math.isclose(a, c, rel_tol=1e-5), (one, r0, r1)
     assert fp32_runs["sharded"][0]["strategy"] == "ShardedStrategy" and fp32_runs["one"][0]["world_size"] == 1
     assert fp32_runs["sharded"][0]["sharding"]["reshard_after_forward"] is False  # SHARD_GRAD_OP
+
+
+def test_tied_embedding_and_head_stay_one_parameter(fp32_runs):
+    """Qwen2's tied input embedding / output head: one sharded parameter (named once), trained as
+    one, and exported under both names with equal values, as one process exports it."""
+    params = fp32_runs["sharded"][0]["params"]
+    assert "llm.model.embed_tokens.weight" in params and "llm.lm_head.weight" not in params
+    assert params["llm.model.embed_tokens.weight"]["sharded"] and params["llm.model.embed_tokens.weight"]["trainable"]
+    one = load_file(str(fp32_runs["dir"] / "one" / "model.safetensors"))
+    two = load_file(str(fp32_runs["dir"] / "sharded" / "model.safetensors"))
+    assert one.keys() == two.keys()
+    assert torch.equal(two["llm.lm_head.weight"], two["llm.model.embed_tokens.weight"])
+    # and 6 steps later the weights still agree with one process (the tolerance of the losses' test)
+    assert max(float((one[k] - two[k]).abs().max()) for k in one) < 1e-5
 
 
 def test_full_state_dict_checkpoint_is_one_gathered_file(fp32_runs):
