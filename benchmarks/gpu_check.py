@@ -97,6 +97,7 @@ import torch
 from benchmarks import gpu_check_parts as P
 from benchmarks.step_timing import machine_info
 from modules.optim import checkpoint_bytes
+from modules.sharded import planned_bytes
 from modules.stages.vargpt_stages import STAGE_CLASSES
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -185,6 +186,13 @@ def plan_stage(name: str, cfg: Any, net: Any, size: str, batch_size: int) -> Dic
             "est_train_state_gb": (sum(p.numel() * p.element_size() for p in net.parameters())
                                    + checkpoint_bytes(trainable)) / 1e9,
             "analytic_flops": P.analytic_flops(net, stats)}
+    # the recipe's sharded state per rank over its ranks (trainer.devices x num_nodes): fp32 master
+    # weights, AdamW state of the trainable rows (modules.sharded.planned_bytes, which
+    # tests/test_sharded.py checks against what 2 CPU ranks hold)
+    ranks = cfg.trainer.devices * cfg.trainer.num_nodes
+    per = planned_bytes(net, ranks, 0, torch.float32)
+    plan["sharded_per_rank"] = {"ranks": ranks, "weights_gb": per["param_bytes"] / 1e9,
+                                "optimizer_gb": per["optimizer_bytes"] / 1e9, "total_gb": per["total_bytes"] / 1e9}
     return {"module": module, "batch": batch, "plan": plan}
 
 
@@ -448,6 +456,10 @@ def markdown(d: Dict[str, Any]) -> str:
         lines.append(f"\n{name} ({p['recipe']}): trains {', '.join(p['trainable_prefixes'])} ({p['trainable_dtype']}); "
                      f"the recipe's checkpoint ~{p['est_checkpoint_gb']:.3g} GB (trainable fp32 master weights + 2 AdamW "
                      f"moments; this check's own ~{p['this_checkpoint_gb']:.3g} GB), "
+                     + (f"sharded over the recipe's {p['sharded_per_rank']['ranks']} ranks "
+                        f"~{p['sharded_per_rank']['weights_gb']:.3g} GB of weights + "
+                        f"~{p['sharded_per_rank']['optimizer_gb']:.3g} GB of AdamW state per rank, "
+                        if "sharded_per_rank" in p else "") +
                      f"all weights + the trainable grads and moments ~{p['est_train_state_gb']:.3g} GB; "
                      f"{p['batch']['supervised_text_tokens']} "
                      f"supervised text tokens, {p['batch']['image_tokens']} image tokens, {p['batch']['gen_tokens']} "

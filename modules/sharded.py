@@ -208,6 +208,29 @@ def state_bytes(net: nn.Module, optimizers: List[Any]) -> Dict[str, int]:
             "kept_whole_bytes": int(kept), "sharded_bytes": int(params + opt - kept)}
 
 
+def planned_bytes(net: nn.Module, world_size: int, rank: int = 0, master_dtype: Optional[torch.dtype] = None) -> Dict[str, int]:
+    """What ``state_bytes`` will measure on ``rank`` of ``world_size`` after a sharded step, from
+    the parameters' shapes alone (a meta-device model will do): each parameter's rows
+    [rank*ceil(n/R), (rank+1)*ceil(n/R)) of its first dimension n (the kept-whole parts in full), in
+    ``master_dtype`` (None: the parameters' own); AdamW's two moments of the trainable rows in the
+    same dtype, plus its step counter (one fp32 scalar per trainable parameter, on every rank)."""
+    params = kept = opt = 0
+    for name, p in net.named_parameters():
+        size = torch.finfo(master_dtype).bits // 8 if master_dtype is not None and p.is_floating_point() else p.element_size()
+        whole = name.split(".")[0] in KEPT_WHOLE
+        if whole or p.dim() == 0:
+            local = p.numel()
+        else:
+            n, chunk = p.shape[0], math.ceil(p.shape[0] / world_size)
+            local = max(0, min(n, (rank + 1) * chunk) - rank * chunk) * (p.numel() // max(n, 1))
+        params += local * size
+        kept += local * size if whole else 0
+        if p.requires_grad:
+            opt += 2 * local * size + 4
+    return {"param_bytes": params, "optimizer_bytes": opt, "total_bytes": params + opt, "kept_whole_bytes": kept,
+            "sharded_bytes": params + opt - kept}
+
+
 class ShardingReport(L.Callback):
     """``trainer.fsdp.report``: writes ``<output_dir>/sharding.rank<r>.json`` at the end of fit:
     each parameter's global and local shape, dtype and the sha256 of the local shard; the bytes of

@@ -95,6 +95,11 @@ def test_meta_plan_has_the_real_sizes(tmp_path):
     assert s2["trainable_params"] == 6_738_415_616 and s2["est_checkpoint_gb"] == pytest.approx(12 * 6_738_415_616 / 1e9)
     assert round(s2["est_checkpoint_gb"]) == 81 and s2["this_checkpoint_gb"] == pytest.approx(6 * 6_738_415_616 / 1e9)
     assert "train" not in d["stages"]["stage3"] and d["sharded"] == {}
+    # sharded over the recipe's 8 GPUs: 1/8 of the fp32 weights (the 109M-parameter VQVAE whole)
+    # and of the trainable parameters' two fp32 moments, per GPU
+    per, total = s2["sharded_per_rank"], m["params"]["total"]
+    assert per["ranks"] == 8 and per["weights_gb"] == pytest.approx((total - 108.9e6) * 4 / 8e9 + 108.9e6 * 4 / 1e9, rel=0.01)
+    assert per["optimizer_gb"] == pytest.approx(6_738_415_616 * 8 / 8e9, rel=0.01)
 
 
 @pytest.mark.gpu

@@ -169,6 +169,16 @@ def test_params_and_optimizer_state_per_rank_halve(fp32_runs):
         assert 0.49 < m["sharded_bytes"] / one["sharded_bytes"] < 0.52, (m, one)
         assert m["optimizer_bytes"] / one["optimizer_bytes"] == pytest.approx(0.5, abs=0.01)
         assert m["kept_whole_bytes"] == one["kept_whole_bytes"] > 0
+    # what the plan (benchmarks.gpu_check) predicts from shapes alone is what each rank holds
+    from experiments.config import load_config
+    from modules.sharded import planned_bytes
+    from modules.stages.vargpt_stages import STAGE_CLASSES
+
+    cfg = load_config(fp32_runs["dir"] / "sharded" / "config.yaml").cfg
+    net = STAGE_CLASSES["stage2"](cfg).net
+    assert planned_bytes(net, 1) == one
+    for r in fp32_runs["sharded"]:
+        assert planned_bytes(net, 2, r["rank"]) == r["memory"], r["rank"]
     # nothing held twice, nothing lost: the two ranks together hold one process's bytes, plus
     # AdamW's step counter (one fp32 scalar per trainable parameter) that every rank keeps
     total = sum(r["memory"]["sharded_bytes"] for r in fp32_runs["sharded"])
