@@ -7,7 +7,7 @@ Four launches, in two pairs run side by side, feed every test here (module-scope
           SHARD_GRAD_OP and full (gathered) checkpoints
   recipe  2 ranks, the recipe's path: bf16-mixed (bf16 compute, fp32 master weights), activation
           checkpointing of the LLM layers and VAR blocks, sharded checkpoints every 2 steps, each
-          rank its own batches (so ranks meet batches with and without generation targets), 8 steps
+          rank its own batches (so ranks meet batches with and without generation targets), 10 steps
   killed  the recipe run SIGKILLed after a checkpoint, then --resume
 Each run writes <output_dir>/sharding.rank<r>.json (trainer.fsdp.report): shard shapes and hashes,
 bytes held, per-step losses, the compute dtype seen in forward, forward runs per step.
@@ -35,8 +35,9 @@ STAGE2 = str(REPO / "experiments/tiny/stage2.yaml")
 COMMON = ["init_from=", "logging.enabled=false", "trainer.accelerator=cpu", "trainer.num_threads=1",
           "data.num_workers=0", "checkpoint.every_n_minutes=0", "eval.vqa_shards=", "eval.gen_shards=",
           "trainer.fsdp.report=true"]
+STEPS = 10  # the recipe runs': the kill comes after step 4's checkpoint, well before the end
 RECIPE = ["trainer.devices=2", "trainer.strategy=fsdp", "trainer.precision=bf16-mixed",
-          "trainer.fsdp.activation_checkpointing=[llm_decoder_layer,var_block]", "trainer.max_steps=8",
+          "trainer.fsdp.activation_checkpointing=[llm_decoder_layer,var_block]", f"trainer.max_steps={STEPS}",
           "checkpoint.every_n_steps=2", "checkpoint.keep_last=4"]
 TIMEOUT = 300
 
@@ -51,6 +52,18 @@ def launch(world, out: Path, *extra: str) -> subprocess.Popen:  # noqa: F811
     root, tok = world
     os.environ["MASTER_PORT"] = str(_port())  # start() copies os.environ; each multi-rank run its own port
     return start([STAGE2, f"model.tokenizer.path={tok}", f"data.root={root}", f"output_dir={out}", *COMMON, *extra])
+
+
+class Launched(list):
+    """Runs started by a fixture: every process group still there is killed when it leaves, so a
+    failing fixture leaves no rank behind."""
+
+    def __enter__(self) -> "Launched":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for p in self:
+            kill_group(p)
 
 
 def done(p: subprocess.Popen, timeout: float = TIMEOUT) -> str:
@@ -70,16 +83,18 @@ def reports(out: Path) -> List[Dict]:
 def fp32_runs(world, tmp_path_factory):  # noqa: F811
     d = tmp_path_factory.mktemp("sharded_fp32")
     t0 = time.monotonic()
-    # a Qwen2 LLM here: its input embedding and output head are one tied parameter
-    one = launch(world, d / "one", "model.llm.name=qwen2", "data.replicate_across_ranks=true", "trainer.max_steps=6",
-                 "checkpoint.at_end=false")
-    # the other sharding options on the way: units keep their gathered weights until backward, and
-    # checkpoints are one gathered file (rank 0) instead of a directory of shards
-    two = launch(world, d / "sharded", "model.llm.name=qwen2", "data.replicate_across_ranks=true", "trainer.max_steps=6",
-                 "checkpoint.at_end=false", "trainer.devices=2", "trainer.strategy=fsdp",
-                 "trainer.fsdp.sharding_strategy=SHARD_GRAD_OP", "trainer.fsdp.state_dict_type=full",
-                 "checkpoint.every_n_steps=3")
-    done(one), done(two)
+    with Launched() as runs:
+        # a Qwen2 LLM here: its input embedding and output head are one tied parameter
+        runs.append(launch(world, d / "one", "model.llm.name=qwen2", "data.replicate_across_ranks=true",
+                           "trainer.max_steps=6", "checkpoint.at_end=false"))
+        # the other sharding options on the way: units keep their gathered weights until backward, and
+        # checkpoints are one gathered file (rank 0) instead of a directory of shards
+        runs.append(launch(world, d / "sharded", "model.llm.name=qwen2", "data.replicate_across_ranks=true",
+                           "trainer.max_steps=6", "checkpoint.at_end=false", "trainer.devices=2", "trainer.strategy=fsdp",
+                           "trainer.fsdp.sharding_strategy=SHARD_GRAD_OP", "trainer.fsdp.state_dict_type=full",
+                           "checkpoint.every_n_steps=3"))
+        for p in runs:
+            done(p)
     print(f"[test_sharded] fp32 pair: {time.monotonic() - t0:.1f} s")
     return {"one": reports(d / "one"), "sharded": reports(d / "sharded"), "dir": d}
 
@@ -88,14 +103,17 @@ def fp32_runs(world, tmp_path_factory):  # noqa: F811
 def recipe_runs(world, tmp_path_factory):  # noqa: F811
     d = tmp_path_factory.mktemp("sharded_recipe")
     t0 = time.monotonic()
-    ref = launch(world, d / "ref", *RECIPE)
-    killed = launch(world, d / "killed", *RECIPE)
-    wait_for(d / "killed" / "checkpoints" / "step-00000004.json", killed)
-    kill_group(killed)  # SIGKILL to both ranks (one process group)
-    killed.wait(30)
-    ref_log = done(ref)
-    assert not (d / "killed" / "model.safetensors").exists()
-    resumed_log = done(launch(world, d / "killed", *RECIPE, "--resume"))
+    with Launched() as runs:
+        ref = launch(world, d / "ref", *RECIPE)
+        killed = launch(world, d / "killed", *RECIPE)
+        runs += [ref, killed]
+        wait_for(d / "killed" / "checkpoints" / "step-00000004.json", killed)
+        kill_group(killed)  # SIGKILL to both ranks (one process group)
+        killed.wait(30)
+        ref_log = done(ref)
+        assert not (d / "killed" / "model.safetensors").exists()
+        runs.append(launch(world, d / "killed", *RECIPE, "--resume"))
+        resumed_log = done(runs[-1])
     print(f"[test_sharded] recipe runs: {time.monotonic() - t0:.1f} s")
     return {"dir": d, "ref_log": ref_log, "resumed_log": resumed_log, "ref": reports(d / "ref")}
 
@@ -195,14 +213,14 @@ def test_recipe_runs_bf16_compute_fp32_master_weights_and_recomputes(recipe_runs
         assert {"llm.model.layers.0", "llm.model.layers.1", "var.blocks.0"} <= set(s["recomputed"])
         # a recomputed block runs its forward twice a step: in forward, and again in backward (stage 2
         # trains the LLM, and its gradient flows back through the frozen VAR blocks too)
-        assert r["forward_calls_per_step"] == {n: [2] * 8 for n in s["recomputed"]}, r["forward_calls_per_step"]
-        assert all(math.isfinite(x) for x in r["losses"]) and len(r["losses"]) == 8
+        assert r["forward_calls_per_step"] == {n: [2] * STEPS for n in s["recomputed"]}, r["forward_calls_per_step"]
+        assert all(math.isfinite(x) for x in r["losses"]) and len(r["losses"]) == STEPS
 
 
 def test_sharded_checkpoint_sigkill_resume_is_bitwise(recipe_runs):
     d = recipe_runs["dir"]
     assert "resuming from" in recipe_runs["resumed_log"], recipe_runs["resumed_log"][-3000:]
-    ckpt = d / "ref" / "checkpoints" / "step-00000008.ckpt"
+    ckpt = d / "ref" / "checkpoints" / f"step-{STEPS:08d}.ckpt"
     assert ckpt.is_dir() and sorted(p.name for p in ckpt.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     a, b = load_file(str(d / "ref" / "model.safetensors")), load_file(str(d / "killed" / "model.safetensors"))
     assert a.keys() == b.keys()
