@@ -413,9 +413,14 @@ def value_problems(cfg: ExperimentConfig) -> List[Tuple[str, str]]:
     one_of("trainer.fsdp.mixed_precision", t.fsdp.mixed_precision, ("", "bf16"))
     one_of("trainer.fsdp.state_dict_type", t.fsdp.state_dict_type, ("full", "sharded"))
     if t.strategy == "fsdp":
-        need(t.precision in ("32-true", "32", "bf16-mixed", "bf16-true"), "trainer.precision",
+        # bf16-true would convert the whole model, the VQVAE included (it encodes fp32 images in fp32);
+        # the parts' own dtypes are model.llm.dtype / projector_dtype / var_dtype
+        need(t.precision in ("32-true", "32", "bf16-mixed"), "trainer.precision",
              f"{t.precision!r} does not run sharded (trainer.strategy=fsdp): use bf16-mixed (bf16 compute, fp32 "
-             f"master weights), 32-true or bf16-true")
+             f"master weights) or 32-true")
+        need(not (t.fsdp.cpu_offload and t.accelerator == "cpu"), "trainer.fsdp.cpu_offload",
+             "is true with trainer.accelerator=cpu: on CPU ranks the shards already live in CPU memory (offload "
+             "moves them between GPU and CPU); set trainer.fsdp.cpu_offload=false")
         need(cfg.model.llm_length_groups == 1, "model.llm_length_groups",
              f"is {cfg.model.llm_length_groups}, but under trainer.strategy=fsdp every rank must call the LLM the "
              f"same number of times per step (each call gathers its sharded layers together): set it to 1")

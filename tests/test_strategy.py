@@ -42,8 +42,12 @@ def test_strategy_values_checked_at_load():
         load_config(real, ["trainer.fsdp.sharding_strategy=HYBRID_SHARD"])
     with pytest.raises(ConfigError, match="model.llm_length_groups.*set it to 1"):
         load_config(real, ["model.llm_length_groups=2"])
-    with pytest.raises(ConfigError, match="trainer.precision.*bf16-mixed"):
-        load_config(real, ["trainer.precision=16-mixed"])
+    for precision in ("16-mixed", "bf16-true"):
+        with pytest.raises(ConfigError, match="trainer.precision.*bf16-mixed"):
+            load_config(real, [f"trainer.precision={precision}"])
+    with pytest.raises(ConfigError, match="trainer.fsdp.cpu_offload.*set trainer.fsdp.cpu_offload=false"):
+        load_config(real, ["trainer.fsdp.cpu_offload=true", "trainer.accelerator=cpu"])
+    load_config(real, ["trainer.fsdp.cpu_offload=true"])  # GPU ranks: allowed (not run anywhere yet)
     with pytest.raises(ConfigError, match="trainer.val_every_n_steps.*evaluate the export"):
         load_config(REPO_ROOT / "experiments/tiny/stage3.yaml", ["trainer.strategy=fsdp"])
     # the same values are fine without sharding
