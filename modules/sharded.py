@@ -254,7 +254,6 @@ class ShardingReport(L.Callback):
         net = pl_module.net
         for name in info.get("recomputed", []):
             self._blocks[name] = net.get_submodule(name)
-            self._seen[name] = self._blocks[name].forward_runs
             self.forward_calls[name] = []
         names = info.get("units") or info.get("recomputed") or []
         if names:
@@ -267,13 +266,16 @@ class ShardingReport(L.Callback):
         if self.compute_dtype is None:
             self.compute_dtype = str(module.weight.dtype).replace("torch.", "")
 
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        for name, block in self._blocks.items():  # this step's runs only (not validation's)
+            self._seen[name] = block.forward_runs
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         self.losses.append(float(loss.detach().float()) if torch.is_tensor(loss) else math.nan)
         for name, block in self._blocks.items():  # 2 when recomputed; 1 when no backward reached it
             self.forward_calls[name].append(block.forward_runs - self._seen[name])
-            self._seen[name] = block.forward_runs
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for h in self._hooks:

@@ -7,7 +7,8 @@ Four launches, in two pairs run side by side, feed every test here (module-scope
           SHARD_GRAD_OP and full (gathered) checkpoints
   recipe  2 ranks, the recipe's path: bf16-mixed (bf16 compute, fp32 master weights), activation
           checkpointing of the LLM layers and VAR blocks, sharded checkpoints every 2 steps, each
-          rank its own batches (so ranks meet batches with and without generation targets), 10 steps
+          rank its own batches (so ranks meet batches with and without generation targets), 10 steps,
+          validation every 5
   killed  the recipe run SIGKILLed after a checkpoint, then --resume
 Each run writes <output_dir>/sharding.rank<r>.json (trainer.fsdp.report): shard shapes and hashes,
 bytes held, per-step losses, the compute dtype seen in forward, forward runs per step.
@@ -38,7 +39,12 @@ COMMON = ["init_from=", "logging.enabled=false", "trainer.accelerator=cpu", "tra
 STEPS = 10  # the recipe runs': the kill comes after step 4's checkpoint, well before the end
 RECIPE = ["trainer.devices=2", "trainer.strategy=fsdp", "trainer.precision=bf16-mixed",
           "trainer.fsdp.activation_checkpointing=[llm_decoder_layer,var_block]", f"trainer.max_steps={STEPS}",
-          "checkpoint.every_n_steps=2", "checkpoint.keep_last=4"]
+          "checkpoint.every_n_steps=2", "checkpoint.keep_last=4",
+          # validation in the loop: every rank reads every validation batch (each forward gathers
+          # weights with all ranks, so the ranks must run the same number of batches)
+          "trainer.val_every_n_steps=5", "trainer.limit_val_batches=0", "data.val_batch_size=3",
+          "data.val_sources=[{name: g, shards: 'val/gen-*.tar', task: generation}, "
+          "{name: q, shards: 'val/vqa-*.tar', task: understanding}]"]
 TIMEOUT = 300
 
 

@@ -187,6 +187,9 @@ class StageModule(L.LightningModule):
             return
         s = self.trainer.strategy
         self.shard_info = shard_model(self.net, s.device_mesh["data_parallel"], s.fsdp, s.precision_name)
+        dm = self.trainer.datamodule  # its loaders are built after this hook
+        if dm is not None and hasattr(dm, "eval_on_every_rank"):
+            dm.eval_on_every_rank = True  # same validation batches on every rank: see VargptDataModule
 
     def frozen_keys(self) -> set:
         """The state-dict keys a training checkpoint leaves out: the frozen parameters (kept as a hash)."""
