@@ -42,8 +42,8 @@ from modules.stages.resume import TrainingCheckpoint
 from modules.stages.vargpt_stages import STAGE_CLASSES
 
 # The recipe's training path on top of its stage config (experiments/real/model.yaml: fsdp,
-# bf16-mixed), with per-block recomputation named (HF's own checkpointing of the LLM layers, on in
-# the recipe, takes precedence for them in training mode).
+# bf16-mixed, the LLM layers and VAR blocks recomputed), said here too so the world recipe (no
+# sharding of its own) runs it the same way.
 # the LLM called once per step: under sharding every rank must make the same calls (the world
 # recipe splits its batches into 2 length groups).
 SHARDED = ["trainer.strategy=fsdp", "trainer.precision=bf16-mixed", "trainer.fsdp.state_dict_type=sharded",
