@@ -90,8 +90,9 @@ class ShardedStrategy(ModelParallelStrategy):
 
 
 def mixed_precision_policy(fsdp: Any, precision: str) -> Any:
-    """bf16 compute with fp32 master weights and fp32 gradient reduction, or None (parameters are
-    gathered and computed in their own dtype)."""
+    """The layer units' policy: bf16 gathers and compute over fp32 master weights with fp32
+    gradient reduction (bf16-mixed, or trainer.fsdp.mixed_precision bf16), else no casting
+    (parameters gathered and computed in their own dtype)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     if fsdp.mixed_precision == "bf16" or (fsdp.mixed_precision == "" and precision == "bf16-mixed"):
