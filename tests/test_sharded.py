@@ -18,10 +18,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Dict, List
