@@ -260,7 +260,7 @@ class VARGPT(VARGPTInference, nn.Module):
             return None
         first = self._first_slots(gen_mask_BT)
         rows, ends = first[:, 0], first[:, 1]
-        P = int(ends.max())
+        P = int(ends.max()) if ends.numel() else 1  # no target (run_every_part): (0, 1, C_var) of nothing
         keep = torch.arange(P, device=h_BTD.device).view(1, P) < ends.view(-1, 1)  # (N, P)
         if attention_mask_BT is not None:
             keep = keep & attention_mask_BT[rows, :P].bool()

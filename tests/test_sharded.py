@@ -257,3 +257,31 @@ def test_export_gathers_the_shards_and_loads_into_one_process(recipe_runs):
     mine = net.state_dict()
     assert mine.keys() >= sd.keys()
     assert [k for k in sd if not torch.equal(mine[k], sd[k])] == []
+
+
+def test_every_part_runs_on_zero_samples_and_adds_exactly_zero(tmp_path):
+    """Under sharding each rank runs the vision tower and the generation side every step, also on a
+    batch with no image / no target (zero samples), since each unit's gather waits for every rank.
+    One process, the world recipe (its prompt cross-attention included): the loss is bitwise the
+    same as without it, and the skipped parts did run."""
+    from benchmarks import gpu_check_parts as P
+    from modules.stages.vargpt_stages import STAGE_CLASSES
+
+    cfg = P.stage_configs("world", False)["stage2"]
+    net = P.build_model(cfg, "world", torch.device("cpu"), tmp_path)
+    STAGE_CLASSES["stage2"](cfg, net=net)  # the stage's trainable set
+    calls = {"vision": 0, "var": 0}
+    net.vision.register_forward_pre_hook(lambda m, a: calls.__setitem__("vision", calls["vision"] + 1))
+    net.var.blocks[0].attn.register_forward_pre_hook(lambda m, a: calls.__setitem__("var", calls["var"] + 1))
+    for n_und, n_gen, skipped in ((4, 0, "var"), (0, 4, "vision")):
+        batch = P.make_batch(net, cfg, P.make_samples(net, n_und, n_gen, P.SIZES["world"]))
+        losses = []
+        for every in (False, True):
+            net.run_every_part = every
+            calls.update(vision=0, var=0)
+            torch.manual_seed(0)
+            loss = net(batch)["loss"]
+            loss.backward()
+            losses.append(loss.detach())
+            assert calls[skipped] == (1 if every else 0), (n_und, n_gen, every, calls)
+        assert torch.equal(losses[0], losses[1]) and torch.isfinite(losses[1])
