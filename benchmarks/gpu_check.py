@@ -1,13 +1,26 @@
-"""GPU check of the long-runs issue: the real VARGPT-7B on one CUDA device, in minutes, no downloads.
+"""GPU check: the real VARGPT-7B on the CUDA devices it finds, in minutes, no downloads.
 
-    python -m benchmarks.gpu_check                    # CUDA: VARGPT-7B sizes, random bf16 weights
-    python -m benchmarks.gpu_check --device cpu       # CI: the world recipes (tiny), < 1 min on 2 cores
+    python -m benchmarks.gpu_check                    # CUDA: VARGPT-7B sizes, random weights
+    python -m benchmarks.gpu_check --device cpu       # CI: the world recipes, 2 CPU ranks for the sharded phase
     python -m benchmarks.gpu_check --device meta      # plan only: real-size batches, sizes, FLOP estimates
     make gpu-check ARGS="--max-minutes 6"
 
-What runs (one process, one device, phases in this order, each skipped with a reason when the
---max-minutes budget, default 8, cannot hold it; a watchdog writes what is done and exits 3 at
-the limit):
+Exit status: 0 when every phase ran or was skipped for the budget / the disk (status ok / partial),
+1 when a phase failed (status failed: the error is in the report, the later phases still ran),
+3 when the --max-minutes watchdog fired. --fail-phase NAME makes a phase fail on purpose.
+
+What runs (phases in this order, each skipped with a reason when the --max-minutes budget,
+default 8, cannot hold it; a watchdog writes what is done and exits 3 at the limit):
+  sharded     the recipe's training path (benchmarks/gpu_check_sharded.py, a subprocess): stage 3
+              (--sharded-stages) trained the way experiments.run trains it, on every CUDA device
+              found (--sharded-devices; CPU: 2 ranks over gloo): trainer.strategy fsdp (FSDP2,
+              modules/sharded.py), bf16-mixed with fp32 master weights and fp32 gradient
+              reduction, the LLM layers and VAR blocks recomputed in backward, fp32 weights built
+              on each rank's device, 2 steps, a sharded checkpoint directory, then a resume that
+              must restore every shard bit for bit. Reports step times, losses, peak memory per
+              rank, the dtypes seen, the units and recomputed blocks.
+Then, in this process on one device (the phases below measure speed; their weights are pure bf16
+at the real size, not the recipe's fp32 master weights):
   build       the real recipe's model (experiments/real/stage3.yaml: Vicuna-7B + CLIP ViT-L/14-336 +
               VAR-d30 + vae_ch160v4096z32, 9.1B parameters) with random weights, built directly on
               the device: `model.load=[]`, weights bf16 (llm / projector / var dtype; the VQVAE stays
@@ -35,7 +48,8 @@ the limit):
               Times: frozen-weight hash, write, save (write + sha256 sidecar + rename), the
               launcher's verify, read, resume (Trainer start to the first step); peak memory of
               the fit and of the resume (Lightning reads the file onto the device). Stage 2's
-              checkpoint (~40 GB: bf16 LLM + two Adam moments) comes last and is skipped when the
+              file here (~40 GB: bf16 LLM + two Adam moments; the recipe's own, fp32 master weights,
+              is ~81 GB: modules.optim.checkpoint_bytes, in the plan) comes last and is skipped when the
               disk or the budget cannot take it.
   generate    `net.generate_image` for 8 prompts at 256 px (the released sampling: cfg 1.5, top-k
               900, top-p 0.96; world: the recipe's eval settings), after a 2-prompt warm-up: images/s.
@@ -66,6 +80,9 @@ import contextlib
 import json
 import logging
 import shutil
+import signal
+import socket
+import subprocess
 import statistics
 import sys
 import tempfile
@@ -79,6 +96,8 @@ import torch
 
 from benchmarks import gpu_check_parts as P
 from benchmarks.step_timing import machine_info
+from modules.optim import checkpoint_bytes
+from modules.sharded import planned_bytes
 from modules.stages.vargpt_stages import STAGE_CLASSES
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -119,6 +138,8 @@ class Report:
         print(f"[gpu_check] {what} ({t0:.0f} s)", flush=True)
         try:
             yield
+            if what in self.data["config"].get("fail_phase", []):  # --fail-phase: the exit status is tested
+                raise RuntimeError(f"failure injected into phase {what!r} (--fail-phase)")
         except Exception:  # noqa: BLE001 - recorded; the next phases still run
             if fatal:
                 raise
@@ -151,16 +172,27 @@ def plan_stage(name: str, cfg: Any, net: Any, size: str, batch_size: int) -> Dic
     batch = P.make_batch(net, cfg, P.make_samples(net, batch_size - n_gen, n_gen, sizes))
     stats = P.batch_stats(net, batch)
     trainable = [p for p in net.parameters() if p.requires_grad]
-    t_bytes = sum(p.numel() * p.element_size() for p in trainable)
     plan = {"recipe": str(P.RECIPES[size][name].relative_to(P.REPO_ROOT)),
             "batch": stats, "trainable_params": sum(p.numel() for p in trainable),
             "trainable_dtype": str(trainable[0].dtype).replace("torch.", ""),
             "trainable_prefixes": list(module.trainable_prefixes()),
             "llm_checkpointing_configured": bool(cfg.model.llm.gradient_checkpointing),
             "lr": cfg.optim.lr, "grad_clip": cfg.optim.grad_clip,
-            "est_checkpoint_gb": 3 * t_bytes / 1e9,  # weights + AdamW's two moments, the param dtype
-            "est_train_state_gb": (sum(p.numel() * p.element_size() for p in net.parameters()) + 3 * t_bytes) / 1e9,
+            # the recipe's checkpoint (fp32 master weights + AdamW's two moments: 12 B per trainable
+            # parameter) and this check's own (the weights' dtype here, bf16 at the real size)
+            "est_checkpoint_gb": checkpoint_bytes(trainable, torch.float32) / 1e9,
+            "this_checkpoint_gb": checkpoint_bytes(trainable) / 1e9,
+            # all weights + the trainable ones' gradients and two moments (in the weights' dtype)
+            "est_train_state_gb": (sum(p.numel() * p.element_size() for p in net.parameters())
+                                   + checkpoint_bytes(trainable)) / 1e9,
             "analytic_flops": P.analytic_flops(net, stats)}
+    # the recipe's sharded state per rank over its ranks (trainer.devices x num_nodes): fp32 master
+    # weights, AdamW state of the trainable rows (modules.sharded.planned_bytes, which
+    # tests/test_sharded.py checks against what 2 CPU ranks hold)
+    ranks = cfg.trainer.devices * cfg.trainer.num_nodes
+    per = planned_bytes(net, ranks, 0, torch.float32)
+    plan["sharded_per_rank"] = {"ranks": ranks, "weights_gb": per["param_bytes"] / 1e9,
+                                "optimizer_gb": per["optimizer_bytes"] / 1e9, "total_gb": per["total_bytes"] / 1e9}
     return {"module": module, "batch": batch, "plan": plan}
 
 
@@ -197,7 +229,7 @@ def checkpoint_stage(st: Dict[str, Any], cfg: Any, device: torch.device, precisi
 
 def checkpoint_fits(report: Report, name: str, plan: Dict[str, Any], budget: Budget, work: Path,
                     rate: Dict[str, float]) -> bool:
-    need_gb = plan["est_checkpoint_gb"]
+    need_gb = plan["this_checkpoint_gb"]
     free_gb = shutil.disk_usage(work).free / 1e9
     if free_gb < 1.2 * need_gb + 1:
         report.skip(f"{name} checkpoint", f"needs ~{need_gb:.1f} GB on disk, {free_gb:.1f} GB free under {work}")
@@ -209,11 +241,58 @@ def checkpoint_fits(report: Report, name: str, plan: Dict[str, Any], budget: Bud
     return True
 
 
+def sharded_stage(args: argparse.Namespace, stage: str, work: Path, timeout: float) -> Dict[str, Any]:
+    """The recipe's training path for one stage (benchmarks/gpu_check_sharded.py) on every device:
+    a subprocess (Lightning starts the other ranks by running its command again) in its own process
+    group, killed whole at the timeout. Its ranks' results, or RuntimeError with its output."""
+    out = work / f"sharded_{stage}"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "benchmarks.gpu_check_sharded", "--accelerator", args.device.type,
+           "--devices", str(args.sharded_devices), "--size", args.size, "--stage", stage, "--out", str(out)]
+    if args.batch:
+        cmd += ["--batch", str(args.batch)]
+    env = {**os.environ, "MASTER_PORT": str(port), "PYTHONPATH": str(P.REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    if args.device.type == "cpu":
+        env["OMP_NUM_THREADS"] = "1"  # 2 ranks on the CI's 2 cores
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, cwd=P.REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         start_new_session=True)
+    try:
+        log, _ = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        log = f"(no exit within {timeout:.0f} s)"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)
+    ranks = [json.loads(f.read_text()) for f in sorted(out.glob(f"{stage}.rank*.json"))]
+    if p.returncode != 0 or len(ranks) != args.sharded_devices:
+        tail = "\n".join(log.splitlines()[-40:])
+        raise RuntimeError(f"{' '.join(cmd)} exited {p.returncode} with {len(ranks)} of {args.sharded_devices} "
+                           f"rank results:\n{tail}")
+    sharding = json.loads((out / stage / "sharding.rank0.json").read_text())
+    return {"seconds": time.perf_counter() - t0, "command": " ".join(cmd[1:]), "ranks": ranks,
+            "sharding": sharding["sharding"], "memory_rank0": sharding["memory"],
+            "compute_dtype": sharding["compute_dtype"], "forward_calls_per_step": sharding["forward_calls_per_step"],
+            "param_dtypes": sorted({q["dtype"] for q in sharding["params"].values()}),
+            "sharded_params": sum(q["sharded"] for q in sharding["params"].values()),
+            "params": len(sharding["params"])}
+
+
 def run(args: argparse.Namespace, report: Report, budget: Budget, work: Path) -> None:
     data = report.data
     device, size, bf16 = args.device, args.size, args.dtype == "bf16"
     amp = bf16 or device.type == "cuda"
     precision = "bf16-mixed" if amp else "32-true"
+    # first, before this process holds a model: the recipe's sharded path in a subprocess
+    for name in args.sharded_stages if device.type != "meta" else []:
+        if budget.left() < args.min_phase_s:
+            report.skip(f"sharded {name}", f"{budget.left():.0f} s of the budget left")
+            continue
+        with report.phase(f"sharded {name}", budget):
+            data["sharded"][name] = sharded_stage(args, name, work, max(budget.left() - 10, 30))
+        report.write()
     cfgs = P.stage_configs(size, bf16)
     batch_size = args.batch or P.SIZES[size]["batch"]
     t = time.perf_counter()
@@ -310,6 +389,16 @@ def _si(x: float) -> str:
     return f"{x:.3g}"
 
 
+def _runs(per_block: Dict[str, List[int]]) -> str:
+    """Forward runs per step of the recomputed blocks, by group: "llm.model.layers.* 2; var.blocks.* 2"."""
+    import re
+
+    groups: Dict[str, set] = {}
+    for name, runs in per_block.items():
+        groups.setdefault(re.sub(r"\.\d+(\.|$)", r".*\1", name), set()).update(runs)
+    return "; ".join(f"{g} {'/'.join(map(str, sorted(v)))}" for g, v in groups.items()) or "none"
+
+
 def markdown(d: Dict[str, Any]) -> str:
     m = d.get("machine", {})
     peak = d.get("peak", {})
@@ -330,6 +419,22 @@ def markdown(d: Dict[str, Any]) -> str:
     if peak:
         lines += [f"Peak for MFU: {_si(peak['peak_flops'])}FLOP/s ({peak['source']}); best measured "
                   f"{peak['measured_dtype']} matmul {_si(peak['measured_matmul_flops'])}FLOP/s.", ""]
+    sh = d.get("sharded") or {}
+    if sh:
+        lines += ["| sharded (the recipe's path) | ranks | precision | layer units compute / reduce | weights | "
+                  "recomputed blocks (forward runs/step) | sharded params | step s rank 0 | loss rank 0 | "
+                  "peak mem GB per rank | checkpoint | resumed bit for bit |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for name, x in sh.items():
+            r0, sd, ck = x["ranks"][0], x["sharding"], x["ranks"][0]["checkpoint"]
+            mem = ", ".join(_f(r.get(f"fit_{mem_key}")) for r in x["ranks"])
+            lines.append("| " + " | ".join(str(v) for v in [
+                name, f"{r0['world_size']} x {r0['device'].split(':')[0]}", r0["precision"],
+                f"{x['compute_dtype']} / {sd['reduce_dtype'] or 'own'}", "/".join(x["param_dtypes"]),
+                _runs(x["forward_calls_per_step"]), f"{x['sharded_params']} of {x['params']}",
+                " ".join(_f(t, 3) for t in r0["step_s"]), " ".join(_f(v, 3) for v in r0["losses"]), mem,
+                f"{'directory' if ck['dir'] else 'file'}, {len(ck['files'])} files, {_f(ck['size_gb'], 3)} GB",
+                _f(all(r["checkpoint"]["shards_equal"] for r in x["ranks"]))]) + " |")
+        lines.append("")
     lines += ["| stage | trainable | batch und+gen | seq len | tokens/step (padded) | step s (median) | tokens/s | "
               "samples/s | model FLOP/step (analytic) | MFU | HFU | LLM layers checkpointed | peak mem GB | loss first→last |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -349,7 +454,12 @@ def markdown(d: Dict[str, Any]) -> str:
     for name, s in d["stages"].items():
         p = s["plan"]
         lines.append(f"\n{name} ({p['recipe']}): trains {', '.join(p['trainable_prefixes'])} ({p['trainable_dtype']}); "
-                     f"planned checkpoint ~{p['est_checkpoint_gb']:.3g} GB (trainable weights + 2 AdamW moments), "
+                     f"the recipe's checkpoint ~{p['est_checkpoint_gb']:.3g} GB (trainable fp32 master weights + 2 AdamW "
+                     f"moments; this check's own ~{p['this_checkpoint_gb']:.3g} GB), "
+                     + (f"sharded over the recipe's {p['sharded_per_rank']['ranks']} ranks "
+                        f"~{p['sharded_per_rank']['weights_gb']:.3g} GB of weights + "
+                        f"~{p['sharded_per_rank']['optimizer_gb']:.3g} GB of AdamW state per rank, "
+                        if "sharded_per_rank" in p else "") +
                      f"all weights + the trainable grads and moments ~{p['est_train_state_gb']:.3g} GB; "
                      f"{p['batch']['supervised_text_tokens']} "
                      f"supervised text tokens, {p['batch']['image_tokens']} image tokens, {p['batch']['gen_tokens']} "
@@ -407,6 +517,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="weights; auto: bf16 for real, fp32 for world")
     p.add_argument("--stages", default="stage3,stage2", help="comma-separated, in order")
     p.add_argument("--checkpoint", default="stage3,stage2", help="stages whose checkpoint round trip runs ('' for none)")
+    p.add_argument("--sharded-stages", default="stage3",
+                   help="stages trained the recipe's way first (trainer.strategy fsdp, bf16-mixed over fp32 master "
+                        "weights, recomputed blocks) on --sharded-devices ranks ('' for none)")
+    p.add_argument("--sharded-devices", type=int, default=0, help="ranks of the sharded phase (0: every CUDA device; CPU: 2)")
+    p.add_argument("--fail-phase", action="append", default=[], metavar="PHASE",
+                   help="make the named phase fail (e.g. 'stage2 training'): checks that a failed phase exits non-zero")
     p.add_argument("--batch", type=int, default=0, help="samples per step (0: 8)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per stage")
     p.add_argument("--warmup", type=int, default=1)
@@ -430,7 +546,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         a.dtype = "bf16" if a.size == "real" else "fp32"
     a.stages = [s for s in a.stages.split(",") if s]
     a.checkpoint = [s for s in a.checkpoint.split(",") if s]
-    for s in a.stages + a.checkpoint:
+    a.sharded_stages = [s for s in a.sharded_stages.split(",") if s]
+    if a.sharded_devices <= 0:
+        a.sharded_devices = torch.cuda.device_count() if a.device.type == "cuda" else 2
+    for s in a.stages + a.checkpoint + a.sharded_stages:
         if s not in P.STAGES:
             p.error(f"unknown stage {s!r}; valid: {', '.join(P.STAGES)}")
     if a.gen_images < 0:
@@ -458,7 +577,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             "torch_threads": torch.get_num_threads()}
     cfg = {k: (str(v) if isinstance(v, (Path, torch.device)) else v) for k, v in vars(args).items()}
     report = Report(args.out, args.name, {"check": "gpu_check", "label": label, "status": "running", "config": cfg,
-                                          "machine": info, "stages": {}, "skipped": [], "errors": [], "timeline": [],
+                                          "machine": info, "stages": {}, "sharded": {}, "skipped": [], "errors": [],
+                                          "timeline": [],
                                           "notes": NOTES})
 
     def on_timeout() -> None:
@@ -476,7 +596,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     rc = 0
     try:
         run(args, report, budget, work)
-        report.data["status"] = "partial" if report.data["skipped"] or report.data["errors"] else "ok"
+        # a failed phase fails the check (exit 1); a phase skipped for the budget or the disk does not
+        report.data["status"] = "failed" if report.data["errors"] else "partial" if report.data["skipped"] else "ok"
+        rc = 1 if report.data["errors"] else 0
     except Exception:  # noqa: BLE001 - recorded in the report, then re-raised as the exit status
         report.data.update(status="failed", error=traceback.format_exc())
         traceback.print_exc()

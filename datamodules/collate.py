@@ -176,6 +176,7 @@ class Collator:
         self.vq_fingerprint = vq_fingerprint
         self.load_gen_images = load_gen_images
         self._rng: Optional[np.random.Generator] = None
+        self.rank: Optional[int] = None  # None: the process's rank (data.replicate_across_ranks sets 0)
 
         ids = {}
         for t in (IMAGE_TOKEN, GEN_START, GEN_END, GEN_PAD):
@@ -221,6 +222,7 @@ class Collator:
             info = torch.utils.data.get_worker_info()
             wid = info.id if info is not None else 0
             rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+            rank = rank if self.rank is None else self.rank
             self._rng = np.random.default_rng([self.seed, rank, wid, 7919])
         return self._rng
 

@@ -73,6 +73,10 @@ class DataConfig:
     # training); False = one shuffled pass over every shard per epoch.
     resampled: bool = True
     shuffle_buffer: int = 1000  # sample shuffle buffer per source and worker (0 = off)
+    # Every rank reads rank 0's training stream (and collator draws): the ranks' gradients are
+    # then equal, so a multi-rank step must compute what one process computes. A check of the
+    # distributed / sharded path (tests/test_sharded.py), never a way to train.
+    replicate_across_ranks: bool = False
 
     # Collation
     max_length: int = 2048

@@ -59,6 +59,10 @@ class VargptDataModule(L.LightningDataModule):
         # Training batches already consumed (set when a run resumes from a checkpoint): the
         # training stream replays and drops them, see BatchedStream.
         self.skip_train_batches = 0
+        # Every rank reads every validation / test sample (set under sharded training, where each
+        # forward gathers weights with all ranks: ranks with different numbers of batches would wait
+        # on each other forever). Split by rank otherwise.
+        self.eval_on_every_rank = False
 
     def setup(self, stage: Optional[str] = None) -> None:
         fp = getattr(self.collator, "vq_fingerprint", None) if self.cfg.use_pretokenized else None
@@ -83,9 +87,14 @@ class VargptDataModule(L.LightningDataModule):
 
     def train_dataset(self) -> ShardStream:
         c = self.cfg
+        if c.replicate_across_ranks:  # every rank reads what rank 0 of a one-process run reads
+            self.collator.rank = 0
+            return ShardStream(c.sources, "train", c.seed, self.root, c.shuffle_buffer, c.resampled, rank=0, world_size=1)
         return ShardStream(c.sources, "train", c.seed, self.root, c.shuffle_buffer, c.resampled)
 
     def eval_dataset(self, sources: Sequence[SourceConfig]) -> ShardStream:
+        if self.eval_on_every_rank:
+            return ShardStream(sources, "eval", self.cfg.seed, self.root, 0, False, rank=0, world_size=1)
         return ShardStream(sources, "eval", self.cfg.seed, self.root, 0, False)
 
     def train_dataloader(self) -> DataLoader:

@@ -55,20 +55,26 @@ class OptimConfig:
 
 @dataclass
 class FSDPConfig:
-    """``trainer.strategy: fsdp`` (Lightning's FSDPStrategy; CUDA only). Layer groups by name
-    (modules/parallel.py): llm_decoder_layer, var_block, vision_layer."""
+    """``trainer.strategy: fsdp``: per-parameter sharding (FSDP2, modules/sharded.py) over every
+    rank, on CUDA (NCCL) and CPU (gloo) alike. Layer groups by name (modules/parallel.py):
+    llm_decoder_layer, var_block, vision_layer. The VQVAE is never sharded."""
 
-    sharding_strategy: str = "FULL_SHARD"  # FULL_SHARD | SHARD_GRAD_OP | HYBRID_SHARD | NO_SHARD
+    # FULL_SHARD: a unit frees its gathered parameters after forward (gathers again in backward);
+    # SHARD_GRAD_OP: keeps them until its backward (more memory, one gather less per step)
+    sharding_strategy: str = "FULL_SHARD"
     wrap: List[str] = field(default_factory=lambda: ["llm_decoder_layer", "var_block", "vision_layer"])
     activation_checkpointing: List[str] = field(default_factory=list)  # groups recomputed in backward
-    # "" = from trainer.precision; bf16 = parameters, gradient reduction and buffers in bf16
+    # "" = from trainer.precision (bf16-mixed: compute in bf16, reduce in fp32, fp32 master
+    # weights); bf16 = that policy whatever trainer.precision says
     mixed_precision: str = ""
-    # full: checkpoints and the export gather a full state dict on rank 0 (one file, the format
-    # every loader reads); sharded: each rank writes its shard (torch distributed checkpoint; the
-    # export still gathers); consolidate with `python -m lightning.pytorch.utilities.consolidate_checkpoint`
-    state_dict_type: str = "full"
+    # sharded: each rank writes its shards into a checkpoint directory (torch.distributed.checkpoint;
+    # resume needs the same number of ranks' worth of memory, any rank count works); full: rank 0
+    # gathers and writes one file. The export (model.safetensors) always gathers.
+    state_dict_type: str = "sharded"
     cpu_offload: bool = False
-    limit_all_gathers: bool = True
+    # write <output_dir>/sharding.rank<r>.json at the end of fit (shard shapes and hashes, bytes
+    # of parameters and optimizer state, losses): what tests/test_sharded.py reads. Any strategy.
+    report: bool = False
 
 
 @dataclass
@@ -85,7 +91,7 @@ class TrainerConfig:
     accelerator: str = "auto"  # cpu | gpu | auto
     devices: int = 1
     num_nodes: int = 1
-    strategy: str = "auto"  # auto | ddp | ddp_spawn | fsdp | deepspeed_stage_3 ...
+    strategy: str = "auto"  # auto | ddp | ddp_spawn | fsdp (trainer.fsdp) | deepspeed_stage_3
     precision: str = "32-true"  # 32-true | bf16-mixed | bf16-true | 16-mixed
     accumulate_grad_batches: int = 1
     log_every_n_steps: int = 10
@@ -162,7 +168,7 @@ class ExperimentConfig:
 # Sections that do not change what a run computes: left out of the config hash, so a rerun
 # with another run name or tracking store is recognised as the same experiment.
 _HASH_EXCLUDE = ("name", "output_dir", "logging", "trainer.enable_progress_bar", "checkpoint",
-                 "trainer.log_sample_keys", "trainer.num_threads", "trainer.threads_file")
+                 "trainer.log_sample_keys", "trainer.num_threads", "trainer.threads_file", "trainer.fsdp.report")
 
 
 def hash_excluded(flat_key: str) -> bool:
@@ -398,9 +404,30 @@ def value_problems(cfg: ExperimentConfig) -> List[Tuple[str, str]]:
     one_of("trainer.on_nonfinite", t.on_nonfinite, ON_NONFINITE)
     need(t.max_nonfinite_in_a_row >= 1, "trainer.max_nonfinite_in_a_row", f"must be >= 1, got {t.max_nonfinite_in_a_row}")
     one_of("trainer.strategy", t.strategy, STRATEGIES)
-    one_of("trainer.fsdp.sharding_strategy", t.fsdp.sharding_strategy, ("FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD"))
+    if t.fsdp.sharding_strategy in ("HYBRID_SHARD", "NO_SHARD"):
+        need(False, "trainer.fsdp.sharding_strategy",
+             f"{t.fsdp.sharding_strategy!r} is not available with per-parameter sharding: use FULL_SHARD or "
+             f"SHARD_GRAD_OP (or trainer.strategy=ddp for no sharding)")
+    else:
+        one_of("trainer.fsdp.sharding_strategy", t.fsdp.sharding_strategy, ("FULL_SHARD", "SHARD_GRAD_OP"))
     one_of("trainer.fsdp.mixed_precision", t.fsdp.mixed_precision, ("", "bf16"))
     one_of("trainer.fsdp.state_dict_type", t.fsdp.state_dict_type, ("full", "sharded"))
+    if t.strategy == "fsdp":
+        # bf16-true would convert the whole model, the VQVAE included (it encodes fp32 images in fp32);
+        # the parts' own dtypes are model.llm.dtype / projector_dtype / var_dtype
+        need(t.precision in ("32-true", "32", "bf16-mixed"), "trainer.precision",
+             f"{t.precision!r} does not run sharded (trainer.strategy=fsdp): use bf16-mixed (bf16 compute, fp32 "
+             f"master weights) or 32-true")
+        need(not (t.fsdp.cpu_offload and t.accelerator == "cpu"), "trainer.fsdp.cpu_offload",
+             "is true with trainer.accelerator=cpu: on CPU ranks the shards already live in CPU memory (offload "
+             "moves them between GPU and CPU); set trainer.fsdp.cpu_offload=false")
+        need(cfg.model.llm_length_groups == 1, "model.llm_length_groups",
+             f"is {cfg.model.llm_length_groups}, but under trainer.strategy=fsdp every rank must call the LLM the "
+             f"same number of times per step (each call gathers its sharded layers together): set it to 1")
+        need(not (t.val_every_n_steps > 0 and (cfg.eval.vqa_shards or cfg.eval.gen_shards)), "trainer.val_every_n_steps",
+             f"is {t.val_every_n_steps} with eval.vqa_shards / eval.gen_shards set, but the in-loop evaluation decodes "
+             f"with whole weights, which no rank holds under trainer.strategy=fsdp: evaluate the export instead "
+             f"(python -m experiments.evaluate), or set eval.vqa_shards= eval.gen_shards=")
     for k in ("wrap", "activation_checkpointing"):
         for name in getattr(t.fsdp, k):
             one_of(f"trainer.fsdp.{k}", name, ("llm_decoder_layer", "var_block", "vision_layer"))

@@ -35,38 +35,21 @@ from modules.stages.callbacks import ThreadsFromFile
 
 
 def build_strategy(cfg: Any) -> Any:
-    """``trainer.strategy`` with its typed section: FSDP wraps the named layer groups
-    (modules/parallel.py) as units, recomputes the activation-checkpointed ones, and keeps
-    frozen and trainable parameters apart (use_orig_params); other names go to Lightning as is."""
+    """``trainer.strategy`` with its typed section: ``fsdp`` shards every parameter over the ranks
+    (modules/sharded.py: FSDP2 applied by the stage's configure_model, the named layer groups as
+    units, the activation-checkpointed ones recomputed, bf16 compute over fp32 master weights under
+    bf16-mixed), on CPU and GPU ranks alike; other names go to Lightning as is."""
     t = cfg.trainer
     if t.strategy == "fsdp":
-        from lightning.pytorch.strategies import FSDPStrategy
-        from torch.distributed.fsdp import MixedPrecision
+        from modules.sharded import ShardedStrategy  # lazy: Lightning, every model family's layers
 
-        from modules.parallel import layer_classes  # lazy: imports every model family's layers
-
-        f = t.fsdp
-        mp = None
-        if f.mixed_precision == "bf16":
-            bf16 = torch_dtype("bfloat16")
-            mp = MixedPrecision(param_dtype=bf16, reduce_dtype=bf16, buffer_dtype=bf16)
-        return FSDPStrategy(auto_wrap_policy=layer_classes(f.wrap),
-                            activation_checkpointing_policy=layer_classes(f.activation_checkpointing) or None,
-                            sharding_strategy=f.sharding_strategy, state_dict_type=f.state_dict_type,
-                            cpu_offload=f.cpu_offload, mixed_precision=mp, limit_all_gathers=f.limit_all_gathers,
-                            use_orig_params=True)
+        return ShardedStrategy(t.fsdp, t.precision, world_size=t.devices * t.num_nodes)
     if t.strategy == "deepspeed_stage_3":
         from lightning.pytorch.strategies import DeepSpeedStrategy
 
         return DeepSpeedStrategy(stage=3, offload_optimizer=t.deepspeed.offload_optimizer,
                                  offload_parameters=t.deepspeed.offload_parameters)
     return t.strategy
-
-
-def torch_dtype(name: str) -> Any:
-    import torch
-
-    return getattr(torch, name)
 
 
 def build_trainer(cfg: Any, logger: Any, callbacks: Sequence[Any] = ()):
@@ -120,18 +103,18 @@ def provenance(trainer: Any, seconds: float) -> Dict[str, Any]:
 
 
 def sharded_exports(trainer: Any, module: Any) -> Optional[dict]:
-    """Under FSDP / DeepSpeed the parameters are sharded over the ranks: gather the full state
-    dict (Lightning's, a collective on every rank) for the export; None when nothing is sharded."""
-    if cfg_strategy(trainer) not in ("fsdp", "deepspeed"):
+    """Under sharding (fsdp) / DeepSpeed the parameters are spread over the ranks: gather the full
+    state dict (a collective on every rank) for the export; None when nothing is sharded."""
+    from modules.sharded import full_state_dict, is_sharded  # lazy: Lightning and the layer classes, only once a run has trained
+
+    if is_sharded(trainer):
+        full = full_state_dict(module.net)
+        return {"model.safetensors": full} if trainer.is_global_zero else None
+    if "deepspeed" not in type(trainer.strategy).__name__.lower():
         return None
     full = trainer.strategy.lightning_module_state_dict()
     return {"model.safetensors": {k[len("net."):]: v for k, v in full.items() if k.startswith("net.")}} \
         if trainer.is_global_zero else None
-
-
-def cfg_strategy(trainer: Any) -> str:
-    name = type(trainer.strategy).__name__.lower()
-    return "fsdp" if "fsdp" in name else "deepspeed" if "deepspeed" in name else name
 
 
 def fit(loaded: LoadedConfig, resume: Optional[str] = None) -> Path | None:
@@ -196,6 +179,10 @@ def _fit(loaded: LoadedConfig, resume: Optional[str], out: Path, ckpt_dir: Path,
     c = cfg.checkpoint
     saver = TrainingCheckpoint(ckpt_dir, c.every_n_steps, c.every_n_minutes, c.keep_last, c.at_end, meta)
     extra = [ThreadsFromFile(resolve_path(cfg.trainer.threads_file))] if cfg.trainer.threads_file else []
+    if cfg.trainer.fsdp.report:
+        from modules.sharded import ShardingReport  # lazy: Lightning, only for runs that report
+
+        extra.append(ShardingReport(out))
     trainer = build_trainer(cfg, logger, [saver, *extra])
     if logger is not None and trainer.is_global_zero:
         if ckpt is None:

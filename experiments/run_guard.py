@@ -164,8 +164,9 @@ def find_resume(arg: str, ckpt_dir: Path, loaded: LoadedConfig) -> Tuple[Path, D
     """``--resume`` (latest) or ``--resume PATH`` (a checkpoint file or a directory of them) ->
     (checkpoint, its sidecar). Refuses a checkpoint of another config, listing what differs."""
     where = ckpt_dir if arg == "latest" else Path(arg)
+    # a directory of checkpoints, or one sharded checkpoint (itself a directory, step-N.ckpt)
     path = latest_valid_checkpoint(where, warn=lambda m: print(f"[run] warning: {m}", flush=True)) \
-        if where.is_dir() else where
+        if where.is_dir() and where.suffix != ".ckpt" else where
     if path is None or not path.exists():
         raise RunError(f"--resume: no valid checkpoint in {where}; start the run without --resume")
     info = checkpoint_info(path)

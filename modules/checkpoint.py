@@ -199,12 +199,45 @@ def checkpoint_name(step: int) -> str:
     return f"step-{step:08d}.ckpt"
 
 
+def sha256_path(path: Path) -> str:
+    """sha256 of a checkpoint: of the file, or for a directory (a sharded checkpoint: one file per
+    rank plus metadata) of its sorted (relative name, file sha256) list."""
+    import hashlib
+
+    path = Path(path)
+    if not path.is_dir():
+        return sha256_file(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(f"{f.relative_to(path).as_posix()}\0{sha256_file(f)}\n".encode())
+    return h.hexdigest()
+
+
+def size_of(path: Path) -> int:
+    """Bytes of a checkpoint file, or of every file in a checkpoint directory."""
+    path = Path(path)
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+
+
+def remove_checkpoint(path: Path) -> None:
+    import shutil
+
+    path = Path(path)
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def finalize_checkpoint(tmp: Path, final: Path, meta: Dict[str, object]) -> Dict[str, object]:
-    """Move a fully written checkpoint ``tmp`` into place and write its sidecar (both atomic)."""
+    """Move a fully written checkpoint ``tmp`` (a file, or a sharded checkpoint's directory) into
+    place and write its sidecar (both atomic)."""
     import json
 
     tmp, final = Path(tmp), Path(final)
-    info = {**meta, "file": final.name, "bytes": tmp.stat().st_size, "sha256": sha256_file(tmp)}
+    info = {**meta, "file": final.name, "bytes": size_of(tmp), "sha256": sha256_path(tmp)}
+    if final.is_dir():  # a directory is not replaced by a rename: one left by a run killed after its rename
+        remove_checkpoint(final)
     tmp.replace(final)
     _write_text_atomic(final.with_suffix(".json"), json.dumps(info, indent=1) + "\n")
     return info
@@ -220,7 +253,7 @@ def checkpoint_info(path: Path) -> Optional[Dict[str, object]]:
         info = json.loads(side.read_text())
     except (OSError, ValueError):
         return None
-    if not path.is_file() or path.stat().st_size != info.get("bytes") or sha256_file(path) != info.get("sha256"):
+    if not path.exists() or size_of(path) != info.get("bytes") or sha256_path(path) != info.get("sha256"):
         return None
     return info
 
@@ -247,10 +280,10 @@ def prune_checkpoints(ckpt_dir: Path, keep_last: int) -> None:
     paths = list_checkpoints(ckpt_dir)
     good = [p for p in paths if p.with_suffix(".json").is_file()]
     for p in good[:-keep_last] if keep_last > 0 else []:
-        p.unlink(missing_ok=True)
+        remove_checkpoint(p)
         p.with_suffix(".json").unlink(missing_ok=True)
     for tmp in Path(ckpt_dir).glob("*.tmp"):
-        tmp.unlink(missing_ok=True)
+        remove_checkpoint(tmp)
 
 
 # ------------------------------------------------------------------------------ sharded safetensors

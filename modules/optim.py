@@ -6,7 +6,7 @@ hurts and is what most LLM/VAR recipes avoid), linear warmup then cosine to a fl
 from __future__ import annotations
 
 import math
-from typing import Iterable, List, Tuple
+from typing import Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -65,3 +65,21 @@ def param_counts(module: nn.Module) -> Tuple[int, int]:
     total = sum(p.numel() for p in module.parameters())
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     return total, trainable
+
+
+# AdamW keeps two moments per weight (exp_avg, exp_avg_sq), each of the weight's shape and dtype.
+ADAMW_MOMENTS = 2
+
+
+def checkpoint_bytes(params: Iterable[torch.Tensor], master_dtype: Optional[torch.dtype] = None) -> int:
+    """Bytes of the tensors in a training checkpoint of these parameters: each trainable weight and
+    its AdamW moments, (1 + 2) x numel x bytes of the dtype the optimizer steps in (``master_dtype``;
+    None: each parameter's own). Frozen parameters are left out (a checkpoint keeps their hash).
+    The recipes train bf16-mixed over fp32 weights: 12 bytes per trainable parameter, 80.9 GB for
+    stage 2's 6.74B. The one place a planned checkpoint size is computed (benchmarks.gpu_check)."""
+    total = 0
+    for p in params:
+        if p.requires_grad:
+            size = torch.finfo(master_dtype).bits // 8 if master_dtype is not None else p.element_size()
+            total += (1 + ADAMW_MOMENTS) * p.numel() * size
+    return total

@@ -7,7 +7,7 @@ activation checkpointing), by name, so a YAML can say it without import strings.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Set, Type
+from typing import Dict, List, Sequence, Set, Tuple, Type
 
 import torch.nn as nn
 
@@ -26,6 +26,23 @@ def _classes() -> Dict[str, List[Type[nn.Module]]]:
 
 
 LAYER_GROUPS = ("llm_decoder_layer", "var_block", "vision_layer")
+
+# Layers whose parameters are also used outside their own forward become sharding units through
+# these children instead (each called as a module inside the layer's code): a VAR block's AdaLN
+# parameters (ada_lin, C -> 6C) are computed once per condition by the decoder (VARDecoder.
+# block_conds calls blk.ada) before the blocks run, so the block itself cannot gather its
+# parameters in its own forward. Parameters outside these children (shared_aln's ada_gss, 6C)
+# stay in the root unit.
+UNIT_PARTS: Dict[Type[nn.Module], Tuple[str, ...]] = {AdaLNSelfAttn: ("attn", "ffn", "ada_lin")}
+
+
+def sharding_units(layer: nn.Module) -> List[nn.Module]:
+    """The modules of one wrapped layer that become sharding units: the layer itself, or its
+    UNIT_PARTS children where its class has them."""
+    parts = UNIT_PARTS.get(type(layer))
+    if parts is None:
+        return [layer]
+    return [m for m in (getattr(layer, n, None) for n in parts) if isinstance(m, nn.Module) and any(True for _ in m.parameters())]
 
 
 def layer_classes(names: Sequence[str]) -> Set[Type[nn.Module]]:

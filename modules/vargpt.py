@@ -110,6 +110,11 @@ class VARGPT(VARGPTInference, nn.Module):
         # front end). Stages 1 and 3 turn it off with model.stage1/stage3_through_llm false: with nothing
         # trainable before the frozen LLM, autograd records no LLM op and skips its backward.
         self.grad_into_llm = True
+        # Under sharding (modules/sharded.py) every rank must run the same sharded units each step
+        # (each one gathers its parameters with the other ranks): then a batch without images or
+        # without generation targets still runs the vision tower / the generation side on zero
+        # samples, adding an exact 0 to the loss, instead of skipping them.
+        self.run_every_part = False
         self.L = self.var.L
         self.patch_nums = tuple(self.var.patch_nums)
 
@@ -197,10 +202,16 @@ class VARGPT(VARGPTInference, nn.Module):
                                  f"{feats.shape[1]} tokens = {n_feat} features: collator num_image_tokens "
                                  f"must equal the vision encoder's {self.num_image_tokens}")
             emb = emb.masked_scatter(img_mask.unsqueeze(-1), feats.to(emb.dtype))
+        elif self.run_every_part and batch.get("image_features") is None:
+            size = self.vision.image_size
+            px = emb.new_zeros(0, 3, size, size)  # zero images: (0, tokens, D) features, sum exactly 0
+            emb = emb + self.image_features(px).sum().to(emb.dtype)
         gen_mask = ids == self.gen_pad_id
-        if not with_gen or not gen_mask.any():
+        no_gen = not with_gen or not gen_mask.any()
+        if no_gen and not (with_gen and self.run_every_part):
             return emb, None, None, None
-        idx_list = self.encode_targets(batch)
+        # no target here but the generation side runs anyway (run_every_part): zero targets, (0, pn*pn) per scale
+        idx_list = [ids.new_zeros(0, pn * pn) for pn in self.patch_nums] if no_gen else self.encode_targets(batch)
         n_gen = idx_list[0].shape[0]
         uncond = batch.get("gen_uncond")
         uncond = torch.zeros(n_gen, dtype=torch.long, device=ids.device) if uncond is None else uncond.to(ids.device).long()
@@ -249,7 +260,7 @@ class VARGPT(VARGPTInference, nn.Module):
             return None
         first = self._first_slots(gen_mask_BT)
         rows, ends = first[:, 0], first[:, 1]
-        P = int(ends.max())
+        P = int(ends.max()) if ends.numel() else 1  # no target (run_every_part): (0, 1, C_var) of nothing
         keep = torch.arange(P, device=h_BTD.device).view(1, P) < ends.view(-1, 1)  # (N, P)
         if attention_mask_BT is not None:
             keep = keep & attention_mask_BT[rows, :P].bool()
@@ -402,7 +413,8 @@ class VARGPT(VARGPTInference, nn.Module):
             if return_logits:
                 out["logits_img"] = logits_img
             out["loss_img_per_target"] = ce_img.mean(1)
-            out["loss_img"] = ce_img.mean()
+            # zero targets (run_every_part): an exact 0 still connected to the generation side's graph
+            out["loss_img"] = ce_img.mean() if n_gen else ce_img.sum()
             with torch.no_grad():
                 hit = (logits_img.argmax(-1) == target).float()
                 out["acc_img_scale"] = torch.stack([hit[:, b:e].mean() for b, e in self.var.begin_ends])
@@ -413,7 +425,7 @@ class VARGPT(VARGPTInference, nn.Module):
             out["loss_img"] = h.new_zeros(())
             out["n_img_tokens"] = torch.tensor(0, device=h.device)
         img_obj = out["loss_img"]
-        if gen_mask is not None and self.cfg.img_loss_weighting == "scale":  # each scale alike
+        if gen_mask is not None and self.cfg.img_loss_weighting == "scale" and n_gen:  # each scale alike
             img_obj = torch.stack([ce_img[:, b:e].mean() for b, e in self.var.begin_ends]).mean()
         out["loss"] = out["loss_text"] + self.cfg.w_img * img_obj
         return out

@@ -27,6 +27,32 @@ def require_fixture(*parts: str | Path) -> Path:
     return p
 
 
+EVAL_EXTRA_HINT = "lmms-eval is the optional extra: install it with `make setup-eval`"
+
+
+def eval_extra_missing(env: dict, installed: bool) -> tuple:
+    """What a test needing the lmms-eval extra does without it: ("", "") when it is installed;
+    ("fail", why) in CI (env CI=true: .ci/run installs the extra, so its absence is a broken CI,
+    never a silent skip); ("skip", the install command) elsewhere."""
+    if installed:
+        return "", ""
+    if str(env.get("CI", "")).lower() in ("1", "true", "yes"):
+        return "fail", f"CI=true but {EVAL_EXTRA_HINT} (.ci/run runs it before the tests)"
+    return "skip", EVAL_EXTRA_HINT
+
+
+@pytest.fixture(scope="session")
+def lmms_eval_extra() -> None:
+    """Session-scoped, so it decides before any module fixture builds a checkpoint."""
+    import importlib.util
+
+    action, why = eval_extra_missing(dict(os.environ), importlib.util.find_spec("lmms_eval") is not None)
+    if action == "fail":
+        pytest.fail(why, pytrace=False)
+    if action == "skip":
+        pytest.skip(why)
+
+
 def load_sharded_safetensors(d: Path | str, prefix: str = "", index: str = "model.safetensors.index.json"):
     """The state dict of a sharded Hugging Face checkpoint directory `d` (relative to
     tests/fixtures or absolute; `index` maps {"weight_map": {key: shard file}}): the keys under

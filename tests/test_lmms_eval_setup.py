@@ -55,3 +55,26 @@ def test_only_the_adapter_files_import_lmms_eval():
                 if any(n.split(".")[0] == "lmms_eval" for n in names):
                     bad.append(rel)
     assert bad == []
+
+
+def test_a_missing_extra_fails_in_ci_and_is_skipped_with_the_command_elsewhere():
+    from tests.conftest import eval_extra_missing
+
+    action, why = eval_extra_missing({"CI": "true"}, installed=False)
+    assert action == "fail" and "make setup-eval" in why
+    action, why = eval_extra_missing({}, installed=False)
+    assert action == "skip" and "make setup-eval" in why
+    assert eval_extra_missing({"CI": "true"}, installed=True) == ("", "")
+    import tests.test_lmms_eval as t  # the harness tests go through that decision, none around it
+
+    marks = {m.name: m for m in t.pytestmark}
+    assert "skipif" not in marks and marks["usefixtures"].args == ("lmms_eval_extra",)
+
+
+def test_ci_installs_the_extra_before_the_tests():
+    lines = [ln.strip() for ln in (REPO_ROOT / ".ci" / "run").read_text().splitlines() if not ln.startswith("#")]
+    export = next(ln for ln in lines if ln.startswith("export "))
+    assert "CI=true" in export.split()
+    setup = next(i for i, ln in enumerate(lines) if ln.startswith("make setup-eval"))
+    test = next(i for i, ln in enumerate(lines) if ln.startswith("make test"))
+    assert setup < test and "exit 1" in lines[setup]  # a failed install fails CI, before any test

@@ -265,7 +265,9 @@ class AdaLNSelfAttn(nn.Module):
     def forward(self, x_BLC: torch.Tensor, ada: Ada6, attn_bias: Optional[torch.Tensor] = None,
                 kv: Optional[KVSlot] = None) -> torch.Tensor:
         g1, g2, s1, s2, b1, b2 = ada
-        x_BLC = x_BLC + self.drop_path(self.attn(self.ln_wo_grad(x_BLC).mul(s1.add(1)).add_(b1), attn_bias, kv).mul_(g1))
+        # out of place on attn's output (a view of its projection): under sharding attn is a unit, and
+        # an in-place op on a unit's output would drop the hook that gathers its weights for backward
+        x_BLC = x_BLC + self.drop_path(self.attn(self.ln_wo_grad(x_BLC).mul(s1.add(1)).add_(b1), attn_bias, kv).mul(g1))
         x_BLC = x_BLC + self.drop_path(self.ffn(self.ln_wo_grad(x_BLC).mul(s2.add(1)).add_(b2)).mul(g2))
         return x_BLC
 

@@ -177,13 +177,31 @@ class StageModule(L.LightningModule):
                 h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
         return h.hexdigest()
 
+    def configure_model(self) -> None:
+        """Under ``trainer.strategy: fsdp`` shard ``self.net`` over the ranks' mesh
+        (modules/sharded.py); a no-op for every other strategy. Lightning calls it after ``setup``
+        and before the optimizer is built, so the optimizer holds the sharded parameters."""
+        from modules.sharded import is_sharded, shard_model  # lazy: the layer classes of every family
+
+        if self._trainer is None or not is_sharded(self.trainer) or getattr(self, "shard_info", None):
+            return
+        s = self.trainer.strategy
+        self.shard_info = shard_model(self.net, s.device_mesh["data_parallel"], s.fsdp, s.precision_name)
+        dm = self.trainer.datamodule  # its loaders are built after this hook
+        if dm is not None and hasattr(dm, "eval_on_every_rank"):
+            dm.eval_on_every_rank = True  # same validation batches on every rank: see VargptDataModule
+
+    def frozen_keys(self) -> set:
+        """The state-dict keys a training checkpoint leaves out: the frozen parameters (kept as a hash)."""
+        return {f"net.{n}" for n, p in self.net.named_parameters() if not p.requires_grad}
+
     def setup(self, stage: str) -> None:
         # before the strategy wraps (and under FSDP shards) the model: the hash sees whole parameters
         if getattr(self, "_frozen_sha256", None) is None:
             self._frozen_sha256 = self.frozen_hash()
 
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
-        frozen = {f"net.{n}" for n, p in self.net.named_parameters() if not p.requires_grad}
+        frozen = self.frozen_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
         if getattr(self, "_frozen_sha256", None) is None:
             self._frozen_sha256 = self.frozen_hash()

@@ -33,7 +33,7 @@ import lightning as L
 import numpy as np
 import torch
 
-from modules.checkpoint import checkpoint_name, finalize_checkpoint, prune_checkpoints
+from modules.checkpoint import checkpoint_name, finalize_checkpoint, prune_checkpoints, remove_checkpoint
 
 log = logging.getLogger(__name__)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -150,13 +150,17 @@ class TrainingCheckpoint(L.Callback):
                 prune_checkpoints(self.dir, self.keep_last)
         except OSError as e:
             if trainer.is_global_zero:
-                tmp.unlink(missing_ok=True)
+                remove_checkpoint(tmp)
             kind = "the disk is full" if e.errno == errno.ENOSPC else str(e)
             prev = f"the previous checkpoint {self.last_path} is still usable" if self.last_path else \
                 "no earlier checkpoint of this run exists"
             log.error("checkpoint at step %d could not be written (%s): %s; training goes on", step, kind, prev)
             print(f"[run] checkpoint at step {step} could not be written ({kind}); {prev}", flush=True)
+            trainer.strategy.barrier("checkpoint")
             return None
+        # every rank goes on once the checkpoint is in place under its final name (a sharded one is
+        # a directory that rank 0 renames after every rank wrote into it)
+        trainer.strategy.barrier("checkpoint")
         self.saved_step, self.last_path, self._t_last = step, final, time.monotonic()
         if trainer.is_global_zero:
             print(f"[run] checkpoint: {final}", flush=True)
