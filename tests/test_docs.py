@@ -96,6 +96,10 @@ def problems(md: Path, text: str | None = None) -> List[str]:
             key = tok.split("=", 1)[0]
             if KEY_RE.match(key) and not key.endswith(FILE_EXT) and not key_exists(key):
                 out.append(f"{rel}: config key `{key}` is not in the schema (experiments/config.py)")
+            elif "::" in tok and path_like(tok.split("::")[0]):  # a pytest node id: file and test
+                f, name = tok.split("::")[0], tok.split("::")[-1].split("[")[0]
+                if not (REPO_ROOT / f).is_file() or f"def {name}(" not in (REPO_ROOT / f).read_text():
+                    out.append(f"{rel}: test `{tok}` does not exist")
             elif path_like(tok) and not (REPO_ROOT / tok.rstrip("/")).exists():
                 out.append(f"{rel}: path `{tok}` does not exist")
     return out
@@ -116,7 +120,8 @@ def test_the_checker_catches_what_it_should(tmp_path):
             "`python -m experiments.run` `python -m experiments.nope` `model.var_cond` `model.var_condd=x`\n"
             "`ARGS=\"trainer.max_steps=5 optim.lrr=1\"` `paths.anything` `model.load` `runs/whatever`\n"
             "```bash\nmake pipeline && python -m experiments.evaluate x eval.cfg=2 eval.nope=1\n```\n"
-            "`model.yaml` `model.safetensors`\n" + SKIP + "\n```bash\nmake nothing-here optim.nope=1\n```\n")
+            "`model.yaml` `model.safetensors` `tests/test_docs.py::test_the_checker_catches_what_it_should`"
+            " `tests/test_docs.py::test_nothing`\n" + SKIP + "\n```bash\nmake nothing-here optim.nope=1\n```\n")
     bad = problems(md, text)
     assert sorted(bad) == sorted([
         "docs/x.md: link (../nope/missing.md) resolves to nothing",
@@ -126,6 +131,7 @@ def test_the_checker_catches_what_it_should(tmp_path):
         "docs/x.md: config key `model.var_condd` is not in the schema (experiments/config.py)",
         "docs/x.md: config key `optim.lrr` is not in the schema (experiments/config.py)",
         "docs/x.md: config key `eval.nope` is not in the schema (experiments/config.py)",
+        "docs/x.md: test `tests/test_docs.py::test_nothing` does not exist",
     ]), bad
 
 
