@@ -244,7 +244,9 @@ def render_timings(sb: Dict[str, Any]) -> str:
     text = (f"Measured in fresh clones on a 2-core {pv['cpu_model']} ({', '.join(pv.get('cpu_flags', []))}): "
             + ", then ".join(parts))
     if test:
-        text += f"; `make test` **{_minutes(test['seconds'])}** (`{test.get('commit', '?')}`, as CI runs it)"
+        busy = (test.get("loadavg") or [0])[-1] > 2.5
+        text += (f"; `make test` **{_minutes(test['seconds'])}** (`{test.get('commit', '?')}`, as CI runs it"
+                 + (", other jobs sharing the cores" if busy else "") + ")")
     load = _g(t, "pipeline", "loadavg")
     if load and load[-1] > 2.5:
         text += (f". Other jobs shared the cores during the pipeline (15-minute load average {load[-1]:.1f} at its end), "
