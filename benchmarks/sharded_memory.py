@@ -53,8 +53,8 @@ def _port() -> int:
 def make_world(root: Path) -> List[str]:
     """The tiny generated world and tokenizer the tests use (tests/test_long_runs.py)."""
     sys.path.insert(0, str(REPO))
-    from datamodules.world import generate_split
-    from tests.tiny import tiny_tokenizer_dir
+    from datamodules.world import generate_split  # lazy: only when a world has to be rendered
+    from tests.tiny import tiny_tokenizer_dir  # lazy: the tests' tiny tokenizer, from the repo root on sys.path
 
     generate_split(str(root / "train"), "train", {"caption": 24, "vqa": 24, "gen": 24}, seed=0, size=32, shard_size=8)
     return [f"model.tokenizer.path={tiny_tokenizer_dir(root)}", f"data.root={root}"]
@@ -117,7 +117,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     a = p.parse_args(argv)
     import torch
 
-    from benchmarks.step_timing import machine_info
+    from benchmarks.step_timing import machine_info  # lazy: torch, after the arguments are read
 
     with tempfile.TemporaryDirectory(prefix="sharded_memory_") as tmp:
         cases = measure(Path(tmp))
