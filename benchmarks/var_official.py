@@ -43,6 +43,7 @@ from typing import Any, Callable, Dict, List, Tuple
 import torch
 import torch.nn as nn
 
+from experiments.machine import cpu_model
 from modules.components.var_sampling import resolve_sampling
 
 SETTINGS = dict(cfg=1.5, top_k=900, top_p=0.96)  # the VARGPT generation settings
@@ -197,14 +198,7 @@ def compare_depth(off: types.SimpleNamespace, vq: nn.Module, var: nn.Module, B: 
 
 
 def machine_info() -> Dict[str, Any]:
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    name = cpu_model()
     caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
     return {"cpu": name, "cores": os.cpu_count(), "avx512_bf16": bool(caps.get("avx512_bf16")),
             "amx_bf16": bool(caps.get("amx_bf16")), "torch": torch.__version__, "python": platform.python_version(),

@@ -1,4 +1,4 @@
-"""The machine a figure was measured on: what makes two timings comparable (or not).
+"""The machine and commit a figure was measured on: what makes two timings comparable (or not).
 
 Read by every results file's provenance (experiments.report, experiments.tracking run tags,
 exports, benchmarks): the CPU's model name and its matrix-unit flags, which change timings by up
@@ -6,11 +6,13 @@ to 2x between the machines this suite runs on (Intel AMX, AMD AVX-512, AVX2 only
 """
 from __future__ import annotations
 
+import functools
 import platform
 import subprocess
-import functools
 from pathlib import Path
-from typing import List
+from typing import Dict, List
+
+from experiments.config import REPO_ROOT
 
 
 @functools.lru_cache(maxsize=None)
@@ -40,3 +42,15 @@ def cpu_flags() -> List[str]:
         return []
     flags = next((l.split(":", 1)[1].split() for l in text.splitlines() if l.startswith("flags")), [])
     return [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+
+
+def git_info(root: Path = REPO_ROOT) -> Dict[str, str]:
+    """Commit SHA and whether the work tree differs from it ("unknown" outside a git checkout)."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                capture_output=True, text=True, timeout=10, check=True).stdout
+        return {"git_commit": sha, "git_dirty": str(bool(status.strip())).lower()}
+    except (OSError, subprocess.SubprocessError):
+        return {"git_commit": "unknown", "git_dirty": "unknown"}

@@ -15,13 +15,12 @@ import json
 import os
 import platform
 import re
-import subprocess
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from experiments.config import REPO_ROOT
-from experiments.machine import cpu_flags, cpu_model
+from experiments.machine import cpu_flags, cpu_model, git_info
 
 SCOREBOARD = REPO_ROOT / "experiments" / "world" / "scoreboard.json"
 
@@ -36,20 +35,11 @@ def machine_info() -> Dict[str, Any]:
             "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
-def git_commit(root: Path = REPO_ROOT) -> Dict[str, Any]:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], cwd=root, capture_output=True,
-                             text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-        return {"commit": sha, "dirty": bool(dirty)}
-    except (OSError, subprocess.SubprocessError):
-        return {"commit": "unknown", "dirty": None}
-
-
 def stamp(target: str, start: float, path: Path) -> Dict[str, Any]:
     """Append one timed make target to ``path`` (a JSON list, newest last)."""
-    rec = {"target": target, "seconds": round(time.time() - start, 1), **git_commit(),
+    git = git_info()
+    rec = {"target": target, "seconds": round(time.time() - start, 1), "commit": git["git_commit"][:7],
+           "dirty": git["git_dirty"] == "true",
            "cpu_model": cpu_model(), "cpu_flags": cpu_flags(), "cpus": os.cpu_count(),
            "loadavg": list(os.getloadavg()),
            "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

@@ -11,14 +11,13 @@ mlflow is imported lazily: it costs seconds and most commands (dry runs, tests) 
 from __future__ import annotations
 
 import os
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional
 
 from experiments.config import REPO_ROOT, LoadedConfig, flatten, resolve_path
-from experiments.machine import cpu_model
+from experiments.machine import cpu_model, git_info  # noqa: F401  (git_info: callers use tracking.git_info)
 from modules.evaluation import report_metrics
 
 SWEEP_ENV = "VARGPT_SWEEP_TAGS"  # JSON dict of extra tags set by the sweep launcher
@@ -126,18 +125,6 @@ def ui_links(uri: str) -> List[str]:
         lines += [f"[mlflow-ui] {e.name}: {ui_experiment_url(e.experiment_id, uri)}" for e in found]
     return lines + [UI_TOGGLE_HINT]
 
-
-
-def git_info(root: Path = REPO_ROOT) -> Dict[str, str]:
-    """Commit SHA and whether the work tree differs from it ("unknown" outside a git checkout)."""
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                             timeout=10, check=True).stdout.strip()
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                                capture_output=True, text=True, timeout=10, check=True).stdout
-        return {"git_commit": sha, "git_dirty": str(bool(status.strip())).lower()}
-    except (OSError, subprocess.SubprocessError):
-        return {"git_commit": "unknown", "git_dirty": "unknown"}
 
 
 def run_tags(loaded: LoadedConfig, extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:

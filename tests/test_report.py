@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments import report, sweep
+from experiments import report, scoreboard, sweep
 from experiments.config import REPO_ROOT
 
 DEBUG = REPO_ROOT / "experiments" / "debug.yaml"
@@ -71,7 +71,7 @@ FAKE = {
 
 
 def test_scoreboard_rows_show_one_draw_headline_best_of_apart_and_intervals():
-    rows = dict(report.scoreboard_rows(FAKE))
+    rows = dict(scoreboard.scoreboard_rows(FAKE))
     head = next(k for k in rows if k.startswith("**attribute accuracy, one draw**"))
     assert rows[head] == "**0.404** [0.370, 0.440]; over 2 draw seeds [0.350, 0.430]"
     best = next(k for k in rows if k.startswith("best of 16"))
@@ -81,7 +81,7 @@ def test_scoreboard_rows_show_one_draw_headline_best_of_apart_and_intervals():
     assert fid == "349.9 = 2.92x the floor; over draw seeds [330.0, 380.0]"
     assert any(k.startswith("floor: real images for the same prompts") for k in rows)
     assert rows["VQA accuracy, test split"] == "**0.8875** [0.857, 0.918]"
-    table = report.render_scoreboard({"presets": {"default": {"report": FAKE, "provenance": {
+    table = scoreboard.render_scoreboard({"presets": {"default": {"report": FAKE, "provenance": {
         "commit": "aaaaaaa", "cpu_model": "Some CPU", "cpu_flags": ["avx2"], "cpus": 2, "timings": {}}}}})
     assert "| measure (95% interval) | suite default |" in table and "VARGPT v1" not in table.splitlines()[0]
 def test_tiny_sweep_publishes_a_page_with_table_and_figure(tmp_path, capsys):
@@ -149,14 +149,14 @@ def test_stamp_appends_and_refuses_a_broken_file(tmp_path):
     path = tmp_path / "t.json"
     import time
 
-    report.stamp("stage1", time.time() - 5, path)
-    report.stamp("pipeline", time.time() - 7, path)
+    scoreboard.stamp("stage1", time.time() - 5, path)
+    scoreboard.stamp("pipeline", time.time() - 7, path)
     recs = json.loads(path.read_text())
     assert [r["target"] for r in recs] == ["stage1", "pipeline"] and 4.5 < recs[0]["seconds"] < 60
     assert recs[0]["cpu_model"] and "commit" in recs[0]
     path.write_text("{")
     with pytest.raises(SystemExit, match="not JSON"):
-        report.stamp("x", time.time(), path)
+        scoreboard.stamp("x", time.time(), path)
 
 
 def test_publish_puts_each_preset_in_its_column(tmp_path):
@@ -172,22 +172,22 @@ def test_publish_puts_each_preset_in_its_column(tmp_path):
         (clone / "runs" / f"pipeline{tag}" / "report.json").write_text(json.dumps(rep))
         (clone / "runs" / f"world{tag}" / "stage1").mkdir(parents=True)
         (clone / "runs" / f"world{tag}" / "stage1" / "config.yaml").write_text("seed: 7\n")
-        report.stamp(f"stage1{tag}", time.time() - 300, clone / "runs" / "timings.json")
-        report.stamp(f"pipeline{tag}", time.time() - 1500, clone / "runs" / "timings.json")
-    report.stamp("test", time.time() - 400, clone / "runs" / "timings.json")
+        scoreboard.stamp(f"stage1{tag}", time.time() - 300, clone / "runs" / "timings.json")
+        scoreboard.stamp(f"pipeline{tag}", time.time() - 1500, clone / "runs" / "timings.json")
+    scoreboard.stamp("test", time.time() - 400, clone / "runs" / "timings.json")
     out = tmp_path / "scoreboard.json"
     with pytest.raises(report.ReportError, match="make stage1 PRESET=v9 && make pipeline PRESET=v9"):
-        report.publish_scoreboard(clone, "v9", out)
-    report.publish_scoreboard(clone, "default", out)
-    report.publish_scoreboard(clone, "v1", out)
-    report.publish_timings(clone, out)
+        scoreboard.publish_scoreboard(clone, "v9", out)
+    scoreboard.publish_scoreboard(clone, "default", out)
+    scoreboard.publish_scoreboard(clone, "v1", out)
+    scoreboard.publish_timings(clone, out)
     sb = json.loads(out.read_text())
     assert set(sb["presets"]) == {"default", "v1"} and sb["timings"]["test"]["seconds"] >= 400
     d = sb["presets"]["default"]["provenance"]
     assert d["train_seeds"] == {"stage1": "7"} and set(d["timings"]) == {"stage1", "pipeline"} and d["cpu_model"]
-    table = report.render_scoreboard(sb)
+    table = scoreboard.render_scoreboard(sb)
     assert table.splitlines()[0] == "| measure (95% interval) | VARGPT v1 (`PRESET=v1`) | suite default |"
     assert "| VQA accuracy, test split | **0.7** [0.857, 0.918] | **0.8875** [0.857, 0.918] |" in table
-    times = report.render_timings(sb)
+    times = scoreboard.render_timings(sb)
     assert "`make stage1` **5 min 00 s**" in times and "`make pipeline` **25 min 00 s**" in times
     assert "`make test` **6 min 40 s**" in times
