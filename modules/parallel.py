@@ -1,9 +1,11 @@
 """Which layers of the composed model are the units of sharded training (FSDP wrapping,
 activation checkpointing), by name, so a YAML can say it without import strings.
 
-    llm_decoder_layer   LlamaDecoderLayer, Qwen2DecoderLayer   (32 x 202M params in Vicuna-7B)
-    var_block           the VAR decoder's AdaLNSelfAttn blocks  (30 x 67M in VAR-d30)
-    vision_layer        CLIPEncoderLayer, SiglipEncoderLayer, timm's ViT Block
+    llm_decoder_layer   LlamaDecoderLayer, Qwen2DecoderLayer,  (32 x 202M params in Vicuna-7B)
+                        Qwen2VLDecoderLayer                    (28 x 233M in VARGPT-v1.1's LLM)
+    var_block           the VAR decoder's AdaLNSelfAttn blocks  (30 x 67M in VAR-d30), the Infinity
+                        decoder's CrossAttnBlock               (32 x 67M in VARGPT-v1.1)
+    vision_layer        CLIPEncoderLayer, SiglipEncoderLayer, timm's ViT Block, Qwen2VLVisionBlock
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from typing import Dict, List, Sequence, Set, Tuple, Type
 
 import torch.nn as nn
 
+from modules.components.infinity import CrossAttnBlock
 from modules.components.var_decoder import AdaLNSelfAttn
 
 
@@ -19,10 +22,12 @@ def _classes() -> Dict[str, List[Type[nn.Module]]]:
     from transformers.models.clip.modeling_clip import CLIPEncoderLayer
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
     from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLDecoderLayer, Qwen2VLVisionBlock
     from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer
 
-    return {"llm_decoder_layer": [LlamaDecoderLayer, Qwen2DecoderLayer], "var_block": [AdaLNSelfAttn],
-            "vision_layer": [CLIPEncoderLayer, SiglipEncoderLayer, Block]}
+    return {"llm_decoder_layer": [LlamaDecoderLayer, Qwen2DecoderLayer, Qwen2VLDecoderLayer],
+            "var_block": [AdaLNSelfAttn, CrossAttnBlock],
+            "vision_layer": [CLIPEncoderLayer, SiglipEncoderLayer, Block, Qwen2VLVisionBlock]}
 
 
 LAYER_GROUPS = ("llm_decoder_layer", "var_block", "vision_layer")

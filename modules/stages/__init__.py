@@ -43,6 +43,28 @@ for _name in VARGPT_STAGES:
     STAGES.register(_name)(_vargpt(_name))
 
 
+# VARGPT-v1.1's released training stages 0-5 (modules/stages/v11_stages.py RELEASE_STAGES); they
+# need a v1.1 model (model.family: vargpt11).
+V11_RELEASE_STAGES = tuple(f"v11_stage{i}" for i in range(6))
+
+
+def _v11_only(name):
+    def builder(cfg):
+        if getattr(cfg.model, "family", "vargpt") != "vargpt11":
+            raise ValueError(f"stage {name!r} is a VARGPT-v1.1 training stage: set model.family: vargpt11 "
+                             f"(e.g. experiments/v11/world.yaml or experiments/real/vargpt_v11.yaml)")
+        from modules.stages import v11_stages  # lazy: the Qwen2-VL / Infinity model, only for v1.1 runs
+
+        return v11_stages.build(name, cfg)
+
+    builder.__name__ = f"build_{name}"
+    return builder
+
+
+for _name in V11_RELEASE_STAGES:
+    STAGES.register(_name)(_v11_only(_name))
+
+
 def build_stage(cfg):
     return STAGES.get(cfg.stage, where="stage")(cfg)
 

@@ -6,6 +6,17 @@ the trainable sets mapped onto v1.1's parts (released names; the BSQ tokenizer n
     stage1       the generation projectors, sos_embedding, the decoder's SOS pool and pos_start
     stage2       model + lm_head
     stage3       the generation projectors, sos_embedding, the whole decoder (vargpt_gen)
+
+and the release's own training stages 0-5 (``--vargpt_train_stage N`` of VARGPT-family-training,
+its freeze sets in src/llamafactory/model/model_utils/visual.py ``get_forbidden_modules`` for
+``qwen2vl-v1.1``; a parameter is frozen there when a forbidden name is a substring of its name):
+
+    v11_stage0   projectors + sos_embedding + vargpt_gen        (frozen: model, lm_head, visual, vae_local)
+    v11_stage1   projectors + sos_embedding                     (also frozen: vargpt_gen)
+    v11_stage2   model + lm_head                                (frozen: visual, vae_local, the generation side)
+    v11_stage3   as v11_stage0 (the release lists the same forbidden set)
+    v11_stage4   model + lm_head + the generation side          (frozen: visual, vae_local)
+    v11_stage5   everything but the tokenizer (vae_local): the editing fine-tune
 """
 from __future__ import annotations
 
@@ -28,6 +39,18 @@ TRAINABLE: Dict[str, Tuple[str, ...]] = {
     "stage2": ("model", "lm_head"),
     "stage3": _PROJ + ("gen.vargpt_gen",),
 }
+# the release's stages 0-5 (tests/test_vargpt11_release_stages.py checks each against the release's
+# forbidden-substring rule on the released names)
+_GEN = _PROJ + ("gen.vargpt_gen",)
+RELEASE_STAGES: Dict[str, Tuple[str, ...]] = {
+    "v11_stage0": _GEN,
+    "v11_stage1": _PROJ,
+    "v11_stage2": ("model", "lm_head"),
+    "v11_stage3": _GEN,
+    "v11_stage4": ("model", "lm_head") + _GEN,
+    "v11_stage5": ("visual", "model", "lm_head") + _GEN,
+}
+TRAINABLE.update(RELEASE_STAGES)
 
 
 class V11Stage(VARGPTStage):
