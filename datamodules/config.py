@@ -14,7 +14,8 @@ from typing import List
 #   generation     instruction -> target image (<image_gen>); prompt dropout and
 #                  `text_loss_on` apply here
 #   vqa_eval       evaluation questions carrying `answers` for VQA scoring
-SOURCE_TASKS = ("understanding", "generation", "vqa_eval")
+#   dpo            preference pairs: a generation record + its `rejected` image (datamodules/pairs.py)
+SOURCE_TASKS = ("understanding", "generation", "vqa_eval", "dpo")
 TEXT_LOSS_ON = ("answers", "all_tokens")
 
 

@@ -70,6 +70,8 @@ def decode_sample(raw: Dict[str, Any], source: str = "", task: str = "") -> Dict
         name = f"img{i}.vq.npy"
         if kind == "gen" and name in raw:
             vq[i] = np.load(io.BytesIO(raw[name]), allow_pickle=False)
+    # a preference pair (datamodules/pairs.py): the rejected image of each <image_gen> target
+    rejected = [_member_image(raw, m) for m in rec.get("rejected") or []]
     return {
         "key": raw["__key__"],
         "url": raw.get("__url__", ""),
@@ -80,7 +82,16 @@ def decode_sample(raw: Dict[str, Any], source: str = "", task: str = "") -> Dict
         "vq": vq,
         "vq_fingerprint": vq_meta.get("fingerprint"),
         "n_unreadable": 0,
+        **({"rejected": rejected} if rejected else {}),
     }
+
+
+def _member_image(raw: Dict[str, Any], ext: str) -> Any:
+    if ext not in raw:
+        raise ValueError(f"record lists {ext} but the shard has no such member")
+    im = Image.open(io.BytesIO(raw[ext]))
+    im.load()
+    return im
 
 
 _COUNTS: Dict[str, Dict[str, int]] = {}

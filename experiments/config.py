@@ -18,7 +18,7 @@ import hashlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
@@ -28,6 +28,7 @@ from datamodules.config import DataConfig, validate_data_config
 from datamodules.paths import REPO_ROOT, resolve_path, run_dir  # noqa: F401  (resolve_path: re-exported for launchers)
 from modules.components.registry import REGISTRIES, ComponentConfig
 from modules.config import EvalConfig, ModelConfig
+from modules.dpo import DPOConfig
 from modules.stages import STAGES, VARGPT_STAGES
 EXPERIMENTS_DIR = REPO_ROOT / "experiments"
 BASE_YAML = EXPERIMENTS_DIR / "base.yaml"
@@ -163,6 +164,7 @@ class ExperimentConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    dpo: Optional[DPOConfig] = None  # stage v11_dpo (modules/dpo.py); a mapping, even {}, sets it
 
 
 # Sections that do not change what a run computes: left out of the config hash, so a rerun
@@ -456,12 +458,16 @@ def value_problems(cfg: ExperimentConfig) -> List[Tuple[str, str]]:
     for k in ("num_vqa", "num_gen", "batch_size", "best_of"):
         need(getattr(e, k) >= 1, f"eval.{k}", f"must be >= 1, got {getattr(e, k)}")
     need(e.teacher_scales >= 0, "eval.teacher_scales", f"must be >= 0 (0 = off), got {e.teacher_scales}")
+    if cfg.dpo is not None:
+        out.extend(cfg.dpo.problems())
     return out
 
 
 def config_hash(cfg: DictConfig) -> str:
     """A short stable hash of what the run computes (see _HASH_EXCLUDE)."""
     c = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    if "dpo" in c and c.dpo is None:
+        c.pop("dpo")  # postdates every earlier run: absent from their hashes
     model = c.get("model")
     if isinstance(model, DictConfig) and model.get("family", "vargpt") == "vargpt":
         # the v1.1 family's fields postdate the v1 runs: absent from a v1 config's hash

@@ -197,6 +197,18 @@ class VARGPT11(nn.Module):
             out["loss"] = out["loss_text"] + self.cfg.loss_img_weight * g["loss_img"]
         return out
 
+    @staticmethod
+    def bit_logps(out: Dict[str, Any]) -> torch.Tensor:
+        """Per generation row of ``forward_train``'s output: the sum over the image's tokens and bits
+        of log p(label bit) (N,), the text not scored (what DPO compares; the release's
+        ``get_batch_image_logps`` with ``sum``). Labels are the bitwise-self-correction ones."""
+        if "image_logits" not in out or "labels" not in out.get("gen_state", {}):
+            raise ValueError("bit_logps needs forward_train output with generation targets on a bit (infinity) side")
+        lab = out["gen_state"]["labels"].long()  # (N, L, d)
+        N, L, d = lab.shape
+        lp = F.log_softmax(out["image_logits"].float().view(N, L, d, 2), -1)
+        return lp.gather(-1, lab.unsqueeze(-1)).squeeze(-1).sum((1, 2))
+
     # --- inference --------------------------------------------------------------------------
     def _llm_step(self, embeds, positions, cache):
         from transformers import DynamicCache  # lazy: transformers only for generation

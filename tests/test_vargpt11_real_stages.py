@@ -17,6 +17,11 @@ from tests.tiny import tiny_tokenizer_dir
 REAL = "vargpt_v11_official"
 
 
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):  # see tests/conftest.py
+    yield
+
+
 @pytest.fixture(scope="module")
 def meta_net(tmp_path_factory):
     from modules.components.text_tokenizer import TokenizerConfig, build_tokenizer

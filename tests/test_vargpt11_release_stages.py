@@ -40,6 +40,11 @@ TINY = ["model.v11.llm.num_hidden_layers=1", "model.v11.llm.vision_depth=1", "mo
         "model.v11.tokenizer.base_ch=24", "model.v11.tokenizer.ch_mult=[1,1,1,1,1]"]
 
 
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):  # see tests/conftest.py
+    yield
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     from modules.vargpt11_world import VARGPT11World

@@ -65,6 +65,17 @@ for _name in V11_RELEASE_STAGES:
     STAGES.register(_name)(_v11_only(_name))
 
 
+@STAGES.register("v11_dpo")
+def _v11_dpo(cfg):
+    """DPO on image bits for a v1.1 model (modules/dpo.py; the ``dpo:`` section; pairs: datamodules/pairs.py)."""
+    if getattr(cfg.model, "family", "vargpt") != "vargpt11":
+        raise ValueError("stage 'v11_dpo' is a VARGPT-v1.1 stage: set model.family: vargpt11 "
+                         "(e.g. experiments/v11/world_dpo.yaml)")
+    from modules import dpo_stage  # lazy: Lightning + the v1.1 model, only when a run starts
+
+    return dpo_stage.build(cfg)
+
+
 def build_stage(cfg):
     return STAGES.get(cfg.stage, where="stage")(cfg)
 
