@@ -21,6 +21,7 @@ from datamodules.config import ChatTemplateConfig, DataConfig
 from datamodules.transforms import GenTransform
 from modules.components.qwen2vl import image_to_patches, smart_resize
 from modules.components.text_tokenizer import build_tokenizer, special_token_ids
+from modules.gen_side import Packed
 from modules.vargpt11 import TokenIds, VARGPT11, VARGPT11Config
 
 
@@ -57,6 +58,11 @@ class VARGPT11World(VARGPT11):
         f = lc.patch_size * lc.spatial_merge_size
         self.image_side = smart_resize(f * 2, f * 2, factor=f)[0] if not cfg.image_side else cfg.image_side
         self.gen_resolution = self.gen.resolution
+        # Set by sharded training (modules/sharded.py): every rank must run every sharded unit each
+        # step (each gathers its parameters with the other ranks), so a batch without input images or
+        # without generation targets still runs the ViT / the generation side, on one blank input,
+        # adding an exact 0 to the loss.
+        self.run_every_part = False
 
     @property
     def num_image_tokens(self) -> int:
@@ -74,6 +80,21 @@ class VARGPT11World(VARGPT11):
         return Collator.from_config(data, self.tokenizer, PatchTransform(self.image_side, self.cfg.llm),
                                     GenTransform(self.gen_resolution))
 
+    def _idle_vision(self) -> torch.Tensor:
+        """A finite scalar through the ViT (run_every_part): one blank merge window."""
+        lc, dev = self.cfg.llm, self.lm_head.weight.device
+        m = lc.spatial_merge_size
+        px = torch.zeros(m * m, 3 * lc.temporal_patch_size * lc.patch_size ** 2, device=dev)
+        return self.visual(px, grid_thw=torch.tensor([[1, m, m]], device=dev)).pooler_output.float().sum()
+
+    def _idle_gen(self) -> torch.Tensor:
+        """A finite scalar through the generation side (run_every_part): one blank target, a one-token prompt."""
+        dev = self.lm_head.weight.device
+        blank = torch.zeros(1, 3, self.gen_resolution, self.gen_resolution, device=dev)
+        slot_x, state = self.gen.teacher_inputs(blank, self.gen.tokens_per_image, train=False, bsc_layers=0)
+        prompt = Packed.from_rows([slot_x.new_zeros(1, self.cfg.llm.hidden_size)])
+        return self.gen.train_outputs(slot_x, prompt, state)["loss_img"].float()
+
     def forward(self, batch: Dict[str, Any], return_logits: bool = False) -> Dict[str, torch.Tensor]:
         ids = batch["input_ids"]
         px = batch.get("pixel_values")
@@ -89,8 +110,13 @@ class VARGPT11World(VARGPT11):
             rows = batch["gen_sample_idx"]
             if rows.numel() != rows.unique().numel():
                 raise ValueError("VARGPT-v1.1 trains one generation target per sample; a sample holds several")
+        # run_every_part: the idle parts run where the real ones would (the ViT before the LLM, the
+        # decoder after it), so every rank gathers (and recomputes in backward) the units in one order
+        idle = self._idle_vision() if self.run_every_part and px is None else None
         out = self.forward_train(ids, batch.get("attention_mask"), batch.get("labels"), px, grid, gen)
-        res = {"loss": out["loss"], "loss_text": out["loss_text"]}
+        if self.run_every_part and gen is None:
+            idle = self._idle_gen() if idle is None else idle + self._idle_gen()
+        res = {"loss": out["loss"] if idle is None else out["loss"] + 0.0 * idle, "loss_text": out["loss_text"]}
         if gen is not None:
             B, L = out["image_logits"].shape[:2]
             res.update(loss_img=out["loss_img"], acc_img=out["acc_img"], n_img_tokens=torch.tensor(B * L))

@@ -69,5 +69,6 @@ def test_recipe_is_sharded_bf16_and_trains_the_release_count(i, meta_net, real):
     mine = sum(p.numel() for p in module.net.parameters() if p.requires_grad)
     release = sum(n for k, n in params.items() if not any(f in k for f in RELEASE_FORBIDDEN[i]))
     assert mine == release
-    # the figures (released names): stage 1 the projectors + sos_embedding; stage 2 model + lm_head
-    assert {1: 342_337_536, 2: 7_615_616_512}.get(i, mine) == mine
+    # the figures of docs/v11.md
+    assert mine == {0: 2_546_901_568, 1: 342_337_536, 2: 7_615_616_512, 3: 2_546_901_568, 4: 10_162_518_080,
+                    5: 10_838_277_184}[i]

@@ -126,3 +126,27 @@ def test_a_release_stage_runs_through_the_launcher(tiny, tmp_path, tracking_uri)
     after = read_state_dict(out / "model.safetensors")
     changed = {n for n in before if not torch.equal(before[n], after[n].to(before[n].dtype))}
     assert changed and all(n.startswith(RELEASE_STAGES["v11_stage1"]) for n in changed), sorted(changed)[:5]
+
+
+def test_run_every_part_runs_the_unused_parts_and_adds_an_exact_zero(tiny):
+    """Sharded training sets run_every_part: a text-only batch still runs the ViT and the generation
+    side (each rank must gather every unit each step), and the loss is unchanged."""
+    cfg, net, _, _ = tiny
+    module = STAGE_CLASSES["v11_stage5"](cfg, net=copy.deepcopy(net))
+    net = module.net
+    text = {"key": "t", "task": "understanding", "images": [], "vq": [], "n_unreadable": 0,
+            "record": {"id": "t", "task": "understanding", "source": "test", "images": [],
+                       "messages": [{"role": "user", "content": "Say red."}, {"role": "assistant", "content": "red"}]}}
+    batch = collator_for(net)([text])
+    assert "gen_images" not in batch and not batch["pixel_values"].numel()
+    grads = {}
+    for every in (False, True):
+        net.zero_grad(set_to_none=True)
+        net.run_every_part = every
+        loss = net(batch)["loss"]
+        loss.backward()
+        grads[every] = ({n for n, p in net.named_parameters() if p.grad is not None}, loss.detach())
+    assert torch.equal(grads[False][1], grads[True][1])
+    idle = {n for n, p in net.named_parameters() if p.requires_grad and n.startswith(("visual.", "gen."))
+            and n not in NEVER_REACHED and not n.startswith(NEVER_REACHED_PREFIX)}
+    assert idle and not idle & grads[False][0] and idle <= grads[True][0]
