@@ -13,7 +13,7 @@ from datamodules.datamodule import VargptDataModule
 from datamodules.pairs import PairCollator
 from datamodules.paths import resolve_path
 from modules.dpo import DPOConfig, FrozenReference, dpo_step, reference_tensors
-from modules.stages.v11_stages import TRAINABLE, V11Stage
+from modules.stages.v11_stages import RELEASE_STAGES, V11Stage
 
 
 class V11DPO(V11Stage):
@@ -29,7 +29,7 @@ class V11DPO(V11Stage):
         return getattr(self.cfg, "dpo", None) or DPOConfig()
 
     def trainable_prefixes(self) -> Tuple[str, ...]:
-        return TRAINABLE[self.dpo_cfg.trainable]
+        return RELEASE_STAGES[self.dpo_cfg.trainable]
 
     def configure_model(self) -> None:
         from modules.sharded import is_sharded  # lazy: the layer classes of every family

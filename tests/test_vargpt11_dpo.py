@@ -164,7 +164,7 @@ def test_reference_from_a_file(setup, tmp_path):
 def test_dpo_trains_through_the_launcher(setup, tmp_path, tracking_uri):
     from experiments.run import main
     from modules.checkpoint import read_state_dict
-    from modules.stages.v11_stages import TRAINABLE
+    from modules.stages.v11_stages import RELEASE_STAGES
 
     root, tok, _, module, _, _, _ = setup
     out = tmp_path / "run"
@@ -177,4 +177,4 @@ def test_dpo_trains_through_the_launcher(setup, tmp_path, tracking_uri):
     init = dict(module.net.named_parameters())
     assert all(torch.equal(before[n], init[n]) for n in before)
     changed = {n for n, p in init.items() if not torch.equal(p.detach(), after[n])}
-    assert changed and all(n.startswith(TRAINABLE["v11_stage0"]) for n in changed), sorted(changed)[:5]
+    assert changed and all(n.startswith(RELEASE_STAGES["v11_stage0"]) for n in changed), sorted(changed)[:5]

@@ -50,7 +50,8 @@ RELEASE_STAGES: Dict[str, Tuple[str, ...]] = {
     "v11_stage4": ("model", "lm_head") + _GEN,
     "v11_stage5": ("visual", "model", "lm_head") + _GEN,
 }
-TRAINABLE.update(RELEASE_STAGES)
+# every v1.1 stage's set: the v1 names mapped (TRAINABLE) and the release's own (RELEASE_STAGES)
+ALL_SETS: Dict[str, Tuple[str, ...]] = {**TRAINABLE, **RELEASE_STAGES}
 
 
 class V11Stage(VARGPTStage):
@@ -65,13 +66,13 @@ class V11Stage(VARGPTStage):
         self.apply_trainable_set()
 
     def trainable_prefixes(self) -> Tuple[str, ...]:
-        return TRAINABLE[self.STAGE]
+        return ALL_SETS[self.STAGE]
 
     def configure_callbacks(self) -> List[Any]:
         return []  # the in-loop evaluation protocol reads v1 models only (docs/v11.md)
 
 
-STAGE_CLASSES = {name: type(f"V11{name.title().replace('_', '')}", (V11Stage,), {"STAGE": name}) for name in TRAINABLE}
+STAGE_CLASSES = {name: type(f"V11{name.title().replace('_', '')}", (V11Stage,), {"STAGE": name}) for name in ALL_SETS}
 
 
 def build(name: str, cfg: Any):
