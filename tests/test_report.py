@@ -16,6 +16,17 @@ from experiments.config import REPO_ROOT
 DEBUG = REPO_ROOT / "experiments" / "debug.yaml"
 
 
+@pytest.fixture(scope="module")
+def empty_store(tmp_path_factory):
+    """An empty MLflow SQLite store, made once per module: creating one runs MLflow's schema
+    migrations (seconds); each test copies it and pays only for opening it."""
+    from experiments import tracking
+
+    db = tmp_path_factory.mktemp("store") / "mlflow.db"
+    tracking.init_store(f"sqlite:///{db}")
+    return db
+
+
 def test_committed_pages_equal_their_rendering():
     """`python -m experiments.report --check` on the repository: every ablation page, the
     benchmarks page and the README's generated blocks are what their results files render to."""
@@ -85,8 +96,11 @@ def test_scoreboard_rows_show_one_draw_headline_best_of_apart_and_intervals():
     table = scoreboard.render_scoreboard({"presets": {"default": {"report": FAKE, "provenance": {
         "commit": "aaaaaaa", "cpu_model": "Some CPU", "cpu_flags": ["avx2"], "cpus": 2, "timings": {}}}}})
     assert "| measure (95% interval) | suite default |" in table and "VARGPT v1" not in table.splitlines()[0]
-def test_tiny_sweep_publishes_a_page_with_table_and_figure(tmp_path, capsys):
+def test_tiny_sweep_publishes_a_page_with_table_and_figure(tmp_path, capsys, empty_store):
     """Launch a two-variant sweep of the debug stage, publish it from MLflow, render its page."""
+    import shutil
+
+    shutil.copyfile(empty_store, tmp_path / "mlflow.db")
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     abl = tmp_path / "ablations"
     abl.mkdir()
@@ -194,14 +208,17 @@ def test_publish_puts_each_preset_in_its_column(tmp_path):
     assert "`make test` **6 min 40 s**" in times
 
 
-def _fake_clone(root, one_draw=0.3, tag=""):
+def _fake_clone(root, store, one_draw=0.3, tag=""):
     """A clone's runs/: a tiny MLflow store made with mlflow's API (three stages with validation
     curves, two evaluations, the newer one matching the report) and the pipeline report."""
+    import shutil
+
     import mlflow
     from mlflow.entities import Metric, Param
 
     runs = root / "runs"
     runs.mkdir(parents=True)
+    shutil.copyfile(store, runs / "mlflow.db")
     client = mlflow.MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
     exp = client.create_experiment("vargpt-stages")
     now = int(time.time() * 1000)
@@ -238,13 +255,13 @@ def _fake_clone(root, one_draw=0.3, tag=""):
     return root
 
 
-def test_publish_limits_from_a_fake_store(tmp_path):
+def test_publish_limits_from_a_fake_store(tmp_path, empty_store):
     """publish limits reads the curves against cumulative steps, the newest evaluation, the ceiling,
     the floor and the by-object figures with run ids, commits and CPUs; the page renders them and
     keeps its reading; a report that is not the newest evaluation's is refused."""
     from experiments import limits
 
-    clone = _fake_clone(tmp_path / "clone")
+    clone = _fake_clone(tmp_path / "clone", empty_store)
     out = tmp_path / "world" / "limits.json"
     db_before = (clone / "runs" / "mlflow.db").read_bytes()
     limits.publish_limits(clone, out=out)
