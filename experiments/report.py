@@ -299,8 +299,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     pb.add_argument("--tracking-uri", default=None, help="sweep: MLflow store (default runs/mlflow.db)")
     pb.add_argument("--preset", default="default", help="scoreboard: which column (default, v1)")
     pb.add_argument("--runs-root", default=str(REPO_ROOT),
-                    help="scoreboard / timings: the checkout whose runs/ holds pipeline/report.json and "
-                         "timings.json (a fresh clone)")
+                    help="scoreboard / timings / limits: the checkout whose runs/ holds pipeline/report.json, "
+                         "timings.json and mlflow.db (a fresh clone)")
     pb.add_argument("--v1-root", default=None, help="limits: the fresh clone that ran `PRESET=v1` (optional)")
     args = ap.parse_args(argv)
     try:

@@ -291,6 +291,7 @@ def test_publish_limits_from_a_fake_store(tmp_path, empty_store):
     assert "| stage3 | 20 | 70 | 0.250 | n/a | 0.50 / n/a / n/a | 0.550 | n/a |" in text
     assert "| 2 | ? | 0.400 | 0.200 | 0.700 | 0.900 |" in text
     assert "| stage1 | `world-stage1` |" in text and "Timed CPU, from runs/timings.json, `make pipeline` of" in text
+    assert "Not published yet" in limits.render_limits(tmp_path / "none.json", page, report.FINDING_RE)
     # the scoreboard block points at the page while the interval starts under the minimum
     rep = json.loads((clone / "runs" / "pipeline" / "report.json").read_text())
     sb = {"presets": {"default": {"report": rep, "provenance": {"commit": "c", "cpu_model": "x", "timings": {}}}}}
