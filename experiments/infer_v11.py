@@ -61,7 +61,11 @@ class _WorldPrompts:
         return self.patches(Image.open(path)), torch.tensor([[1, g, g]])
 
     def ids(self, text: str, grid) -> List[int]:
-        content = (self.image_token + "\n" if grid is not None else "") + text
+        # the source image where the instruction puts <image> (as editing data may, e.g. the
+        # release's "Transform this image <image> to ..."), else before the text
+        if self.image_token in text and grid is None:
+            raise SystemExit(f"prompt {text!r} holds {self.image_token} but has no source image: give --edit-image")
+        content = text if self.image_token in text or grid is None else self.image_token + "\n" + text
         return self.enc.encode_prompt([{"role": "user", "content": content}])
 
 
