@@ -112,7 +112,11 @@ def shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("edit")
     assert convert.main(["sharegpt", "--input", str(official_edit_json(root)), "--image-root", str(root),
                          "--out", str(root / "train")]) == 0
-    generate_split(str(root / "world"), "train", {"gen": 4, "vqa": 4}, seed=0, size=32, shard_size=4)
+    from datamodules.world_edit import BUILDERS
+
+    # the world's gen / vqa data and its editing pairs (datamodules/world_edit.py)
+    generate_split(str(root / "world"), "train", {"gen": 4, "vqa": 4, "edit": 4}, seed=0, size=32, shard_size=4,
+                   builders=BUILDERS)
     return root, tiny_tokenizer_dir(root)
 
 
@@ -129,7 +133,8 @@ def test_mixed_stream_collator_and_editing_forward(shards, caplog):
     root, tok = shards
     srcs = [SourceConfig("edit", str(root / "train/edit-*.tar"), 1.0, "edit"),
             SourceConfig("gen", str(root / "world/gen-*.tar"), 1.0, "generation"),
-            SourceConfig("vqa", str(root / "world/vqa-*.tar"), 1.0, "understanding")]
+            SourceConfig("vqa", str(root / "world/vqa-*.tar"), 1.0, "understanding"),
+            SourceConfig("world_edit", str(root / "world/edit-*.tar"), 1.0, "edit")]
     it = iter(ShardStream(srcs, "train", seed=0, shuffle_buffer=4))
     samples = [next(it) for _ in range(30)]
     assert {s["task"] for s in samples} == {"edit", "generation", "understanding"}
@@ -176,6 +181,7 @@ def test_tiny_v11_trains_on_edits_and_edits_an_image(shards, tmp_path, capsys):
 
     root, tok = shards
     sources = ("data.sources=[{name: edit, shards: 'train/edit-*.tar', task: edit, weight: 2},"
+               "{name: world_edit, shards: 'world/edit-*.tar', task: edit},"
                "{name: gen, shards: 'world/gen-*.tar', task: generation}]")
     assert run_main([str(REPO_ROOT / "experiments/v11/world.yaml"), "stage=stage3", f"model.tokenizer.path={tok}",
                      f"data.root={root}", sources, f"output_dir={tmp_path / 'run'}", "logging.enabled=false",
