@@ -43,7 +43,7 @@ def is_v11_dir(p: str | Path) -> bool:
     return c.is_file() and json.loads(c.read_text()).get("model_type") == "vargpt_qwen2_vl"
 
 
-class _WorldPrompts:
+class WorldPrompts:
     """Prompts of a suite export: its own collator's chat template and fixed image side."""
 
     def __init__(self, model):
@@ -57,8 +57,12 @@ class _WorldPrompts:
     def image(self, path: str):
         from PIL import Image
 
+        return self.pil_image(Image.open(path))
+
+    def pil_image(self, im):
+        """A PIL image -> (patches, grid (1, 3)) at the export's fixed image side."""
         g = self.model.image_side // self.model.cfg.llm.patch_size
-        return self.patches(Image.open(path)), torch.tensor([[1, g, g]])
+        return self.patches(im), torch.tensor([[1, g, g]])
 
     def ids(self, text: str, grid) -> List[int]:
         # the source image where the instruction puts <image> (as editing data may, e.g. the
@@ -169,7 +173,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if (d if d.is_dir() else d.parent).joinpath("config.yaml").is_file():
         model, _ = load_v11_export(d)
         model.cfg.switches.__dict__.update(asdict(sw))  # the one switch object the sides share
-        tok, prompts_of = model.tokenizer, _WorldPrompts(model)
+        tok, prompts_of = model.tokenizer, WorldPrompts(model)
     else:
         model, _ = build_released(d, pn=args.pn, **asdict(sw))
         tok = _tokenizer(d)

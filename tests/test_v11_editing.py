@@ -209,3 +209,19 @@ def test_tiny_v11_trains_on_edits_and_edits_an_image(shards, tmp_path, capsys):
     assert not np.array_equal(a[:, :64], swapped[:, :64])
     assert not np.array_equal(a, edit("seed.png", seed=4))
     assert "wrote" in capsys.readouterr().out
+
+    # python -m experiments.infer_edit: the world's edits of a shard set, scored beside the
+    # rendered targets (the ceiling) and the unedited sources (the copy baseline)
+    from datamodules.world import generate_split
+    from datamodules.world_edit import BUILDERS
+    from experiments.infer_edit import main as infer_edit_main
+
+    generate_split(str(tmp_path / "we"), "test", {"edit": 4}, seed=0, size=64, builders=BUILDERS)
+    rep = tmp_path / "edits.json"
+    assert infer_edit_main([str(export), "--shards", str(tmp_path / "we/edit-*.tar"), "--limit", "4", "--out", str(rep),
+                            "--grid", str(tmp_path / "edits.png")]) == 0
+    r = json.loads(rep.read_text())
+    assert r["n"] == 4 and r["model"]["n"] == 4 and 0 <= r["model"]["edit"] <= 1 and 0 <= r["model"]["preservation"] <= 1
+    assert r["targets"]["edit"] == 1.0 and r["copy"]["edit"] == 0.0 and r["copy"]["preservation"] >= 0.9
+    assert set(r["model"]["by_op"]) == {"colour", "position", "size", "remove"}
+    assert Image.open(tmp_path / "edits.png").size == (3 * 64, 4 * 64)
