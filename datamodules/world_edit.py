@@ -35,8 +35,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from datamodules.schema import EDIT_TASK, ShardSample, image_member
 from datamodules.tokens import IMAGE_GEN_PLACEHOLDER, IMAGE_TOKEN
-from datamodules.world import (COLOURS, POSITIONS, POSITION_XY, RADIUS, RGB, SIZES, allowed_pairs, main as world_main,
-                               png_bytes, random_scene, render, sample_key, sample_rng)
+from datamodules.world import (COLOURS, POSITIONS, POSITION_XY, RADIUS, RGB, SIZES, _public_scene, allowed_pairs,
+                               main as world_main, png_bytes, random_scene, render, sample_key, sample_rng)
 
 EDIT_OPS = ("colour", "position", "size", "remove")
 COLOUR_FORMS = ("Make {ref} {new}.", "Change the colour of {ref} to {new}.", "Turn {ref} {new}.", "Paint {ref} {new}.")
@@ -138,11 +138,10 @@ def make_edit_sample(seed: int, split: str, index: int, size: int = 64) -> Tuple
     rng = sample_rng(seed, split, EDIT_TASK, index)
     op = EDIT_OPS[index % len(EDIT_OPS)]
     source, target, text, info = make_edit(rng, split, size, op)
-    public = lambda s: {"size": s["size"], "objects": s["objects"], "background": s["background"]}  # noqa: E731
     rec = {"task": EDIT_TASK, "source": "world", "split": split,
            "messages": [{"role": "user", "content": f"{IMAGE_TOKEN}\n{text}"},
                         {"role": "assistant", "content": IMAGE_GEN_PLACEHOLDER}],
-           "scene": public(target), "source_scene": public(source), "edit": info}
+           "scene": _public_scene(target), "source_scene": _public_scene(source), "edit": info}
     return rec, png_bytes(render(source)), png_bytes(render(target))
 
 
