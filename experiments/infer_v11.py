@@ -207,6 +207,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     # image prompts (generation, or editing with --edit-image)
     prompts = [(p, _parse_ids(p)) for p in args.prompt_ids]
     n_all = len(args.prompt_ids) + len(args.prompt)
+    if len(args.edit_image) > n_all:
+        raise SystemExit(f"{len(args.edit_image)} --edit-image for {n_all} prompt(s): give one per prompt, in order "
+                         f"('' for a prompt that generates)")
     srcs = [args.edit_image[j] if j < len(args.edit_image) else None for j in range(n_all)]
     for p, src in zip(args.prompt, srcs[len(args.prompt_ids):]):
         grid = prompts_of.image(src)[1] if src else None

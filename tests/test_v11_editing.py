@@ -209,6 +209,8 @@ def test_tiny_v11_trains_on_edits_and_edits_an_image(shards, tmp_path, capsys):
     assert not np.array_equal(a[:, :64], swapped[:, :64])
     assert not np.array_equal(a, edit("seed.png", seed=4))
     assert "wrote" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="2 --edit-image for 1 prompt"):
+        infer_main([str(export), "--prompt", "Make it blue.", "--edit-image", str(srcs[0]), "--edit-image", str(srcs[1])])
 
     # python -m experiments.infer_edit: the world's edits of a shard set, scored beside the
     # rendered targets (the ceiling) and the unedited sources (the copy baseline)
