@@ -3,6 +3,7 @@ and `datamodules.tokens` stay cheap to import.
 
   tokens       special tokens              config      DataConfig / SourceConfig / ChatTemplateConfig
   schema       shard format, writer        world       the embedded shape world (+ CLI)
+                                           world_edit  its editing task (+ CLI with it)
   convert      converters (+ CLI)          pretokenize VQ indices beside images
   stream       shard streams, mixing       collate     Collator, prompt helpers
   transforms   image transforms            datamodule  the LightningDataModule

@@ -14,8 +14,11 @@ from typing import List
 #   generation     instruction -> target image (<image_gen>); prompt dropout and
 #                  `text_loss_on` apply here
 #   vqa_eval       evaluation questions carrying `answers` for VQA scoring
+#   edit           source image(s) + instruction -> edited image (<image> in the user turn,
+#                  one <image_gen> answer; every record is checked); no prompt dropout (the
+#                  model's own condition drop gives the unconditional branch)
 #   dpo            preference pairs: a generation record + its `rejected` image (datamodules/pairs.py)
-SOURCE_TASKS = ("understanding", "generation", "vqa_eval", "dpo")
+SOURCE_TASKS = ("understanding", "generation", "vqa_eval", "edit", "dpo")
 TEXT_LOSS_ON = ("answers", "all_tokens")
 
 

@@ -4,7 +4,9 @@
         [--shard-size N] [--on-error fail|skip] [--resize PX] [--workers N] [format options]
 
 FORMAT: sharegpt | llava | imagefolder | coco | vqav2. `--out` receives `{task}-NNNNNN.tar`
-shards and manifest.json. Images are stored as their original bytes unless --resize is given.
+shards and manifest.json. ShareGPT records with a source `<image>` in a user turn and an
+`<image_gen>` answer are editing samples (task `edit`, VARGPT-v1.1's editing data); `--task edit`
+requires every record to be one. Images are stored as their original bytes unless --resize is given.
 A missing/unreadable image, a placeholder/image count mismatch or a malformed record stops the
 conversion with its id and file (exit status 1); --on-error skip skips it and the manifest
 counts and lists it.
@@ -24,11 +26,15 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 from PIL import Image
 
 from datamodules.schema import (
+    EDIT_TASK,
     RecordError,
     ShardSample,
     ShardWriter,
+    image_kinds,
     image_member,
+    placeholders,
     sanitize_key,
+    validate_edit_record,
     validate_record,
     write_manifest,
 )
@@ -132,11 +138,28 @@ def items_sharegpt(args: argparse.Namespace) -> Iterator[Item | Bad]:
             images = rec.get("images") or []
             if isinstance(images, str):
                 images = [images]
+            task = sharegpt_task(messages, args.task)
+            if task == EDIT_TASK:
+                validate_edit_record({"messages": messages})
+                n_ph = len(placeholders(messages))
+                if len(images) != n_ph:
+                    raise RecordError(f"{len(images)} image(s) listed for {n_ph} placeholder(s): list the source "
+                                      f"image(s) first, then the edited (target) image, one per placeholder")
             paths = [_resolve(root, p) for p in images]
-            task = "gen" if any(IMAGE_GEN_PLACEHOLDER in m["content"] for m in messages) else "understanding"
             yield Item(idx, sid, task, messages, paths)
         except RecordError as e:
             yield Bad(idx, sid, str(e))
+
+
+def sharegpt_task(messages: List[Dict[str, str]], wanted: str = "auto") -> str:
+    """The task of a ShareGPT record: ``edit`` (a source <image> in a user turn and an <image_gen>
+    answer: VARGPT-v1.1's editing data), ``gen`` (<image_gen> only) or ``understanding``.
+    ``wanted="edit"`` (``--task edit``) makes every record an edit sample (checked by the caller)."""
+    if wanted == EDIT_TASK:
+        return EDIT_TASK
+    gen = any(IMAGE_GEN_PLACEHOLDER in m["content"] for m in messages)
+    src = any(IMAGE_TOKEN in m["content"] for m in messages if m["role"] == "user")
+    return EDIT_TASK if gen and src else "gen" if gen else "understanding"
 
 
 def items_llava(args: argparse.Namespace) -> Iterator[Item | Bad]:
@@ -341,8 +364,16 @@ def _build(job: Tuple[Item, str, int]) -> ShardSample | Bad:
         rec["images"] = [""] * len(item.image_paths)
         validate_record(rec)  # placeholder/image count and roles before touching the disk
         files: Dict[str, bytes] = {}
+        kinds = image_kinds(rec)
         for i, p in enumerate(item.image_paths):
-            data, ext = read_image(p, resize)
+            try:
+                data, ext = read_image(p, resize)
+            except RecordError as e:
+                if item.task != EDIT_TASK:
+                    raise
+                which = "target (edited) image" if kinds[i] == "gen" else "source image"
+                raise RecordError(f"{which} {i} of the edit sample: {e}; fix `images` (source first, then "
+                                  f"the target) or --image-root") from e
             rec["images"][i] = image_member(i, ext)
             files[rec["images"][i]] = data
         rec["image_paths"] = item.image_paths
@@ -441,6 +472,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--templates", default="", help="file of instruction templates with {name}")
         if fmt == "coco":
             p.add_argument("--task", choices=("caption", "gen", "both"), default="both")
+        if fmt == "sharegpt":
+            p.add_argument("--task", choices=("auto", EDIT_TASK), default="auto",
+                           help="auto: edit / gen / understanding from the placeholders; edit: every record "
+                                "must be an editing sample (source <image> in the user turn, <image_gen> answer)")
         if fmt == "vqav2":
             p.add_argument("--annotations", default="", help="v2_mscoco_*_annotations.json (omit for test-dev)")
             p.add_argument("--image-template", default="COCO_{subtype}_{image_id:012d}.jpg")

@@ -94,6 +94,30 @@ def validate_record(record: Dict[str, Any], n_image_files: Optional[int] = None)
         raise RecordError(f"{len(record['images'])} images listed but {n_image_files} image files present")
 
 
+EDIT_TASK = "edit"  # record task / shard prefix of an editing sample
+
+
+def validate_edit_record(record: Dict[str, Any]) -> None:
+    """An editing sample (task ``edit``): the source image(s) as ``<image>`` in a user turn, then
+    exactly one ``<image_gen>`` (the edited image) in an assistant turn, listed in that order in
+    ``images`` (the release's layout: source first, target last). Raises RecordError with the fix."""
+    messages = record.get("messages") or []
+    ph = placeholders(messages)
+    if IMAGE_TOKEN not in ph:
+        raise RecordError(f"an edit sample needs its source image: put {IMAGE_TOKEN} in the user turn and list "
+                          f"the source image first in `images`")
+    gen_turns = [j for j, m in enumerate(messages) if IMAGE_GEN_PLACEHOLDER in m.get("content", "")]
+    if not gen_turns:
+        raise RecordError(f"an edit sample needs a {IMAGE_GEN_PLACEHOLDER} turn: put {IMAGE_GEN_PLACEHOLDER} in the "
+                          f"assistant turn and list the edited (target) image after the source in `images`")
+    if ph.count(IMAGE_GEN_PLACEHOLDER) != 1:
+        raise RecordError(f"an edit sample holds one {IMAGE_GEN_PLACEHOLDER} (one edited image), found "
+                          f"{ph.count(IMAGE_GEN_PLACEHOLDER)}: split it into one sample per target")
+    if ph.index(IMAGE_GEN_PLACEHOLDER) < ph.index(IMAGE_TOKEN):
+        raise RecordError(f"the {IMAGE_GEN_PLACEHOLDER} target comes before the source {IMAGE_TOKEN}: the source "
+                          f"image goes in the user turn, the target in the assistant turn after it")
+
+
 def image_member(i: int, fmt: str) -> str:
     return f"img{i}.{fmt}"
 

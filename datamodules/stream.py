@@ -31,7 +31,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset
 
 from datamodules.config import SourceConfig
-from datamodules.schema import image_kinds, validate_record
+from datamodules.schema import EDIT_TASK, image_kinds, validate_edit_record, validate_record
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,8 @@ def decode_sample(raw: Dict[str, Any], source: str = "", task: str = "") -> Dict
         raise ValueError("no .json record")
     rec = json.loads(raw["json"])
     validate_record(rec)
+    if task == EDIT_TASK:  # an edit source: every record must be an editing sample
+        validate_edit_record(rec)
     images = []
     for ext in rec["images"]:
         if ext not in raw:

@@ -13,6 +13,8 @@ that tuple), so counts, shard sizes and worker counts never change a sample's by
 
 writes data/world/{train,val,test,heldout}/{caption,vqa,conv,gen,class}-NNNNNN.tar and one
 manifest.json per split. About 2-3k samples/s per core at 64 px (see tests / FORMAT.md).
+Tasks rendered by other files come in as ``builders`` (task -> builder(seed, split, index, size)
+-> ShardSample): ``python -m datamodules.world_edit`` is this CLI with the ``edit`` task.
 """
 from __future__ import annotations
 
@@ -487,11 +489,11 @@ def build_shard_sample(seed: int, split: str, task: str, index: int, size: int) 
     return ShardSample(key=key, record=rec, files={image_member(0, "png"): png})
 
 
-def _write_shard(args: Tuple[str, int, str, str, int, int, int, int]) -> Dict[str, Any]:
-    out_dir, seed, split, task, start, stop, size, shard_index = args
+def _write_shard(args: Tuple[str, int, str, str, int, int, int, int, Any]) -> Dict[str, Any]:
+    out_dir, seed, split, task, start, stop, size, shard_index, builder = args
     writer = ShardWriter(out_dir, task, shard_size=stop - start, start_index=shard_index)
     for i in range(start, stop):
-        writer.write(build_shard_sample(seed, split, task, i, size))
+        writer.write(builder(seed, split, i, size) if builder else build_shard_sample(seed, split, task, i, size))
     return writer.close()[-1]
 
 
@@ -503,16 +505,20 @@ def generate_split(
     size: int = 64,
     shard_size: int = 5000,
     workers: int = 0,
+    builders: Optional[Dict[str, Any]] = None,
 ) -> Dict[str, Any]:
-    """Write `{task}-NNNNNN.tar` shards + manifest.json for one split; returns the manifest."""
+    """Write `{task}-NNNNNN.tar` shards + manifest.json for one split; returns the manifest.
+    ``builders``: tasks of other files (e.g. ``datamodules.world_edit.BUILDERS``)."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
+    builders = builders or {}
     jobs = []
     for task, n in counts.items():
-        if task not in TASKS:
-            raise ValueError(f"unknown world task {task!r}; valid: {', '.join(TASKS)}")
+        if task not in TASKS and task not in builders:
+            raise ValueError(f"unknown world task {task!r}; valid: {', '.join((*TASKS, *builders))}"
+                             + ("" if builders else " (edit: python -m datamodules.world_edit)"))
         for k, start in enumerate(range(0, n, shard_size)):
-            jobs.append((out_dir, seed, split, task, start, min(n, start + shard_size), size, k))
+            jobs.append((out_dir, seed, split, task, start, min(n, start + shard_size), size, k, builders.get(task)))
     os.makedirs(out_dir, exist_ok=True)
     if workers > 0 and len(jobs) > 1:
         with ProcessPoolExecutor(workers) as ex:
@@ -532,12 +538,14 @@ def generate_split(
     return write_manifest(out_dir, shards, source="world", extra={"world": world})
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: Optional[List[str]] = None, builders: Optional[Dict[str, Any]] = None) -> int:
+    builders = builders or {}
+    tasks_all = (*TASKS, *builders)
     ap = argparse.ArgumentParser(prog="python -m datamodules.world", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="output root; one sub-folder per split")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--size", type=int, default=64, help="image side in pixels")
-    ap.add_argument("--tasks", default=",".join(TASKS), help=f"comma list of {', '.join(TASKS)}")
+    ap.add_argument("--tasks", default=",".join(tasks_all), help=f"comma list of {', '.join(tasks_all)}")
     for split, n in (("train", 2000), ("val", 200), ("test", 200), ("heldout", 200)):
         ap.add_argument(f"--{split}", type=int, default=n, help=f"samples per task in {split} (default {n})")
     ap.add_argument("--count", action="append", default=[], metavar="SPLIT.TASK=N",
@@ -551,15 +559,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         try:
             st, n = item.split("=")
             s, t = st.split(".")
-            if s not in SPLITS or t not in TASKS:
+            if s not in SPLITS or t not in tasks_all:
                 raise ValueError
             counts[s][t] = int(n)
         except ValueError:
-            ap.error(f"--count {item!r}: expected SPLIT.TASK=N with SPLIT in {SPLITS} and TASK in {TASKS}")
+            ap.error(f"--count {item!r}: expected SPLIT.TASK=N with SPLIT in {SPLITS} and TASK in {tasks_all}")
     for split in SPLITS:
         c = {t: n for t, n in counts[split].items() if n > 0}
         if c:
-            m = generate_split(os.path.join(args.out, split), split, c, args.seed, args.size, args.shard_size, args.workers)
+            m = generate_split(os.path.join(args.out, split), split, c, args.seed, args.size, args.shard_size, args.workers,
+                               builders)
             print(f"{split}: {m['num_samples']} samples in {len(m['shards'])} shards -> {os.path.join(args.out, split)}")
     return 0
 

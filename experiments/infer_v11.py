@@ -43,7 +43,7 @@ def is_v11_dir(p: str | Path) -> bool:
     return c.is_file() and json.loads(c.read_text()).get("model_type") == "vargpt_qwen2_vl"
 
 
-class _WorldPrompts:
+class WorldPrompts:
     """Prompts of a suite export: its own collator's chat template and fixed image side."""
 
     def __init__(self, model):
@@ -57,11 +57,19 @@ class _WorldPrompts:
     def image(self, path: str):
         from PIL import Image
 
+        return self.pil_image(Image.open(path))
+
+    def pil_image(self, im):
+        """A PIL image -> (patches, grid (1, 3)) at the export's fixed image side."""
         g = self.model.image_side // self.model.cfg.llm.patch_size
-        return self.patches(Image.open(path)), torch.tensor([[1, g, g]])
+        return self.patches(im), torch.tensor([[1, g, g]])
 
     def ids(self, text: str, grid) -> List[int]:
-        content = (self.image_token + "\n" if grid is not None else "") + text
+        # the source image where the instruction puts <image> (as editing data may, e.g. the
+        # release's "Transform this image <image> to ..."), else before the text
+        if self.image_token in text and grid is None:
+            raise SystemExit(f"prompt {text!r} holds {self.image_token} but has no source image: give --edit-image")
+        content = text if self.image_token in text or grid is None else self.image_token + "\n" + text
         return self.enc.encode_prompt([{"role": "user", "content": content}])
 
 
@@ -165,7 +173,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if (d if d.is_dir() else d.parent).joinpath("config.yaml").is_file():
         model, _ = load_v11_export(d)
         model.cfg.switches.__dict__.update(asdict(sw))  # the one switch object the sides share
-        tok, prompts_of = model.tokenizer, _WorldPrompts(model)
+        tok, prompts_of = model.tokenizer, WorldPrompts(model)
     else:
         model, _ = build_released(d, pn=args.pn, **asdict(sw))
         tok = _tokenizer(d)
@@ -199,6 +207,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     # image prompts (generation, or editing with --edit-image)
     prompts = [(p, _parse_ids(p)) for p in args.prompt_ids]
     n_all = len(args.prompt_ids) + len(args.prompt)
+    if len(args.edit_image) > n_all:
+        raise SystemExit(f"{len(args.edit_image)} --edit-image for {n_all} prompt(s): give one per prompt, in order "
+                         f"('' for a prompt that generates)")
     srcs = [args.edit_image[j] if j < len(args.edit_image) else None for j in range(n_all)]
     for p, src in zip(args.prompt, srcs[len(args.prompt_ids):]):
         grid = prompts_of.image(src)[1] if src else None

@@ -7,12 +7,17 @@ is read here from an artifact, never typed:
                                   experiments/ablations/<name>.md   <- experiments/ablations/results/<name>.json
                                   docs/benchmarks.md                <- benchmarks/results/*.json (+ their tables)
                                   README.md scoreboard block        <- experiments/world/scoreboard.json
+                                  docs/limits.md                    <- experiments/world/limits.json
                                 --check: write nothing, exit 1 when a page differs from its rendering
     publish sweep NAME          read a sweep's (or any MLflow experiment's) runs from MLflow and
                                 write experiments/ablations/results/<NAME>.json + its figure, then render
     publish scoreboard          copy runs/pipeline[-PRESET]/report.json (--preset default|v1, --runs-root
                                 a fresh clone) with its provenance (commit, CPU model, the timed make
                                 targets, seeds) to experiments/world/scoreboard.json
+    publish limits              what limits one-draw generation (experiments/limits.py): the accuracy
+                                against cumulative steps, the tokenizer's ceiling, the floor, by objects,
+                                from a fresh clone's MLflow store (--runs-root, --v1-root) ->
+                                experiments/world/limits.json + .png; rendered to docs/limits.md
     publish timings             add `make test`'s time from runs/timings.json (a fresh clone's CI run)
     stamp TARGET START          record how long a make target took (the Makefile calls it last)
 
@@ -29,6 +34,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from experiments.config import REPO_ROOT
+from experiments.limits import LIMITS, publish_limits, render_limits
 from experiments.machine import cpu_model
 from experiments.scoreboard import (TIMINGS, ReportError, _fmt, _load_json, _mmss, _rel, publish_scoreboard,
                                     publish_timings, render_scoreboard, render_timings, stamp)
@@ -256,6 +262,8 @@ def pages(root: Path = REPO_ROOT) -> Dict[Path, str]:
     for y in sorted(abl.glob("*.yaml")):
         out[abl / f"{y.stem}.md"] = render_ablation(y, abl)
     out[root / "docs" / "benchmarks.md"] = render_benchmarks(root / "benchmarks" / "results")
+    out[root / "docs" / "limits.md"] = render_limits(root / LIMITS.relative_to(REPO_ROOT), root / "docs" / "limits.md",
+                                                     FINDING_RE, FINDING_EMPTY.replace("**Finding.**", "**Reading.**"))
     sb_path = root / "experiments" / "world" / "scoreboard.json"
     readme = root / "README.md"
     if readme.is_file():
@@ -286,13 +294,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     rd = sub.add_parser("render", help="regenerate every page from the committed results (the default)")
     rd.add_argument("--check", action="store_true", help="write nothing; exit 1 when a page differs")
     pb = sub.add_parser("publish", help="copy results from MLflow / a pipeline run into the repository")
-    pb.add_argument("what", choices=("sweep", "scoreboard", "timings"))
+    pb.add_argument("what", choices=("sweep", "scoreboard", "timings", "limits"))
     pb.add_argument("name", nargs="?", default="", help="sweep: the sweep (or MLflow experiment) name")
     pb.add_argument("--tracking-uri", default=None, help="sweep: MLflow store (default runs/mlflow.db)")
     pb.add_argument("--preset", default="default", help="scoreboard: which column (default, v1)")
     pb.add_argument("--runs-root", default=str(REPO_ROOT),
-                    help="scoreboard / timings: the checkout whose runs/ holds pipeline/report.json and "
-                         "timings.json (a fresh clone)")
+                    help="scoreboard / timings / limits: the checkout whose runs/ holds pipeline/report.json, "
+                         "timings.json and mlflow.db (a fresh clone)")
+    pb.add_argument("--v1-root", default=None, help="limits: the fresh clone that ran `PRESET=v1` (optional)")
     args = ap.parse_args(argv)
     try:
         if args.cmd == "stamp":
@@ -303,6 +312,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 if not args.name:
                     ap.error("publish sweep needs the sweep's name")
                 publish_sweep(args.name, args.tracking_uri)
+            elif args.what == "limits":
+                publish_limits(Path(args.runs_root), Path(args.v1_root) if args.v1_root else None)
             elif args.what == "scoreboard":
                 publish_scoreboard(Path(args.runs_root), args.preset)
             else:

@@ -126,6 +126,32 @@ def _g(d: Optional[Dict[str, Any]], *path: str) -> Any:
     return d
 
 
+def one_draw_target(rep: Dict[str, Any]) -> Optional[float]:
+    """The world's one-draw minimum, read from the report's targets (never typed here)."""
+    for k in rep.get("targets_met") or {}:
+        m = re.fullmatch(r"gen_attribute_accuracy_one_draw>=([0-9.]+)(_minimum)?", k)
+        if m:
+            return float(m.group(1))
+    return None
+
+
+def limits_note(sb: Dict[str, Any], cols: Sequence[str], page: str = "docs/limits.md") -> str:
+    """A pointer to the limits page for every column whose one-draw interval starts under the
+    world's minimum (done-when: the page shows what limits it)."""
+    under = []
+    for p in cols:
+        rep = sb["presets"][p]["report"]
+        ci, target = _g(rep, "stage3", "gen_one_draw", "mean_ci95"), one_draw_target(rep)
+        if isinstance(ci, (list, tuple)) and target is not None and ci[0] < target:
+            under.append((PRESET_TITLES.get(p, p), ci[0], target))
+    if not under:
+        return ""
+    return ("- One-draw attribute accuracy under the world's minimum (interval's lower bound): "
+            + "; ".join(f"{t} {lo:.3f} < {tg:.2f}" for t, lo, tg in under)
+            + f". What limits it (accuracy against cumulative steps, the tokenizer's ceiling, by objects in the "
+              f"prompt): [{page}]({page}).")
+
+
 def scoreboard_rows(rep: Dict[str, Any]) -> List[tuple]:
     """(measure, cell) for one preset's report, in the scoreboard's order. Every figure carries
     its 95% interval: VQA from n (binomial), attribute accuracy a bootstrap over prompts, and a
@@ -221,7 +247,8 @@ def render_scoreboard(sb: Dict[str, Any]) -> str:
                      + f"; {sb['presets'][p]['report'].get('stage2', {}).get('n', '?')} test questions, "
                      f"{sb['presets'][p]['report'].get('stage3', {}).get('gen_n', '?')} test prompts, "
                      f"training seed {_seeds(pv.get('train_seeds', {}))}, evaluation seed {pv.get('eval_seed', '?')}.")
-    return "\n".join(lines) + "\n\n" + "\n".join(notes)
+    note = limits_note(sb, cols)
+    return "\n".join(lines) + "\n\n" + "\n".join(notes + ([note] if note else []))
 
 
 def render_timings(sb: Dict[str, Any]) -> str:

@@ -32,6 +32,8 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from datamodules.world import POSITIONS
+
 # Attributes check_scene reports, in state order; only _IN_MEAN are averaged in ``mean``.
 ATTRIBUTES = ("object", "count", "position", "size", "exact", "colour", "shape", "all")
 _IN_MEAN = ("object", "count", "position", "size")
@@ -196,3 +198,93 @@ def attribute_scores(classifier: Any, images: Tensor, groups: Sequence[Sequence[
     right, asked, all_ok = prompt_counts(predicted, groups)
     return {**score_scenes(predicted, groups), "by_objects": scores_by_objects(predicted, groups),
             "mean_ci95": bootstrap_ci(right, asked), "all_ci95": bootstrap_ci(all_ok, torch.ones_like(all_ok))}
+
+
+# --------------------------------------------------------------------------- editing
+# An edit (datamodules/world_edit.py) turns a source scene into a target scene. Both are read
+# per position (a world scene has at most one object per position, and the classifier one slot
+# per position): every (position, attribute) fact of the target is either an *edit* fact (it
+# differs from the source: the edited attribute; a moved or added object's shape, colour and
+# size at its new place; "empty" where an object was removed or moved away) or a *keep* fact
+# (equal in both: every other attribute of every object, and "empty" where both are empty, so a
+# hallucinated object costs preservation). Per image: ``edit`` = every edit fact holds,
+# ``preservation`` = the share of keep facts that hold, ``success`` = both complete.
+
+EDIT_ATTRIBUTES = ("shape", "colour", "size")
+
+
+def position_slots(scene: Mapping[str, Any]) -> Dict[str, Tuple[str, str, str]]:
+    """{position: (shape, colour, size)} of a scene or a classifier reading."""
+    out: Dict[str, Tuple[str, str, str]] = {}
+    for o in scene.get("objects", []):
+        if o["position"] in out:
+            raise ValueError(f"two objects at position {o['position']!r}: a world scene holds one per position")
+        out[o["position"]] = (o["shape"], o["colour"], o["size"])
+    return out
+
+
+def edit_facts(source: Mapping[str, Any], target: Mapping[str, Any]) -> Tuple[List[tuple], List[tuple]]:
+    """(edit facts, keep facts) of a source -> target edit; a fact is (position, attribute,
+    value) with attribute in shape / colour / size, or (position, "empty", None)."""
+    s, t = position_slots(source), position_slots(target)
+    edit: List[tuple] = []
+    keep: List[tuple] = []
+    for p in POSITIONS:
+        if p not in t:
+            (keep if p not in s else edit).append((p, "empty", None))
+            continue
+        for k, a in enumerate(EDIT_ATTRIBUTES):
+            same = p in s and s[p][k] == t[p][k]
+            (keep if same else edit).append((p, a, t[p][k]))
+    return edit, keep
+
+
+def _holds(fact: tuple, slots: Mapping[str, Tuple[str, str, str]]) -> bool:
+    p, a, v = fact
+    if a == "empty":
+        return p not in slots
+    return p in slots and slots[p][EDIT_ATTRIBUTES.index(a)] == v
+
+
+def check_edit(source: Mapping[str, Any], target: Mapping[str, Any], predicted: Mapping[str, Any]) -> Dict[str, Any]:
+    """One edited image's reading against its source and target scenes: ``edit`` (bool),
+    ``preservation`` (share of keep facts), ``success`` and the fact counts."""
+    edit, keep = edit_facts(source, target)
+    if not edit:
+        raise ValueError("source and target scenes are equal: not an edit")
+    slots = position_slots(predicted)
+    kept = sum(_holds(f, slots) for f in keep)
+    ok = all(_holds(f, slots) for f in edit)
+    pres = kept / len(keep) if keep else 1.0
+    return {"edit": ok, "preservation": pres, "success": ok and kept == len(keep), "n_edit": len(edit),
+            "n_keep": len(keep)}
+
+
+def edit_scores(predicted: Sequence[Mapping[str, Any]], records: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:
+    """Edited images' readings scored against their ``edit`` records (``source_scene`` -> ``scene``):
+    ``{edit, preservation, success, n, by_op: {op: {edit, preservation, success, n}}}``, the
+    accuracies as means over images (edit accuracy, preservation accuracy, both)."""
+    if len(predicted) != len(records):
+        raise ValueError(f"{len(predicted)} predicted scenes for {len(records)} edit records")
+    if not records:
+        raise ValueError("edit_scores needs at least one record")
+    rows = []
+    for p, r in zip(predicted, records):
+        if "source_scene" not in r or "scene" not in r:
+            raise ValueError(f"record {r.get('id', '?')} has no source_scene / scene: not a world edit record "
+                             f"(datamodules/world_edit.py)")
+        rows.append(((r.get("edit") or {}).get("op", "?"), check_edit(r["source_scene"], r["scene"], p)))
+
+    def mean(rs):
+        n = len(rs)
+        return {"edit": sum(c["edit"] for _, c in rs) / n, "preservation": sum(c["preservation"] for _, c in rs) / n,
+                "success": sum(c["success"] for _, c in rs) / n, "n": n}
+
+    ops = sorted({op for op, _ in rows})
+    return {**mean(rows), "by_op": {op: mean([x for x in rows if x[0] == op]) for op in ops}}
+
+
+def edit_accuracy(classifier: Any, images: Tensor, records: Sequence[Mapping[str, Any]], batch: int = 64) -> Dict[str, Any]:
+    """The reference classifier's reading of edited ``images`` (N, 3, H, W) in [0, 1] scored
+    against their world edit records (``edit_scores``)."""
+    return edit_scores(predict_scenes(classifier, images, batch), records)

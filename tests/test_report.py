@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,17 @@ from experiments import report, scoreboard, sweep
 from experiments.config import REPO_ROOT
 
 DEBUG = REPO_ROOT / "experiments" / "debug.yaml"
+
+
+@pytest.fixture(scope="module")
+def empty_store(tmp_path_factory):
+    """An empty MLflow SQLite store, made once per module: creating one runs MLflow's schema
+    migrations (seconds); each test copies it and pays only for opening it."""
+    from experiments import tracking
+
+    db = tmp_path_factory.mktemp("store") / "mlflow.db"
+    tracking.init_store(f"sqlite:///{db}")
+    return db
 
 
 def test_committed_pages_equal_their_rendering():
@@ -84,8 +96,11 @@ def test_scoreboard_rows_show_one_draw_headline_best_of_apart_and_intervals():
     table = scoreboard.render_scoreboard({"presets": {"default": {"report": FAKE, "provenance": {
         "commit": "aaaaaaa", "cpu_model": "Some CPU", "cpu_flags": ["avx2"], "cpus": 2, "timings": {}}}}})
     assert "| measure (95% interval) | suite default |" in table and "VARGPT v1" not in table.splitlines()[0]
-def test_tiny_sweep_publishes_a_page_with_table_and_figure(tmp_path, capsys):
+def test_tiny_sweep_publishes_a_page_with_table_and_figure(tmp_path, capsys, empty_store):
     """Launch a two-variant sweep of the debug stage, publish it from MLflow, render its page."""
+    import shutil
+
+    shutil.copyfile(empty_store, tmp_path / "mlflow.db")
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     abl = tmp_path / "ablations"
     abl.mkdir()
@@ -191,3 +206,102 @@ def test_publish_puts_each_preset_in_its_column(tmp_path):
     times = scoreboard.render_timings(sb)
     assert "`make stage1` **5 min 00 s**" in times and "`make pipeline` **25 min 00 s**" in times
     assert "`make test` **6 min 40 s**" in times
+
+
+def _fake_clone(root, store, one_draw=0.3, tag=""):
+    """A clone's runs/: a tiny MLflow store made with mlflow's API (three stages with validation
+    curves, two evaluations, the newer one matching the report) and the pipeline report."""
+    import shutil
+
+    import mlflow
+    from mlflow.entities import Metric, Param
+
+    runs = root / "runs"
+    runs.mkdir(parents=True)
+    shutil.copyfile(store, runs / "mlflow.db")
+    client = mlflow.MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
+    exp = client.create_experiment("vargpt-stages")
+    now = int(time.time() * 1000)
+    for stage, steps, vals in (("stage1", 20, [0.05, 0.1]), ("stage2", 30, [0.1, 0.12, 0.08]),
+                               ("stage3", 20, [0.2, 0.25])):
+        tags = {"git_commit": "b" * 40, "git_dirty": "false", **({"cpu_model": "Fake CPU"} if stage == "stage1" else {})}
+        rid = client.create_run(exp, run_name=f"world{tag}-{stage}", tags=tags).info.run_id
+        params = [Param(k, str(v)) for k, v in (("trainer.max_steps", steps), ("eval.num_gen", 8), ("eval.best_of", 1),
+                                                ("params/total", 1000), ("params/trainable", 100))]
+        every, metrics = steps // len(vals), []
+        for i, v in enumerate(vals):
+            s = (i + 1) * every - 1
+            metrics += [Metric("val/gen_attr_mean", v, now, s), Metric("val/gen_attr_objects1_mean", 2 * v, now, s)]
+            if stage != "stage2":
+                metrics.append(Metric("val/acc_img", 0.3 + v, now, s))
+        metrics += [Metric("train/acc_img", 0.25, now, s) for s in range(9, steps, 10)]
+        client.log_batch(rid, metrics=metrics, params=params)
+        client.set_terminated(rid)
+    for v in (0.9, one_draw):  # an older evaluation, then the report's
+        rid = client.create_run(exp, run_name=f"eval-world{tag}-stage3", tags={"git_commit": "c" * 40},
+                                start_time=now + (1 if v == one_draw else 0)).info.run_id
+        client.log_metric(rid, "eval/gen_attribute_accuracy_one_draw", v)
+        client.set_terminated(rid)
+    rep = json.loads(json.dumps(FAKE))
+    rep["targets_met"] = {"gen_attribute_accuracy_one_draw>=0.50_minimum": False}
+    rep["stage3"]["gen_one_draw"].update(mean=0.3, mean_ci95=[0.25, 0.36])
+    rep["stage3"]["gen_one_draw"]["by_objects"]["1"]["prompts"] = 4.0
+    rep["vqvae_reconstruction"]["attribute_accuracy_by_objects"] = {"1": 0.95, "2": 0.7}
+    rep["real_vs_real"]["attribute_accuracy_by_objects"] = {"1": 1.0, "2": 0.9}
+    (runs / f"pipeline{tag}").mkdir()
+    (runs / f"pipeline{tag}" / "report.json").write_text(json.dumps(rep))
+    (runs / "timings.json").write_text(json.dumps([{"target": f"pipeline{tag}", "commit": "bbbbbbb",
+                                                    "cpu_model": "Timed CPU"}]))
+    return root
+
+
+def test_publish_limits_from_a_fake_store(tmp_path, empty_store):
+    """publish limits reads the curves against cumulative steps, the newest evaluation, the ceiling,
+    the floor and the by-object figures with run ids, commits and CPUs; the page renders them and
+    keeps its reading; a report that is not the newest evaluation's is refused."""
+    from experiments import limits
+
+    clone = _fake_clone(tmp_path / "clone", empty_store)
+    out = tmp_path / "world" / "limits.json"
+    db_before = (clone / "runs" / "mlflow.db").read_bytes()
+    limits.publish_limits(clone, out=out)
+    assert (clone / "runs" / "mlflow.db").read_bytes() == db_before  # the clone's store is read from a copy
+    d = json.loads(out.read_text())["presets"]["default"]
+    st = {s["stage"]: s for s in d["stages"]}
+    assert [st[s]["offset"] for s in ("stage1", "stage2", "stage3")] == [0, 20, 50]
+    assert st["stage2"]["curves"]["val/gen_attr_mean"] == [[9, 0.1], [19, 0.12], [29, 0.08]]
+    assert "val/acc_img" not in st["stage2"]["curves"] and len(st["stage3"]["curves"]["train/acc_img"]) == 2
+    # CPU: the run's tag, else the timed make target of the same commit; commit from the run
+    assert st["stage1"]["cpu_model"] == "Fake CPU" and st["stage3"]["cpu_model"] == "Timed CPU"
+    assert st["stage1"]["commit"] == "bbbbbbb" and st["stage1"]["val_prompts"] == 8
+    t = d["test"]
+    assert t["commit"] == "ccccccc" and t["cpu_model"] == "not recorded" and t["one_draw"] == 0.3
+    assert t["target"] == 0.5 and t["ceiling"] == 0.739 and t["floor"] == 0.95
+    assert t["by_objects"]["2"] == {"prompts": None, "one_draw_mean": 0.4, "one_draw_all": 0.2, "ceiling": 0.7,
+                                    "floor": 0.9}
+    fig = out.with_suffix(".png")
+    assert fig.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and fig.stat().st_size > 10000
+    page = tmp_path / "limits.md"
+    page.write_text("old\n<!-- finding: hand-written -->\n**Reading.** kept.\n<!-- /finding -->\n")
+    text = limits.render_limits(out, page, report.FINDING_RE)
+    assert "**Reading.** kept." in text and "old\n" not in text
+    assert "| attribute accuracy, one draw, 200 test prompts | **0.300** [0.250, 0.360]" in text
+    assert "| one draw as a share of the ceiling; distance under it | 0.41; 0.439 |" in text
+    assert "| stage2 | 20 | 40 | 0.120 | n/a | 0.24 / n/a / n/a | n/a | n/a |" in text
+    assert "| stage3 | 20 | 70 | 0.250 | n/a | 0.50 / n/a / n/a | 0.550 | n/a |" in text
+    assert "| 2 | ? | 0.400 | 0.200 | 0.700 | 0.900 |" in text
+    assert "| stage1 | `world-stage1` |" in text and "Timed CPU, from runs/timings.json, `make pipeline` of" in text
+    assert "Not published yet" in limits.render_limits(tmp_path / "none.json", page, report.FINDING_RE)
+    # the scoreboard block points at the page while the interval starts under the minimum
+    rep = json.loads((clone / "runs" / "pipeline" / "report.json").read_text())
+    sb = {"presets": {"default": {"report": rep, "provenance": {"commit": "c", "cpu_model": "x", "timings": {}}}}}
+    assert "suite default 0.250 < 0.50" in scoreboard.render_scoreboard(sb) and "(docs/limits.md)" in scoreboard.render_scoreboard(sb)
+    rep["stage3"]["gen_one_draw"]["mean_ci95"] = [0.55, 0.6]
+    assert "docs/limits.md" not in scoreboard.render_scoreboard(sb)
+    # a report from another evaluation than the store's newest is refused, naming both
+    (clone / "runs" / "pipeline" / "report.json").write_text(json.dumps(
+        {**rep, "stage3": {**rep["stage3"], "gen_one_draw": {**rep["stage3"]["gen_one_draw"], "mean": 0.9}}}))
+    with pytest.raises(report.ReportError, match="0.9000 differs from the newest `eval-world-stage3`"):
+        limits.publish_limits(clone, out=out)
+    with pytest.raises(report.ReportError, match="make stage1 PRESET=v1 && make pipeline PRESET=v1"):
+        limits.publish_limits(clone, v1_root=tmp_path / "nowhere", out=out)
