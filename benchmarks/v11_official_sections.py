@@ -72,7 +72,6 @@ def ref_fp32_error(model, z, pick=lambda im: im) -> float:
 
 
 def sec_tokenizer(model, src_u8, px_hw, sched):
-    import numpy as np
     import PIL.Image as PImage
     import torch
     from vargpt_qwen_v1_1.var_model.tools import run_infinity as ri
@@ -92,7 +91,7 @@ def sec_tokenizer(model, src_u8, px_hw, sched):
                 var_input_per_scale=list(var_input), z_quantized_out=z,
                 recon_from_z_minus_recon_from_bits_maxabs=(recon_z - recon).abs().max(),
                 summed_codes_from_bits=summed, recon_from_bits=recon,
-                recon_from_bits_fp32_error=ref_fp32_error(model, summed.squeeze(-3))), np
+                recon_from_bits_fp32_error=ref_fp32_error(model, summed.squeeze(-3)))
 
 
 def sec_und(model, proc, imgs, rows, labels_from):

@@ -75,7 +75,7 @@ def parse(argv=None):
 # ---------------------------------------------------------------- building the tiny official model
 def ids_for(off: int) -> dict:
     # the real layout shifted: tiny id = off + (real id - 151643)
-    names = ["endoftext", "im_start", "im_end"] + [None] * 5 + ["vision_start", "vision_end", "vision_pad",
+    names = ["endoftext", "im_start", "im_end"] + [None] * 6 + ["vision_start", "vision_end", "vision_pad",
                                                               "image_pad", "video_pad", "gen_start", "gen_end", "gen_pad"]
     return {n: off + i for i, n in enumerate(names) if n}
 
@@ -246,7 +246,7 @@ def main(argv=None) -> int:
     R = ref or {}
     # (a) tokenizer
     src = R["tokenizer"]["source_uint8_HWC"] if ref else D.image(265, 261)
-    V["tokenizer"], _ = sec_tokenizer(model, src, tuple(pn_entry["pixel"]), sched)
+    V["tokenizer"] = sec_tokenizer(model, src, tuple(pn_entry["pixel"]), sched)
     # (b) understanding
     if ref:
         u = R["und"]

@@ -94,3 +94,15 @@ def test_image_check_adds_the_float_error_of_each_side_and_still_fails_beyond_it
     r = {}  # no recorded reference error: only ours is added
     _image_check(r, "x_image", mine, mine + ours + 3e-4, tok, _Lazy64(tok), f, None)
     assert "x_image_ref_fp32_error" not in r and not _ok(r)
+
+
+def test_official_generator_defaults_are_the_vendored_sizes_and_ids():
+    """benchmarks.v11_official_vectors with no size arguments describes the vendored directory (its
+    meta.json sizes and token ids), so its --reuse check against that directory compares like with like."""
+    from benchmarks.v11_official_vectors import ids_for, parse, sizes_from_args
+    meta = json.loads((require_fixture(V11) / "meta.json").read_text())
+    assert ids_for(200) == meta["ids"]
+    mine = sizes_from_args(parse(["--official", "x", "--out", "y"]))
+    for part in ("llm", "vision", "infinity", "bsq_vae", "pn"):
+        assert mine[part] == meta["tiny_sizes"][part], part
+    assert ids_for(300)["gen_pad"] == 316 and ids_for(300)["im_end"] == 302
