@@ -189,7 +189,6 @@ def main(argv=None) -> int:
     args = parse(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    os.environ["_OUTPUT_IMAGE_PATH"] = str(out)  # where the official forward's cv2.imwrite goes
     os.environ["TORCHDYNAMO_DISABLE"] = "1"  # before torch loads: fused_ada_layer_norm runs eagerly (stub 2)
     install_stubs(Path(args.official).resolve())
     import copy
@@ -303,7 +302,9 @@ def main(argv=None) -> int:
         es = D.image(56, 84)
         n_es = int(proc(images=[es.numpy()], return_tensors="pt")["image_grid_thw"][0].prod()) // 4
         ep_ids = torch.tensor([D.chat(n_es, user_len=4, prompt_only=True)])
+    model._IMAGE_GEN_PATH = str(out / "official_generated.png")  # the official forward's cv2.imwrite target
     V["infer"] = sec_infer(model, M, p_ids, stub)
+    model._IMAGE_GEN_PATH = str(out / "official_generated_edit.png")
     pes = proc(images=[es.numpy()], return_tensors="pt")
     V["edit_infer"] = sec_infer(model, M, ep_ids, stub, pv=pes["pixel_values"], grid=pes["image_grid_thw"], edit=True)
     V["edit_infer"]["source_uint8_HWC"] = es
