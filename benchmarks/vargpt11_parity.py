@@ -19,6 +19,7 @@ output is bit-identical to the release's (0.0 on the vendored vectors). Held the
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 from dataclasses import asdict
@@ -52,6 +53,40 @@ def _processed(img_HWC: torch.Tensor, llm_cfg):
     return preprocess_image(img_HWC, llm_cfg)
 
 
+class _Lazy64:
+    """A float64 copy of the tokenizer, made on first use (only when an fp32 check misses TOL)."""
+    def __init__(self, tok):
+        self.tok, self.m = tok, None
+
+    def __call__(self):
+        if self.m is None:
+            self.m = copy.deepcopy(self.tok).double()
+        return self.m
+
+
+def _bits_equal(bits, ref) -> bool:
+    return all(torch.equal(a, b.to(torch.uint8).reshape(a.shape)) for a, b in zip(bits, ref))
+
+
+def _image_check(r, key, mine, ref, tok, tok64, f_hat, ref_err, pick=lambda im: im) -> None:
+    """``key_max_abs``; when over TOL, also the float error of the VAE decode on each side.
+
+    A decoded image carries the fp32 error of the VAE decoder, measured against the same decoder in
+    float64: the release's own fp32 decode lies 5.8e-5 from it on the vendored 256-px directory and
+    4.6e-4 on the 512-px second directory (docs/v11.md), ours 8e-6 there. Two correct decoders can
+    therefore differ by the sum of the two:
+    ``key_fp32_error`` (ours: fp32 vs float64 on the same codes) and ``key_ref_fp32_error`` (the
+    release's, when the directory records it as ``*_fp32_error``); the check is TOL plus both.
+    """
+    r[key + "_max_abs"] = _maxabs(mine, ref)
+    if r[key + "_max_abs"] <= TOL:
+        return
+    with torch.no_grad():
+        r[key + "_fp32_error"] = _maxabs(pick(tok.decode(f_hat)), pick(tok64().decoder(f_hat.double()).clamp(-1, 1)))
+    if ref_err is not None:
+        r[key + "_ref_fp32_error"] = float(ref_err)
+
+
 def _maxabs(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max())
 
@@ -78,11 +113,21 @@ def run(d: Path) -> Dict[str, Any]:
 
     # tokenizer
     t = v["tokenizer"]
+    tok64 = _Lazy64(tok)
     with torch.no_grad():
-        enc = tok.encode(_pixels(t["input_uint8_BHWC"]))
-        bits_ref = t.get("bits_per_scale")
-        r["tokenizer_bits_equal"] = all(torch.equal(a, b.to(torch.uint8)) for a, b in zip(enc["bits"], bits_ref))
-        r["tokenizer_recon_max_abs"] = _maxabs(tok.decode_bits(bits_ref), t["recon_from_bits"])
+        x = _pixels(t["input_uint8_BHWC"])
+        bits, bits_ref = tok.encode(x)["bits"], t.get("bits_per_scale")
+        r["tokenizer_bits_precision"] = "fp32"
+        if not _bits_equal(bits, bits_ref):
+            # a bit is the sign of a residual: where our fp32 bits differ, tell float error from a real
+            # difference by re-deriving them from float64 features (bigger VAEs: fp32 error 1e-3 at 512 px)
+            f32, f64 = tok.encode(x)["features"], tok64().encoder(x.double())
+            r["tokenizer_fp32_feature_error"] = _maxabs(f32, f64)
+            bits, r["tokenizer_bits_precision"] = tok64().quantize(f64), "fp64"
+        r["tokenizer_bits_equal"] = _bits_equal(bits, bits_ref)
+        summed = tok.summed_codes(bits_ref)
+        _image_check(r, "tokenizer_recon", tok.decode(summed), t["recon_from_bits"], tok, tok64, summed,
+                     t.get("recon_from_bits_fp32_error"))
 
     # understanding
     u = v["und"]
@@ -133,12 +178,20 @@ def run(d: Path) -> Dict[str, Any]:
         r[f"{pre}_bits_equal"] = all(torch.equal(a.reshape(b.shape), b) for a, b in zip(out["bits"], ref_bits))
         r[f"{pre}_summed_codes_max_abs"] = _maxabs(out["summed_codes"], s["summed_codes"].reshape(out["summed_codes"].shape))
         if "decoded_m1p1" in s:
-            r[f"{pre}_image_max_abs"] = _maxabs(out["image"], s["decoded_m1p1"])
+            _image_check(r, f"{pre}_image", out["image"], s["decoded_m1p1"], tok, tok64, out["summed_codes"],
+                         s.get("decoded_m1p1_fp32_error"))
         elif "decoded_m1p1_checksum" in s:
-            r[f"{pre}_image_max_abs"] = _maxabs(out["image"][0, :, 0], s["decoded_m1p1_checksum"]["first_row"])
+            _image_check(r, f"{pre}_image", out["image"][0, :, 0], s["decoded_m1p1_checksum"]["first_row"], tok, tok64,
+                         out["summed_codes"], s.get("decoded_m1p1_fp32_error"), pick=lambda im: im[0, :, 0])
         else:
             r[f"{pre}_image_max_abs"] = _maxabs(tok.decode(s["summed_codes"].reshape(out["summed_codes"].shape)), out["image"])
 
+    r["ok"] = _ok(r)
+    return r
+
+
+def _ok(r: Dict[str, Any]) -> bool:
+    """Every equality true, every ``*_max_abs`` / ``*_loss_abs`` within its tolerance."""
     ca = ("gen_image_logits", "gen_null_image_logits", "edit_image_logits")
     checks = []
     for k, val in r.items():
@@ -147,9 +200,11 @@ def run(d: Path) -> Dict[str, Any]:
                 continue  # informative: a bit at a near-zero residual may differ (features 1e-5 apart)
             checks.append(val)
         elif k.endswith("_max_abs") or k.endswith("_loss_abs"):
-            checks.append(val <= (TOL_AFTER_CA_BF16 if k.startswith(ca) else TOL))
-    r["ok"] = all(checks)
-    return r
+            tol = TOL_AFTER_CA_BF16 if k.startswith(ca) else TOL
+            # decoded images: plus the float error each side measured against its own float64 run
+            floor = r.get(k.replace("_max_abs", "_fp32_error"), 0.0) + r.get(k.replace("_max_abs", "_ref_fp32_error"), 0.0)
+            checks.append(val <= tol + floor)
+    return all(checks)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
