@@ -32,6 +32,7 @@ import json
 import os
 import platform
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
@@ -292,7 +293,8 @@ def main(argv=None) -> int:
     if args.official:
         reps = args.reps or 3
         var_official.run(args.official, lambda d: build_models(d, 256, torch.device("cpu"), vq_ch=args.vq_ch),
-                         [int(d) for d in args.depths.split(",")], args.batch or 4, reps, args.vq_ch, out)
+                         [int(d) for d in args.depths.split(",")], args.batch or 4, reps, args.vq_ch, out,
+                         command="python -m benchmarks.var_sampling " + " ".join(argv if argv is not None else sys.argv[1:]))
         return 0
     if args.dtype_sweep:
         reps = args.reps or 3

@@ -191,6 +191,34 @@ def test_top_k_top_p():
     assert 3 in idx.unique().tolist()
 
 
+def _top_k_top_p_full_sort(logits_BlV, top_k, top_p, generator):
+    """The official sampler's operations as published (top-p by a full ascending sort over V)."""
+    B, l, V = logits_BlV.shape
+    if top_k > 0:
+        logits_BlV.masked_fill_(logits_BlV < logits_BlV.topk(top_k, sorted=False, dim=-1)[0].amin(-1, keepdim=True), -torch.inf)
+    if top_p > 0:
+        sorted_logits, sorted_idx = logits_BlV.sort(dim=-1, descending=False)
+        remove = sorted_logits.softmax(dim=-1).cumsum_(dim=-1) <= (1 - top_p)
+        remove[..., -1:] = False
+        logits_BlV.masked_fill_(remove.scatter(sorted_idx.ndim - 1, sorted_idx, remove), -torch.inf)
+    return torch.multinomial(logits_BlV.softmax(dim=-1).view(-1, V), 1, replacement=True, generator=generator).view(B, l)
+
+
+def test_top_p_from_the_sorted_top_k_draws_as_a_full_sort():
+    """sample_top_k_top_p builds the official ascending sort from the sorted top-k (no sort over V):
+    the same draws as the full sort, with and without ties (at the k-th value: the full-sort path)."""
+    for trial in range(12):
+        g = torch.Generator().manual_seed(trial)
+        V = (4096, 300, 64)[trial % 3]
+        x = torch.randn(2, 17, V, generator=g) * (1 + trial % 4)
+        if trial % 2:
+            x = (x * 2).round() / 2  # many ties, also at the k-th value
+        for k, p in ((min(900, V - 1), 0.96), (50, 0.9), (1, 0.5), (V, 0.8), (0, 0.7), (20, 0.0)):
+            a = sample_top_k_top_p(x.clone(), k, p, torch.Generator().manual_seed(trial))
+            b = _top_k_top_p_full_sort(x.clone(), k, p, torch.Generator().manual_seed(trial))
+            assert torch.equal(a, b), (trial, k, p)
+
+
 def test_strict_loading_errors_and_allow_lists(vqvae):
     var = make_var(vqvae)
     sd = {k: v.clone() for k, v in var.state_dict().items()}

@@ -108,10 +108,24 @@ def test_official_comparison_pipeline_with_a_stand_in(tmp_path):
     assert official_names() == before and str(fake) not in sys.path
     (row,) = res["results"]
     assert row["parity_indices_equal"] and row["parity_ok"] and row["parity_img_max_abs"] <= var_official.IMG_TOL
-    assert row["depth"] == 2 and row["res"] == 128 and row["suite_sampler"] == "fast" and row["ratio"] > 0
+    assert row["depth"] == 2 and row["res"] == 128 and row["suite_default_sampler"] == "fast"
+    for m in var_official.METHODS:  # every method timed in every round
+        assert row[f"{m}_s"] > 0 and len(row[f"{m}_all_s"]) == 1
+    for *_, key in var_official.PAIRS:
+        assert row[key] > 0 and f"{key}_wo_decode" in row
+    assert row["default_ratio"] in (row["bf16_ratio"], row["fast_fp32_ratio"])
     meta = json.loads((out / "var_sampling_vs_official.json").read_text())["meta"]
     assert len(meta["loadavg_start"]) == 3 and meta["machine"]["threads"] == 1 and "commit" in meta["repo"]
+    assert set(meta["target"]) >= {"fast_met", "parity_met", "parity_ok"}
     md = (out / "var_sampling_vs_official.md").read_text()
-    assert "| 2 | 128 |" in md and "Parity mode draws the official indices: **yes**" in md
+    # one row per (depth, precision, suite method): fp32 parity, fp32 fast, bf16 autocast fast
+    assert md.count("| 2 | 128 | fp32 |") == 2 and md.count("| 2 | 128 | bf16 autocast |") == 1
+    assert "Parity mode draws the official indices: **yes**" in md
+    # the official precision map: fp32 regions around the front-end and the VQVAE, on instances only
+    ovq, ovar = var_official.build_official(var_official.load_official(fake), *bench.build_models(2, 128, torch.device("cpu")))
+    var_official.official_precision_map(ovar, ovq)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ovar.blocks[0].ada_lin(torch.randn(2, 128)).dtype == torch.float32
+        assert ovar.blocks[0].attn.proj(torch.randn(2, 128)).dtype == torch.bfloat16
     with pytest.raises(FileNotFoundError, match="checkout"):
         var_official.load_official(tmp_path / "nothing")

@@ -176,3 +176,21 @@ def test_fingerprint_stable_and_sensitive():
     with torch.no_grad():
         b.quantize.embedding.weight[0, 0] += 1e-3
     assert a.fingerprint() != b.fingerprint()
+
+
+def test_inference_decode_in_place_is_bit_identical():
+    """Without autograd the conv blocks run SiLU and the residual add in place: the same image bit
+    for bit (both layouts), the input untouched, and with autograd the gradients still flow."""
+    torch.manual_seed(0)
+    m = build_vqvae(VQVAEConfig(**WORLD)).eval()
+    f = torch.randn(2, 16, 8, 8)
+    keep = f.clone()
+    ref = m.fhat_to_img(f.clone().requires_grad_(True))  # grad mode: the out-of-place ops
+    ref.sum().backward()
+    f_cl = f.contiguous(memory_format=torch.channels_last)
+    ref_cl = m.fhat_to_img(f_cl.clone().requires_grad_(True)).detach()
+    with torch.no_grad():
+        assert torch.equal(m.fhat_to_img(f), ref.detach())
+        assert torch.equal(m.fhat_to_img(f_cl), ref_cl)
+    assert torch.equal(f, keep)
+    assert all(p.grad is not None for p in m.decoder.parameters())

@@ -59,14 +59,34 @@ def sample_top_k_top_p(logits_BlV: torch.Tensor, top_k: int = 0, top_p: float = 
     <= 1 - top_p (the largest always stays). Same operations as the official sampler, so the same
     generator gives the same draws. Returns idx (B, l)."""
     B, l, V = logits_BlV.shape
+    top = None  # (values descending, their indices) of the top-k, when they are all the survivors
     if top_k > 0:
-        kth_Bl1 = logits_BlV.topk(min(top_k, V), largest=True, sorted=False, dim=-1)[0].amin(dim=-1, keepdim=True)
-        logits_BlV.masked_fill_(logits_BlV < kth_Bl1, -torch.inf)
+        k = min(top_k, V)
+        # sorted top-k (the official takes them unsorted): the same k-th value, and with top-p
+        # the sorted survivors below come for free (one partial sort instead of a sort over V)
+        vals, ids = logits_BlV.topk(k, largest=True, sorted=top_p > 0, dim=-1)
+        kth_Bl1 = vals.amin(dim=-1, keepdim=True)
+        below = logits_BlV < kth_Bl1
+        logits_BlV.masked_fill_(below, -torch.inf)
+        if top_p > 0 and k < V and bool((V - below.sum(dim=-1) == k).all()):  # no ties at the k-th value
+            top = vals, ids
     if top_p > 0:
-        sorted_logits, sorted_idx = logits_BlV.sort(dim=-1, descending=False)
+        if top is None:
+            sorted_logits, sorted_idx = logits_BlV.sort(dim=-1, descending=False)
+        else:
+            # The official ascending sort over V is (V - k) -inf's then the k survivors ascending:
+            # build exactly those values (so the softmax and the cumsum below are the official
+            # ones, bit for bit) from the sorted top-k. The -inf's need no index: their removal
+            # flag changes nothing (they are already -inf). Ties among survivors are ordered
+            # arbitrarily here, as by the official (unstable) sort.
+            vals, ids = top
+            sorted_logits = torch.cat((vals.new_full((B, l, V - vals.shape[-1]), -torch.inf), vals.flip(-1)), dim=-1)
+            sorted_idx = ids.flip(-1)
         remove_sorted = sorted_logits.softmax(dim=-1).cumsum_(dim=-1) <= (1 - top_p)
         remove_sorted[..., -1:] = False
-        logits_BlV.masked_fill_(remove_sorted.scatter(sorted_idx.ndim - 1, sorted_idx, remove_sorted), -torch.inf)
+        remove_sorted = remove_sorted[..., V - sorted_idx.shape[-1]:]  # the survivors' flags (all with a full sort)
+        logits_BlV.masked_fill_(torch.zeros_like(logits_BlV, dtype=torch.bool).scatter_(-1, sorted_idx, remove_sorted),
+                                -torch.inf)
     probs_NV = logits_BlV.softmax(dim=-1).view(-1, V)
     if isinstance(generator, (list, tuple)):
         # One generator per row: a row's draws do not depend on its batch-mates, so a batched
