@@ -94,7 +94,8 @@ def test_evaluate_v11_export_reports_vqa_generation_and_edit_rows(export, tmp_pa
     d, root = export
     out = tmp_path / "eval.json"
     assert main([str(d), "--tasks", "vqa,generation,edit", "--edit-shards", str(root / "data/edit-*.tar"),
-                 "--num-edit", "3", "--out", str(out), "--no-mlflow", f"data.root={root / 'data'}"]) == 0
+                 "--num-edit", "3", "--out", str(out), "--no-mlflow", "--real-baseline", "same-prompts",
+                 f"data.root={root / 'data'}"]) == 0
     r = json.loads(out.read_text())
     # VQA: accuracy with a bootstrap interval around it, and the blind baselines
     assert r["vqa_n"] == 5 and _in01(r["vqa_accuracy"]) and _in01(r["vqa_prior_baseline"])
@@ -111,6 +112,9 @@ def test_evaluate_v11_export_reports_vqa_generation_and_edit_rows(export, tmp_pa
         lo, hi = r[f"{k}_ci95"]
         assert lo <= r[k] <= hi
     assert set(r["edit_by_op"]) <= {"colour", "position", "size", "remove", "add", "shape"}
+    # the floor and the tokenizer's ceiling: the prompts rendered again, and through the BSQ tokenizer
+    assert "vqvae_reconstruction" not in r and r["bsq_reconstruction"]["n"] == 4
+    assert _in01(r["bsq_reconstruction"]["attribute_accuracy"]) and _in01(r["real_vs_real"]["attribute_accuracy"])
     p = r["protocol"]
     assert p["model_family"] == "vargpt11" and p["resolution"] == 64 and p["num_edit"] == 3
     assert "edit_accuracy" in capsys.readouterr().out
