@@ -447,7 +447,8 @@ class Evaluator:
                 raise ValueError("evaluation task 'edit' reads edits with the reference classifier: set eval.classifier_path")
             report.update(evaluate_edit(net, self.samples("edit"), self.cfg, self.classifier))
         for t in tasks:
-            report[f"{ {'vqa': 'vqa', 'generation': 'gen'}.get(t, t)}_num_unreadable"] = self.num_unreadable.get(t, 0)
+            prefix = {"vqa": "vqa", "generation": "gen"}.get(t, t)  # edit -> edit_num_unreadable
+            report[f"{prefix}_num_unreadable"] = self.num_unreadable.get(t, 0)
         extra = net.protocol() if callable(getattr(net, "protocol", None)) else {}
         report["protocol"] = protocol(self.cfg, resolution=resolution_of(net), data_root=self.root,
                                       resize="targets: PIL resize of the short side + centre crop to the VQVAE "
