@@ -76,10 +76,10 @@ $(WORLD_STAMP):
 	touch $@
 
 # Stage 0: each base is a file target, so `make bases` reuses what runs/bases/ already has
-# (`make clean-bases` to retrain all). Order: text LLM (+ tokenizer), vision tower, VQVAE,
+# (`make clean-bases` to retrain all). Order: text LLM (+ tokenizer), vision tower, VQVAE, BSQ (v1.1),
 # class-conditional VAR (needs the VQVAE), reference classifier, then the two LLaVA-1.5 steps.
 B := runs/bases
-BASE_FILES := $(B)/llm/model.safetensors $(B)/vision/model.safetensors $(B)/vqvae/model.safetensors \
+BASE_FILES := $(B)/llm/model.safetensors $(B)/vision/model.safetensors $(B)/vqvae/model.safetensors $(B)/bsq/model.safetensors \
 	$(B)/var/model.safetensors $(B)/classifier/model.safetensors $(B)/llava_sft/model.safetensors
 
 bases: setup world-data $(BASE_FILES) ## train the stage-0 world bases missing under runs/bases, then pack them into assets/world/

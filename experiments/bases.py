@@ -12,6 +12,12 @@ the shipped files are complete and match MANIFEST.json (sha256); world configs r
     python -m experiments.bases tokenizer --shards 'runs/data/world/train/*.tar' --out runs/bases/tokenizer
 
 trains the world tokenizer by hand (base_llm does it itself when model.tokenizer.path has none).
+
+    python -m experiments.bases ceiling runs/bases/bsq/model.safetensors --n 400
+
+scores the BSQ base as the VQVAE's ceiling is scored (docs/evaluation.md): the test generation
+prompts rendered again by the world, encoded to bits and decoded; PSNR and the reference
+classifier's attribute accuracy on the reconstructions and on the real images themselves.
 """
 from __future__ import annotations
 
@@ -27,7 +33,7 @@ import torch
 
 from datamodules.config import SourceConfig
 from experiments.config import REPO_ROOT
-from modules.checkpoint import read_state_dict, save_state_dict, sha256_file
+from modules.checkpoint import load_strict, read_state_dict, save_state_dict, sha256_file
 from modules.components.text_tokenizer import train_world_tokenizer
 from modules.stages.bases.data import read_world
 from modules.stages.bases.llm import tokenizer_corpus
@@ -39,6 +45,7 @@ PARTS = {
     "llm": ("llm/model.safetensors", None),
     "vision": ("vision/model.safetensors", None),
     "vqvae": ("vqvae/model.safetensors", None),
+    "bsq": ("bsq/model.safetensors", None),  # VARGPT-v1.1's bit tokenizer (the v1.1 world's)
     "var": ("var/model.safetensors", None),
     "classifier": ("classifier/model.safetensors", None),
     # the LLaVA-1.5-world start of VARGPT: only what understanding training produced
@@ -123,6 +130,40 @@ def check(dst: Path = ASSETS) -> List[str]:
     return problems
 
 
+def bsq_ceiling(weights: Path, shards: str, root: str, n: int, classifier: str, classifier_config: str,
+                recipe: Path = REPO_ROOT / "experiments/world/bases/bsq.yaml", seed: int = 1) -> Dict[str, object]:
+    """PSNR and attribute accuracy of BSQ reconstructions of world images (the tokenizer's ceiling:
+    no generator of these bits scores above it), beside the same images unreconstructed."""
+    from experiments.config import load_config  # lazy: only this subcommand
+    from experiments.infer_edit import load_classifier  # lazy: only this subcommand
+    from modules import evaluation as ev  # lazy: only this subcommand
+    from modules.components.bsq import BSQTokenizer  # lazy: only this subcommand
+    from modules.metrics_world import attribute_scores, requested_groups  # lazy: only this subcommand
+    from modules.stages.bases.bsq import bsq_reconstructions  # lazy: only this subcommand (Lightning)
+
+    cfg_file = weights.parent / "config.yaml"
+    tcfg = load_config(cfg_file if cfg_file.is_file() else recipe).cfg.model.v11.tokenizer
+    tok = BSQTokenizer(tcfg)
+    load_strict(tok, {k: v.float() if v.is_floating_point() else v for k, v in read_state_dict(weights).items()},
+                source=str(weights))
+    tok.eval()
+    samples, _ = ev.read_records(shards, root, n)
+    res = tcfg.downsample * tcfg.scales[-1][0]
+    reals = ev.rerendered_targets(samples, res, seed=seed)  # (N, 3, R, R) in [0, 1]
+    real8 = reals.mul(255).round().to(torch.uint8)
+    recon = bsq_reconstructions(tok, real8).float().div(255)
+    mse = (recon - real8.float().div(255)).pow(2).flatten(1).mean(1).clamp_min(1e-10)
+    clf = load_classifier(classifier_config, classifier)
+    groups = [requested_groups(s["record"]) for s in samples]
+    out: Dict[str, object] = {"weights": str(weights), "shards": shards, "n": len(samples), "resolution": res,
+                              "psnr": round(float((-10 * torch.log10(mse)).mean()), 3)}
+    for name, imgs in (("bsq_reconstruction", recon), ("real", reals)):
+        sc = attribute_scores(clf, imgs, groups)
+        out[name] = {"attribute_accuracy": round(sc["mean"], 4), "attribute_accuracy_ci95": sc["mean_ci95"],
+                     "attr_all": round(sc["all"], 4), "attr_all_ci95": sc["all_ci95"]}
+    return out
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m experiments.bases", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -137,7 +178,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     t.add_argument("--shards", required=True, help="shard pattern, e.g. 'runs/data/world/train/*.tar'")
     t.add_argument("--out", required=True, help="output directory (model.tokenizer.path)")
     t.add_argument("--vocab-size", type=int, default=1024)
+    e = sub.add_parser("ceiling", help="PSNR + classifier attribute accuracy of BSQ reconstructions of world images")
+    e.add_argument("weights", help="a base_bsq export (runs/bases/bsq/model.safetensors or assets/world/bsq.safetensors)")
+    e.add_argument("--shards", default="test/gen-*.tar", help="world generation shards (their prompts are rendered again)")
+    e.add_argument("--root", default="runs/data/world")
+    e.add_argument("--n", type=int, default=400)
+    e.add_argument("--classifier", default="assets/world/classifier.safetensors")
+    e.add_argument("--classifier-config", default="experiments/world/model.yaml")
     args = ap.parse_args(argv)
+    if args.cmd == "ceiling":
+        print(json.dumps(bsq_ceiling(Path(args.weights), args.shards, args.root, args.n, args.classifier,
+                                     args.classifier_config), indent=1))
+        return 0
     if args.cmd == "tokenizer":
         records = read_world([SourceConfig(name="text", shards=args.shards)], images=False)["records"]
         tok = train_world_tokenizer(tokenizer_corpus(records), args.out, vocab_size=args.vocab_size)

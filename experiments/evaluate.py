@@ -1,7 +1,13 @@
-"""Evaluate a checkpoint: VQA accuracy and/or generation FID / IS / attribute accuracy.
+"""Evaluate a checkpoint: VQA accuracy and/or generation FID / IS / attribute accuracy (and editing).
 
     python -m experiments.evaluate runs/world/stage3 --tasks vqa,generation \
         [--out runs/world/stage3/eval.json] [--real-baseline "test/gen-*.tar"] [eval.cfg=3.0 eval.num_gen=500 ...]
+    python -m experiments.evaluate runs/v11/world --tasks vqa,generation,edit \
+        --edit-shards "runs/data/world-edit/test/edit-*.tar" [--num-edit 64] [eval.* model.classifier.* ...]
+
+An export of a ``model.family: vargpt11`` run is evaluated through ``modules.eval_v11.V11EvalModel``
+(the same VQA / generation code, plus editing: edit accuracy and preservation on world edit
+shards, with intervals); its tokenizer ceiling is ``bsq_reconstruction``.
 
 Shard sets and the sampling protocol come from the checkpoint's `eval:` config section; any
 `eval.*` (or `data.root`) key can be overridden as key=value. Works on any shard set: the world's,
@@ -30,7 +36,9 @@ from torchvision.utils import save_image
 from experiments import tracking
 from experiments.config import ConfigError
 from experiments.infer import load_exported
+from experiments.infer_v11 import is_v11_dir, load_v11_export
 from modules import evaluation as ev
+from modules.eval_v11 import V11EvalModel
 from modules.evaluation import Evaluator
 from modules.metrics_world import attribute_scores, requested_groups
 
@@ -40,16 +48,33 @@ SAME_PROMPTS = "same-prompts"
 
 
 def run_evaluation(ckpt: str, tasks: List[str], overrides: List[str], real_baseline: str = "",
-                   out: Optional[Path] = None, log_mlflow: bool = True) -> Dict[str, Any]:
+                   out: Optional[Path] = None, log_mlflow: bool = True, edit_shards: str = "",
+                   num_edit: int = 64) -> Dict[str, Any]:
     with torch.no_grad():  # a context, not set_grad_enabled: callers (tests, pipelines) go on training
-        return _run_evaluation(ckpt, tasks, overrides, real_baseline, out, log_mlflow)
+        return _run_evaluation(ckpt, tasks, overrides, real_baseline, out, log_mlflow, edit_shards, num_edit)
+
+
+def _load(ckpt: str, overrides: List[str]):
+    """(the model behind the evaluator's interface, the run config): a v1 VARGPT itself, a v1.1
+    export through V11EvalModel."""
+    if is_v11_dir(ckpt):
+        model, cfg = load_v11_export(ckpt, tuple(overrides), with_cfg=True)
+        return V11EvalModel(model), cfg
+    return load_exported(ckpt, tuple(overrides))
+
+
+def _reconstructions(net: Any, images: torch.Tensor) -> tuple:
+    """(report key, the tokenizer's reconstructions of images in [0, 1])."""
+    if isinstance(net, V11EvalModel):
+        return "bsq_reconstruction", net.reconstruct(images)
+    return "vqvae_reconstruction", ev.vqvae_reconstructions(net.vqvae, images)
 
 
 def _run_evaluation(ckpt: str, tasks: List[str], overrides: List[str], real_baseline: str,
-                    out: Optional[Path], log_mlflow: bool) -> Dict[str, Any]:
-    net, cfg = load_exported(ckpt, tuple(overrides))
+                    out: Optional[Path], log_mlflow: bool, edit_shards: str = "", num_edit: int = 64) -> Dict[str, Any]:
+    net, cfg = _load(ckpt, overrides)
     e = cfg.eval
-    evaluator = Evaluator(e, cfg.model, cfg.data.root)
+    evaluator = Evaluator(e, cfg.model, cfg.data.root, edit_shards=edit_shards, num_edit=num_edit)
     t0 = time.perf_counter()
     report: Dict[str, Any] = {"checkpoint": str(Path(ckpt).resolve()), "stage": cfg.stage, "name": cfg.name,
                               "tasks": tasks}
@@ -79,13 +104,13 @@ def _run_evaluation(ckpt: str, tasks: List[str], overrides: List[str], real_base
         # The tokenizer's ceiling: the same real images through the VQVAE (multi-scale indices,
         # then decoded). A generator can only draw what its tokenizer can draw, so this is the
         # best attribute accuracy / FID any sampler reaches with these VQVAE weights.
-        recon_b = ev.vqvae_reconstructions(net.vqvae, reals_b)
+        rec_key, recon_b = _reconstructions(net, reals_b)
         rc = ev.fid_is(recon_b, reals_a, e, clf, real_key=evaluator.real_key)
-        report["vqvae_reconstruction"] = {"fid": rc["fid"], "inception_score": rc["inception_score"],
+        report[rec_key] = {"fid": rc["fid"], "inception_score": rc["inception_score"],
                                           "n": len(other), "shards": real_baseline}
         if clf is not None:
             groups_b = [requested_groups(s["record"]) for s in other]
-            for part, imgs in (("real_vs_real", reals_b), ("vqvae_reconstruction", recon_b)):
+            for part, imgs in (("real_vs_real", reals_b), (rec_key, recon_b)):
                 scores = attribute_scores(clf, imgs, groups_b)
                 report[part]["attribute_accuracy"] = scores["mean"]
                 report[part]["attribute_accuracy_ci95"] = scores["mean_ci95"]
@@ -125,7 +150,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m experiments.evaluate", description=__doc__.split("\n")[0])
     ap.add_argument("ckpt", help="export directory of experiments.run (model.safetensors + config.yaml)")
     ap.add_argument("overrides", nargs="*", help="eval.* / data.root overrides, key=value")
-    ap.add_argument("--tasks", default="vqa,generation", help="comma list of vqa, generation")
+    ap.add_argument("--tasks", default="vqa,generation", help="comma list of vqa, generation, edit (v1.1 exports)")
+    ap.add_argument("--edit-shards", default="", help="world edit shards for --tasks edit (python -m datamodules.world_edit)")
+    ap.add_argument("--num-edit", type=int, default=64, help="edit samples (the first N in shard order)")
     ap.add_argument("--out", default="", help="report JSON (default <ckpt>/eval.json)")
     ap.add_argument("--real-baseline", default="",
                     help=f"'{SAME_PROMPTS}' (world: the prompts rendered again) or shards whose targets give the "
@@ -133,19 +160,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--no-mlflow", action="store_true")
     args = ap.parse_intermixed_args(argv)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    bad = [t for t in tasks if t not in ("vqa", "generation")]
+    bad = [t for t in tasks if t not in ev.TASKS]
     if bad:
-        ap.error(f"unknown task(s) {bad}; valid: vqa, generation")
+        ap.error(f"unknown task(s) {bad}; valid: {', '.join(ev.TASKS)}")
     out = Path(args.out) if args.out else Path(args.ckpt) / "eval.json"
     try:
-        report = run_evaluation(args.ckpt, tasks, args.overrides, args.real_baseline, out, not args.no_mlflow)
+        report = run_evaluation(args.ckpt, tasks, args.overrides, args.real_baseline, out, not args.no_mlflow,
+                                args.edit_shards, args.num_edit)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    keys = ("vqa_accuracy", "vqa_prior_baseline", "vqa_blind_baseline", "gen_attribute_accuracy", "fid", "inception_score",
-            "clip_score")
+    keys = ("vqa_accuracy", "vqa_accuracy_ci95", "vqa_prior_baseline", "vqa_blind_baseline", "gen_attribute_accuracy",
+            "gen_attr_mean_ci95", "fid", "inception_score", "clip_score", "edit_accuracy", "edit_accuracy_ci95",
+            "edit_preservation", "edit_preservation_ci95")
     print(json.dumps({k: report[k] for k in keys if k in report}
-                     | {k: report[k] for k in ("real_vs_real", "vqvae_reconstruction") if k in report}))
+                     | {k: report[k] for k in ("real_vs_real", "vqvae_reconstruction", "bsq_reconstruction") if k in report}))
     print(f"report: {out}")
     return 0
 

@@ -84,9 +84,10 @@ class _ReleasedPrompts:
         return chat_ids(self.model, self.tok, text, grid, True)
 
 
-def load_v11_export(d: str | Path):
+def load_v11_export(d: str | Path, overrides: Sequence[str] = (), with_cfg: bool = False):
     """(VARGPT11World in eval mode, its VARGPT11Config) from an experiments.run export of a
-    ``model.family: vargpt11`` run (model.safetensors + config.yaml)."""
+    ``model.family: vargpt11`` run (model.safetensors + config.yaml); ``overrides`` (key=value)
+    apply to its config; ``with_cfg``: the whole typed run config instead of the VARGPT11Config."""
     from experiments.config import load_config  # lazy: only for suite exports
     from modules.vargpt11_world import VARGPT11World  # lazy: only for suite exports
     from modules.weights import load_weights  # lazy: only for suite exports
@@ -95,12 +96,12 @@ def load_v11_export(d: str | Path):
     d = d if d.is_dir() else d.parent
     if not (d / "config.yaml").is_file():
         raise FileNotFoundError(f"{d / 'config.yaml'} not found: not an experiments.run export")
-    loaded = load_config(d / "config.yaml", ["init_from=''", "model.load=[]"])
+    loaded = load_config(d / "config.yaml", ["init_from=''", "model.load=[]", *overrides])
     if loaded.cfg.model.family != "vargpt11":
         raise ValueError(f"{d}: model.family is {loaded.cfg.model.family!r}, not vargpt11 (use --format vargpt)")
     net = VARGPT11World(loaded.cfg.model, template=loaded.cfg.data.chat)
     load_weights(net, [], init_from=str(d.resolve() / "model.safetensors"))
-    return net.eval(), net.cfg
+    return net.eval(), (loaded.cfg if with_cfg else net.cfg)
 
 
 def _tokenizer(d: Path):

@@ -8,12 +8,18 @@
               own target images (real statistics cached), the CLIP score against their captions
               (``eval.clip_dir``), and, for the world, attribute accuracy of the reference
               classifier's reading of each image against the prompt.
+  edit        world edit pairs (datamodules/world_edit.py): each source image edited by its
+              instruction (fixed per-sample seeds), the classifier's reading scored by
+              ``metrics_world.edit_scores`` (edit accuracy, preservation, both), with intervals.
+
+The model is anything with the ``EvalModel`` calls: a v1 ``VARGPT`` itself, a v1.1 world model
+through ``modules.eval_v11.V11EvalModel``.
 """
 from __future__ import annotations
 
 from collections import Counter, defaultdict
 from dataclasses import asdict, replace
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple
 
 import torch
 from torchmetrics import Metric
@@ -28,10 +34,29 @@ from modules.config import EvalConfig
 from modules.components.classifier import build_classifier
 from modules.metrics import GenMetricsConfig, VQAAccuracy, build_gen_metrics
 from modules.metrics_clip import clip_score
-from modules.metrics_world import attribute_scores, requested_groups
+from modules.metrics_vqa import vqa_accuracy
+from modules.metrics_world import attribute_scores, bootstrap_ci, edit_accuracy, requested_groups
 from modules.self_verify import draw_seed, pick_best, pick_summary, prompt_questions, understanding_scores
 
-TASKS = ("vqa", "generation")
+TASKS = ("vqa", "generation", "edit")
+
+
+class EvalModel(Protocol):
+    """What the evaluator calls on a model. A v1 ``VARGPT`` (modules/inference.py) has these
+    itself; ``modules.eval_v11.V11EvalModel`` puts a v1.1 world model behind them and adds
+    ``edit_images(sources, instructions, seeds) -> (N, 3, R, R)`` and ``eval_resolution``. A model
+    with ``v1_diagnostics = False`` has no VQVAE indices / teacher-forced image loss: the v1
+    diagnostics (eval.teacher_scales, eval.best_of, the prompt gain) are refused or skipped."""
+
+    def answer(self, images: Sequence[Any], questions: Sequence[str], max_new_tokens: int = 16) -> List[str]: ...
+
+    def generate_image(self, prompts: Sequence[str], **sampling: Any) -> torch.Tensor: ...
+
+
+def resolution_of(net: Any) -> int:
+    """The side of a model's generated images: ``eval_resolution`` (interface), else the v1 VQVAE's."""
+    r = getattr(net, "eval_resolution", None)
+    return int(r) if r is not None else int(net.vqvae.cfg.resolution)
 
 
 # ------------------------------------------------------------------------------------ data
@@ -91,6 +116,7 @@ def evaluate_vqa(net, samples: Sequence[Dict[str, Any]], cfg: EvalConfig) -> Dic
     per_type: Dict[str, VQAAccuracy] = defaultdict(lambda: VQAAccuracy(sync_on_compute=False))
     rows: List[Dict[str, Any]] = []
     preds_all: List[str] = []
+    scores: List[float] = []  # per question, for the interval
     for chunk in _batches(samples, cfg.batch_size):
         images = [s["images"][0] if s["images"] else None for s in chunk]
         qs = [user_text(s["record"]).replace(IMAGE_TOKEN, "").strip() for s in chunk]
@@ -98,6 +124,7 @@ def evaluate_vqa(net, samples: Sequence[Dict[str, Any]], cfg: EvalConfig) -> Dic
         preds_all += preds
         answers = [s["record"].get("answers") or [_first_answer(s["record"])] for s in chunk]
         overall.update(preds, answers)
+        scores += [vqa_accuracy(p, a) for p, a in zip(preds, answers)]
         for s, p, a in zip(chunk, preds, answers):
             per_type[s["record"].get("question_type", "all")].update([p], [a])
         if cfg.blind_baseline:
@@ -115,6 +142,8 @@ def evaluate_vqa(net, samples: Sequence[Dict[str, Any]], cfg: EvalConfig) -> Dic
         prior.update([majority] * len(answers), answers)
     out = {
         "vqa_accuracy": float(overall.compute()),
+        # percentile bootstrap over the questions (metrics_world.bootstrap_ci)
+        "vqa_accuracy_ci95": bootstrap_ci(torch.tensor(scores, dtype=torch.float64), torch.ones(len(scores), dtype=torch.float64)),
         "vqa_per_type": {k: float(m.compute()) for k, m in sorted(per_type.items())},
         "vqa_prior_baseline": float(prior.compute()),
         "vqa_n": len(samples),
@@ -186,6 +215,10 @@ def evaluate_generation(net, samples: Sequence[Dict[str, Any]], cfg: EvalConfig,
     Inception weights) is configured. Returns metrics, the protocol, and the images."""
     prompts = [user_text(s["record"]) for s in samples]
     teacher = None
+    v1 = getattr(net, "v1_diagnostics", True)
+    if not v1 and (cfg.teacher_scales > 0 or cfg.best_of > 1):
+        raise ValueError("eval.teacher_scales and eval.best_of are v1 (VQVAE / self-verify) protocols: "
+                         "set eval.teacher_scales=0 eval.best_of=1 for this model")
     if cfg.teacher_scales > 0:
         K = len(net.var.patch_nums)
         if cfg.teacher_scales > K:
@@ -206,7 +239,7 @@ def evaluate_generation(net, samples: Sequence[Dict[str, Any]], cfg: EvalConfig,
         scores_KN = torch.stack([understanding_scores(net, d, questions, cfg.batch_size) for d in draws])
         images, pick_N = pick_best(draws, scores_KN)
         out.update(gen_images=images, gen_best_of_kept=pick_summary(pick_N, cfg.best_of))
-    if cfg.prompt_gain_samples > 0:  # callers evaluate in eval mode (no dropout), as for sampling
+    if cfg.prompt_gain_samples > 0 and v1:  # callers evaluate in eval mode (no dropout), as for sampling
         out.update(prompt_gain(net, samples[:cfg.prompt_gain_samples], cfg.batch_size))
     seeds: Dict[str, List[float]] = {}  # best of N: every draw is a one-draw run at its own seed
     if classifier is not None and all("scene" in s["record"] for s in samples):
@@ -238,6 +271,30 @@ def evaluate_generation(net, samples: Sequence[Dict[str, Any]], cfg: EvalConfig,
     if cfg.clip_dir:
         out.update(clip_score(images, clip_texts(samples), str(resolve_path(cfg.clip_dir)), cfg.batch_size))
     return out
+
+
+@torch.no_grad()
+def evaluate_edit(net, samples: Sequence[Dict[str, Any]], cfg: EvalConfig, classifier) -> Dict[str, Any]:
+    """Each world edit sample's source image edited by its instruction (sample i: seed cfg.seed + i),
+    read by the classifier and scored against the record (``metrics_world.edit_scores``)."""
+    if not hasattr(net, "edit_images"):
+        raise ValueError(f"{type(net).__name__} has no editing path (edit_images): editing is evaluated on "
+                         f"VARGPT-v1.1 exports")
+    recs = [s["record"] for s in samples]
+    bad = [s["key"] for s in samples if "source_scene" not in s["record"] or len(s["images"]) < 1]
+    if bad:
+        raise ValueError(f"edit samples {bad[:3]} have no source_scene / source image: not world edit records "
+                         f"(render them with python -m datamodules.world_edit)")
+    images = torch.cat([net.edit_images([s["images"][0] for s in chunk], [user_text(s["record"]) for s in chunk],
+                                        [cfg.seed + start + i for i in range(len(chunk))])
+                        for start, chunk in ((i, samples[i:i + cfg.batch_size]) for i in range(0, len(samples), cfg.batch_size))])
+    side = classifier.cfg.image_size
+    if images.shape[-1] != side:
+        images = torch.nn.functional.interpolate(images, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
+    sc = edit_accuracy(classifier, images, recs)
+    return {"edit_accuracy": sc["edit"], "edit_accuracy_ci95": sc["edit_ci95"], "edit_preservation": sc["preservation"],
+            "edit_preservation_ci95": sc["preservation_ci95"], "edit_success": sc["success"],
+            "edit_success_ci95": sc["success_ci95"], "edit_n": sc["n"], "edit_by_op": sc["by_op"]}
 
 
 def _range95(values: Sequence[float]) -> List[float]:
@@ -336,8 +393,10 @@ class Evaluator:
     ``vqa_rows`` (a few predictions) and ``gen_images`` / ``gen_prompts`` for grids.
     """
 
-    def __init__(self, cfg: EvalConfig, model_cfg: Any, data_root: str = ""):
+    def __init__(self, cfg: EvalConfig, model_cfg: Any, data_root: str = "", edit_shards: str = "", num_edit: int = 64):
         self.cfg, self.model_cfg = cfg, model_cfg
+        # world edit shards (not in the eval section, whose fields are in every run's config hash)
+        self.edit_shards, self.num_edit = edit_shards, num_edit
         self.root = str(resolve_path(data_root)) if data_root else ""
         self._sets: Dict[str, List[Dict[str, Any]]] = {}
         self.num_unreadable: Dict[str, int] = {}  # per task: bad samples skipped reading its set
@@ -348,6 +407,11 @@ class Evaluator:
         return [t for t, shards in (("vqa", self.cfg.vqa_shards), ("generation", self.cfg.gen_shards)) if shards]
 
     def samples(self, task: str) -> List[Dict[str, Any]]:
+        if task == "edit" and task not in self._sets:
+            if not self.edit_shards:
+                raise ValueError("evaluation task 'edit' has no shards: pass the world edit shards "
+                                 "(python -m datamodules.world_edit), e.g. --edit-shards 'runs/data/world-edit/test/edit-*.tar'")
+            self._sets[task], self.num_unreadable[task] = read_records(self.edit_shards, "", self.num_edit)
         if task not in self._sets:
             pattern, n = (self.cfg.vqa_shards, self.cfg.num_vqa) if task == "vqa" else (self.cfg.gen_shards, self.cfg.num_gen)
             if not pattern:
@@ -378,11 +442,19 @@ class Evaluator:
         if "generation" in tasks:
             report.update(evaluate_generation(net, self.samples("generation"), self.cfg, self.classifier,
                                               real_key=self.real_key))
+        if "edit" in tasks:
+            if self.classifier is None:
+                raise ValueError("evaluation task 'edit' reads edits with the reference classifier: set eval.classifier_path")
+            report.update(evaluate_edit(net, self.samples("edit"), self.cfg, self.classifier))
         for t in tasks:
-            report[f"{'vqa' if t == 'vqa' else 'gen'}_num_unreadable"] = self.num_unreadable.get(t, 0)
-        report["protocol"] = protocol(self.cfg, resolution=int(net.vqvae.cfg.resolution), data_root=self.root,
+            prefix = {"vqa": "vqa", "generation": "gen"}.get(t, t)  # edit -> edit_num_unreadable
+            report[f"{prefix}_num_unreadable"] = self.num_unreadable.get(t, 0)
+        extra = net.protocol() if callable(getattr(net, "protocol", None)) else {}
+        report["protocol"] = protocol(self.cfg, resolution=resolution_of(net), data_root=self.root,
                                       resize="targets: PIL resize of the short side + centre crop to the VQVAE "
-                                             "resolution; generated: native")
+                                             "resolution; generated: native", **extra)
+        if "edit" in tasks:
+            report["protocol"]["edit_shards"], report["protocol"]["num_edit"] = self.edit_shards, self.num_edit
         return report
 
 
@@ -399,7 +471,7 @@ def report_metrics(report: Dict[str, Any], prefix: str) -> Dict[str, float]:
         flat[f"{prefix}vqa_{k}"] = float(v)
     for n, scores in (report.get("gen_attr_by_objects") or {}).items():
         flat[f"{prefix}gen_attr_objects{n}_mean"] = float(scores["mean"])
-    for part in ("real_vs_real", "vqvae_reconstruction"):
+    for part in ("real_vs_real", "vqvae_reconstruction", "bsq_reconstruction"):
         for k, v in (report.get(part) or {}).items():
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 flat[f"{prefix}{part}_{k}"] = float(v)

@@ -262,8 +262,9 @@ def check_edit(source: Mapping[str, Any], target: Mapping[str, Any], predicted: 
 
 def edit_scores(predicted: Sequence[Mapping[str, Any]], records: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:
     """Edited images' readings scored against their ``edit`` records (``source_scene`` -> ``scene``):
-    ``{edit, preservation, success, n, by_op: {op: {edit, preservation, success, n}}}``, the
-    accuracies as means over images (edit accuracy, preservation accuracy, both)."""
+    ``{edit, preservation, success, n, <each>_ci95, by_op: {op: {edit, preservation, success, n}}}``,
+    the accuracies as means over images (edit accuracy, preservation accuracy, both), the intervals
+    bootstraps over the images."""
     if len(predicted) != len(records):
         raise ValueError(f"{len(predicted)} predicted scenes for {len(records)} edit records")
     if not records:
@@ -280,8 +281,13 @@ def edit_scores(predicted: Sequence[Mapping[str, Any]], records: Sequence[Mappin
         return {"edit": sum(c["edit"] for _, c in rs) / n, "preservation": sum(c["preservation"] for _, c in rs) / n,
                 "success": sum(c["success"] for _, c in rs) / n, "n": n}
 
+    def ci(key):  # percentile bootstrap over the images (bootstrap_ci)
+        v = torch.tensor([float(c[key]) for _, c in rows], dtype=torch.float64)
+        return bootstrap_ci(v, torch.ones_like(v))
+
     ops = sorted({op for op, _ in rows})
-    return {**mean(rows), "by_op": {op: mean([x for x in rows if x[0] == op]) for op in ops}}
+    return {**mean(rows), **{f"{k}_ci95": ci(k) for k in ("edit", "preservation", "success")},
+            "by_op": {op: mean([x for x in rows if x[0] == op]) for op in ops}}
 
 
 def edit_accuracy(classifier: Any, images: Tensor, records: Sequence[Mapping[str, Any]], batch: int = 64) -> Dict[str, Any]:

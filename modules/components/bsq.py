@@ -34,6 +34,22 @@ Schedule = Sequence[Tuple[int, int]]
 
 
 @dataclass
+class BSQLossConfig:
+    """Training losses of the BSQ tokenizer (the world base ``base_bsq``; unused at inference).
+    Reconstruction L1 + MSE on [-1, 1] pixels, a commitment term ||f - sg(f_hat)||^2 and the
+    release's soft entropy penalty per scale: per-bit p = sigmoid(4 u / sqrt(d) * inv_temperature)
+    of the l2-normalized residual u; per-sample entropy (pushed down) minus the batch-mean bit
+    entropy (pushed up, so every bit is used)."""
+
+    l1_weight: float = 1.0
+    mse_weight: float = 1.0
+    commit_weight: float = 0.25
+    entropy_weight: float = 0.1  # the release's entropy_loss_weight
+    inv_temperature: float = 100.0
+    codebook_entropy_weight: float = 1.0  # the release's gamma (per-sample: gamma0 = 1)
+
+
+@dataclass
 class BSQConfig(ComponentConfig):
     """Sizes of the BSQ VAE. Defaults are the release (``infinity_vae_d32reg``, 16x down)."""
 
@@ -45,6 +61,7 @@ class BSQConfig(ComponentConfig):
     num_res_blocks: int = 2  # per encoder level (the decoder uses one more)
     # the generation schedule: (h, w) per scale, last = latent size
     scales: List[List[int]] = field(default_factory=lambda: [[s, s] for s in (1, 2, 4, 6, 8, 12, 16, 20, 24, 32)])
+    loss: BSQLossConfig = field(default_factory=BSQLossConfig)  # training only (base_bsq)
 
     @property
     def downsample(self) -> int:

@@ -91,5 +91,5 @@ def _base(name):
     return builder
 
 
-for _name in ("base_vqvae", "base_var", "base_classifier", "base_vision", "base_llm"):
+for _name in ("base_vqvae", "base_bsq", "base_var", "base_classifier", "base_vision", "base_llm"):
     STAGES.register(_name)(_base(_name))
