@@ -36,7 +36,7 @@ from datamodules.tokens import GEN_PAD, IGNORE_INDEX
 from datamodules.transforms import GenTransform
 from modules.components.gen_lora import GenLoRA
 from modules.components.linear_ce import linear_cross_entropy
-from modules.components.llm import build_llm, llm_hidden_size
+from modules.components.llm import build_llm, is_gradient_checkpointing, llm_hidden_size
 from modules.components.projectors import build_projector
 from modules.components.prompt_encoder import PromptEncoder
 from modules.components.text_tokenizer import build_tokenizer, special_token_ids
@@ -47,13 +47,18 @@ from modules.config import ModelConfig
 from modules.inference import VARGPTInference
 
 
-def training_attention(device_type: str):
+def training_attention(device_type: str, recomputed: bool = False):
     """The attention kernel of a training forward (LLM, vision tower, VAR blocks: every
     ``F.scaled_dot_product_attention`` inside it; the backward follows the forward's choice).
     Under CPU bf16/fp16 autocast: the math kernel, whose backward is bf16 matmuls; the CPU flash
     kernel's backward is 5-10x its forward there (train step -7%: gen batch 1.50 -> 1.40 s,
     mixed 1.50 -> 1.44 s, the 125M model of benchmarks.train_step_vs_official). fp32 and GPUs keep
-    the default choice (on CPU fp32 the flash kernel is the faster one)."""
+    the default choice (on CPU fp32 the flash kernel is the faster one). ``recomputed``: parts of
+    the forward run again in the backward (activation checkpointing: model.llm.gradient_checkpointing,
+    sharded recompute), outside this context; the recomputation must pick the same kernel, so the
+    default stays."""
+    if recomputed:
+        return contextlib.nullcontext()
     if device_type == "cpu" and torch.is_autocast_enabled("cpu") and \
             torch.get_autocast_dtype("cpu") in (torch.bfloat16, torch.float16):
         return sdpa_kernel([SDPBackend.MATH])
@@ -380,7 +385,9 @@ class VARGPT(VARGPTInference, nn.Module):
         Returns loss, loss_text, loss_img, per-sample losses (loss_text_per_sample (B,),
         loss_img_per_target (N,)), per-scale image accuracy acc_img_scale (K,), token counts;
         with return_logits also logits_text (B, T-1, V) and logits_img (N, L, V)."""
-        with training_attention(batch["input_ids"].device.type):
+        # sharded runs (run_every_part) may recompute layers in the backward: see training_attention
+        recomputed = self.run_every_part or is_gradient_checkpointing(self.llm)
+        with training_attention(batch["input_ids"].device.type, recomputed):
             return self._forward(batch, return_logits)
 
     def _forward(self, batch: Dict[str, Any], return_logits: bool) -> Dict[str, torch.Tensor]:

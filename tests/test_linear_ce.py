@@ -63,6 +63,10 @@ def test_training_attention_picks_math_only_under_cpu_reduced_precision_autocast
         assert not torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
     with torch.autocast("cpu", dtype=torch.bfloat16), training_attention("cuda"):
         assert torch.backends.cuda.flash_sdp_enabled()
+    # recomputed in the backward (activation checkpointing): the recomputation runs outside the
+    # context, so the forward keeps the default kernel too
+    with torch.autocast("cpu", dtype=torch.bfloat16), training_attention("cpu", recomputed=True):
+        assert torch.backends.cuda.flash_sdp_enabled()
     assert torch.backends.cuda.flash_sdp_enabled()  # restored
 
 
