@@ -1,0 +1,337 @@
+"""The suite's VARGPT-v1 training step against the official VARGPT-v1 modeling code, at equal weights.
+
+    python -m benchmarks.train_step_vs_official --official PATH --official-python /work/venv-off41/bin/python
+
+PATH is an extracted checkout of VARGPT-family/VARGPT (its ``vargpt_llava/`` package: modeling,
+configuration, ``var_model/``), e.g. ``mkdir -p /tmp/v && git --git-dir=<bare mirror> archive HEAD
+vargpt_llava | tar -x -C /tmp/v``; never part of this repository. The official code pins
+transformers 4.46.1, so it runs in its own environment (``--official-python``: that venv's
+interpreter, with the same torch) as a worker process, ``benchmarks/train_step_official_worker.py``
+(its docstring lists what it changes of the official code: only sizes and the two random parts of
+a training forward; nothing is stubbed). The worker stays alive and is told "run k steps" in turn
+with the suite, in alternating rounds.
+
+Per size (``SIZES``: the larger one is the issue's ~125M model, the LLM 512 wide):
+1. the suite builds a VARGPT with random weights (seed 0; the released id layout: <image> 32000,
+   <pad> 32001, <|image_gen_start|> 32002, ...) and writes it in the released layout in fp32
+   (``modules.released.export_released``); the official worker builds its model from that
+   config.json and loads the same file strictly; the suite loads it back with
+   ``load_released(..., behaviour="released")``, so both hold the same fp32 weights;
+2. per batch (``mixed``: understanding rows with an image + generation rows, the released
+   if/elif included: no VAR inputs in the pad slots of a batch with input images;
+   ``gen``: generation rows only), B 4, right-padded, and per precision (``fp32``; ``bf16``:
+   ``torch.autocast("cpu", torch.bfloat16)`` on both sides, weights fp32): one untimed step each,
+   then ``--rounds`` rounds of ``--k`` timed steps per side (official, suite, suite with
+   pre-tokenized targets; the order rotates each round);
+3. the losses of the last step (fp32: must agree to ``LOSS_TOL``) and the gradient norms over all
+   trainable parameters are compared.
+
+A step: ``zero_grad(set_to_none=True)``, forward with the released labels (input ids, only
+<|image_gen_pad|> masked), ``loss.backward()``; no optimizer step. The VQVAE is frozen on both
+sides; the VAR's condition dropout and drop path are off on both sides (both are random).
+``suite_pretok`` is the suite fed the targets' VQ indices (what ``experiments.pretokenize`` caches
+for training): it skips the VQ encoding of the targets, and is its own row, never the ratio.
+
+Timing: process CPU time per step with one thread in each process (``torch.set_num_threads(1)``;
+the machine is shared, the load average is recorded); min and median over the timed steps.
+Writes benchmarks/results/train_step_vs_official.json and .md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from experiments.machine import cpu_flags, cpu_model, git_info
+from modules.released import build_from_config, export_released, load_released, released_config
+
+WORKER = Path(__file__).with_name("train_step_official_worker.py")
+FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "vargpt_official"
+IDS = dict(image=32000, pad=32001, gen_start=32002, gen_end=32003, gen_pad=32004, bos=1, eos=2)
+VOCAB = 32064
+LOSS_TOL = 1e-5
+TARGET = 1.5  # suite vs official at the same precision, larger size
+
+# T: the longest row; each size's batch has rows of T, T-3, T-6, T-9 tokens (right-padded)
+SIZES: Dict[str, Dict[str, Any]] = {
+    "small": dict(llm=dict(hidden_size=256, num_layers=2, num_heads=4, intermediate_size=688),
+                  vision=dict(image_size=56, width=128, depth=2, heads=2),
+                  vae=dict(V=4096, Cvae=32, ch=32, share_quant_resi=4, patch_nums=[1, 2, 3, 4]),
+                  var_depth=4, T=72),
+    "large": dict(llm=dict(hidden_size=512, num_layers=4, num_heads=8, intermediate_size=1376),
+                  vision=dict(image_size=112, width=256, depth=4, heads=4),
+                  vae=dict(V=4096, Cvae=32, ch=64, share_quant_resi=4, patch_nums=[1, 2, 3, 4, 5, 6, 8]),
+                  var_depth=8, T=179),
+}
+
+
+def suite_config(size: Dict[str, Any]):
+    """Our ModelConfig at ``size``: the fixture's released config (made with the official code)
+    with the sizes replaced (the official VQVAE has ch_mult 1,1,2,2,4 and 2 res blocks, fixed)."""
+    cfg = released_config(FIXTURE).model_config
+    v, pn = size["vae"], list(size["vae"]["patch_nums"])
+    return replace(
+        cfg, llm=replace(cfg.llm, num_kv_heads=size["llm"]["num_heads"], vocab_size=VOCAB, **size["llm"]),
+        vision=replace(cfg.vision, mlp_ratio=4.0, **size["vision"]),
+        vqvae=replace(cfg.vqvae, vocab_size=v["V"], z_channels=v["Cvae"], ch=v["ch"], ch_mult=[1, 1, 2, 2, 4],
+                      share_quant_resi=v["share_quant_resi"], patch_nums=pn),
+        var=replace(cfg.var, depth=size["var_depth"], embed_dim=64 * size["var_depth"], num_heads=size["var_depth"],
+                    patch_nums=pn, drop_path_rate=0.0))
+
+
+def make_batch(kind: str, T: int, L: int, n_img: int, img_px: int, gen_px: int, seed: int = 1) -> Dict[str, torch.Tensor]:
+    """B 4 rows in the released layout. Generation row: bos, prompt, <|image_gen_start|>, L pads,
+    <|image_gen_end|>, eos. Understanding row: bos, 4 tokens, n_img <image>, the rest text.
+    ``mixed``: und, gen, und, gen; ``gen``: four generation rows. Lengths T, T-3, T-6, T-9."""
+    g = torch.Generator().manual_seed(seed)
+    rows, kinds = [], (["und", "gen"] * 2 if kind == "mixed" else ["gen"] * 4)
+    for i, k in enumerate(kinds):
+        n = T - 3 * i
+        if k == "gen":
+            p = n - L - 4
+            if p < 1:
+                raise ValueError(f"T={T} leaves no prompt for L={L}")
+            row = [IDS["bos"]] + torch.randint(3, 32000, (p,), generator=g).tolist() + [IDS["gen_start"]] \
+                + [IDS["gen_pad"]] * L + [IDS["gen_end"], IDS["eos"]]
+        else:
+            rest = n - 5 - n_img
+            row = [IDS["bos"]] + torch.randint(3, 32000, (4,), generator=g).tolist() + [IDS["image"]] * n_img \
+                + torch.randint(3, 32000, (rest,), generator=g).tolist()
+        rows.append(row)
+    ids = torch.full((4, T), IDS["pad"], dtype=torch.long)
+    mask = torch.zeros(4, T, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r)
+        mask[i, :len(r)] = 1
+    n_gen, n_und = kinds.count("gen"), kinds.count("und")
+    b = {"input_ids": ids, "attention_mask": mask,
+         "pixel_gen_values": torch.rand(n_gen, 3, gen_px, gen_px, generator=g) * 2 - 1}
+    if n_und:
+        b["pixel_values"] = torch.randn(n_und, 3, img_px, img_px, generator=g)
+    return b
+
+
+def suite_batch(b: Dict[str, torch.Tensor]) -> Dict[str, Any]:
+    out = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"], "labels": b["input_ids"],
+           "gen_images": b["pixel_gen_values"],
+           "gen_uncond": torch.zeros(b["pixel_gen_values"].shape[0], dtype=torch.long)}
+    if "pixel_values" in b:
+        out["pixel_values"] = b["pixel_values"]
+    return out
+
+
+def suite_steps(net, batch: Dict[str, Any], precision: str, k: int) -> Dict[str, Any]:
+    times, loss = [], None
+    for _ in range(k):
+        t0 = time.process_time()
+        net.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            out = net(batch)
+        out["loss"].backward()
+        times.append(time.process_time() - t0)
+        loss = float(out["loss"])
+    grads = [p.grad.float().pow(2).sum() for p in net.parameters() if p.grad is not None]
+    return {"s": times, "loss": loss, "grad_norm": float(torch.stack(grads).sum().sqrt())}
+
+
+class Official:
+    """The worker process in the official environment (one JSON line per command)."""
+
+    def __init__(self, python: str, path: str, log: Path):
+        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH="")
+        self.log = open(log, "w")
+        self.p = subprocess.Popen([python, str(WORKER), "--official", str(path)], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, stderr=self.log, text=True, env=env)
+        self.info = self._read()
+
+    def _read(self) -> Dict[str, Any]:
+        line = self.p.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the official worker exited (status {self.p.poll()}); see {self.log.name}")
+        r = json.loads(line)
+        if "error" in r:
+            raise RuntimeError(f"official worker: {r['error']} (log {self.log.name})")
+        return r
+
+    def ask(self, **cmd) -> Dict[str, Any]:
+        self.p.stdin.write(json.dumps(cmd) + "\n")
+        self.p.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        try:
+            self.p.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
+            self.p.stdin.flush()
+            self.p.wait(timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            self.p.kill()
+        self.log.close()
+
+
+def _stats(s: List[float]) -> Dict[str, Any]:
+    return {"min_s": round(min(s), 4), "median_s": round(statistics.median(s), 4), "n": len(s)}
+
+
+def compare(off: Official, net, d: Path, name: str, kind: str, precision: str, rounds: int, k: int) -> Dict[str, Any]:
+    size = SIZES[name]
+    raw = make_batch(kind, size["T"], net.L, net.num_image_tokens, net.vision.image_size, net.vqvae.cfg.resolution)
+    f = d / f"batch_{kind}.pt"
+    torch.save(raw, f)
+    batch = suite_batch(raw)
+    pre = dict(batch, gen_indices=[t.clone() for t in net.encode_targets(batch)])
+    del pre["gen_images"]
+    sides = {"official": lambda n: off.ask(cmd="run", batch=str(f), precision=precision, k=n),
+             "suite": lambda n: suite_steps(net, batch, precision, n),
+             "suite_pretok": lambda n: suite_steps(net, pre, precision, n)}
+    first = {s: fn(1) for s, fn in sides.items()}  # untimed: warm-up, and the losses
+    times: Dict[str, List[float]] = {s: [] for s in sides}
+    last: Dict[str, Dict[str, Any]] = {}
+    order = list(sides)
+    for r in range(rounds):
+        for s in order[r % 3:] + order[:r % 3]:
+            last[s] = sides[s](k)
+            times[s] += last[s]["s"]
+    row: Dict[str, Any] = {"size": name, "batch": kind, "precision": precision, "T": size["T"], "B": 4,
+                           "gen_rows": int(raw["pixel_gen_values"].shape[0])}
+    for s in sides:
+        row[s] = dict(_stats(times[s]), loss=last[s]["loss"], grad_norm=last[s]["grad_norm"])
+    row["ratio_min"] = round(row["official"]["min_s"] / row["suite"]["min_s"], 3)
+    row["ratio_median"] = round(row["official"]["median_s"] / row["suite"]["median_s"], 3)
+    row["ratio_pretok_min"] = round(row["official"]["min_s"] / row["suite_pretok"]["min_s"], 3)
+    row["loss_abs_diff"] = abs(first["official"]["loss"] - first["suite"]["loss"])
+    row["loss_abs_diff_pretok"] = abs(first["official"]["loss"] - first["suite_pretok"]["loss"])
+    row["grad_norm_rel_diff"] = abs(first["official"]["grad_norm"] - first["suite"]["grad_norm"]) / first["official"]["grad_norm"]
+    row["loss_equal"] = row["loss_abs_diff"] <= LOSS_TOL if precision == "fp32" else None
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def build_size(name: str, d: Path):
+    """The suite's model at ``name`` written to ``d`` in the released layout (fp32), loaded back."""
+    torch.manual_seed(0)
+    net = build_from_config(suite_config(SIZES[name]), IDS, meta=False)
+    export_released(net, d, dtype=torch.float32)
+    del net
+    net, _ = load_released(d, behaviour="released", train=True)
+    net.cfg.cond_drop_rate = 0.0  # random; off on both sides
+    return net
+
+
+def to_markdown(meta: Dict[str, Any], rows: List[Dict[str, Any]]) -> str:
+    m = meta
+    lines = [
+        f"Suite VARGPT-v1 training step vs the official VARGPT-v1 modeling code (VARGPT-family/VARGPT "
+        f"{m['official']['commit'][:7]}, transformers {m['official']['transformers']} in its own venv; suite "
+        f"transformers {m['transformers']}), same fp32 weights, same batch, B 4 right-padded, forward + backward "
+        f"(no optimizer step), the released labels; {m['cpu_model']}, 1 thread per process, torch {m['torch']}; "
+        f"process CPU seconds per step, min (median) of {m['rounds']} alternating rounds x {m['k']} steps. Load "
+        f"average {m['loadavg_start'][0]:.2f} at the start, {m['loadavg_end'][0]:.2f} at the end. Suite commit "
+        f"{m['commit'][:10]}{' (+ uncommitted changes)' if m['dirty'] == 'true' else ''}.",
+        "",
+        "Sizes: " + "; ".join(f"**{n}** {s}" for n, s in m["size_notes"].items()) + ".",
+        "",
+        "| size | batch | precision | official s | suite s | **ratio (min)** | ratio (median) | suite, pre-tokenized targets s "
+        "| loss official | loss abs diff | grad-norm rel diff |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        o, s, p = r["official"], r["suite"], r["suite_pretok"]
+        lines.append(
+            f"| {r['size']} | {r['batch']} ({r['gen_rows']} gen rows) | {r['precision']} "
+            f"| {o['min_s']:.3f} ({o['median_s']:.3f}) | {s['min_s']:.3f} ({s['median_s']:.3f}) "
+            f"| **{r['ratio_min']:.2f}x** | {r['ratio_median']:.2f}x | {p['min_s']:.3f} ({r['ratio_pretok_min']:.2f}x) "
+            f"| {o['loss']:.6f} | {r['loss_abs_diff']:.1e} | {r['grad_norm_rel_diff']:.1e} |")
+    big = [r for r in rows if r["size"] == "large"]
+    if big:
+        worst = {p: min((r["ratio_min"] for r in big if r["precision"] == p), default=None) for p in ("fp32", "bf16")}
+        met = all(v is not None and v >= TARGET for v in worst.values())
+        fp32_ok = all(r["loss_equal"] for r in rows if r["precision"] == "fp32")
+        lines += ["", f"Target: suite >= {TARGET}x the official code at the same precision at the larger size: "
+                      f"**{'met' if met else 'NOT met'}** (lowest ratio fp32 {worst['fp32']}, bf16 {worst['bf16']}). "
+                      f"fp32 losses equal to {LOSS_TOL:g}: **{'yes' if fp32_ok else 'NO'}**. bf16 losses differ by "
+                      f"rounding (each side rounds differently; the suite tokenizes its targets in fp32, the official "
+                      f"code under autocast)."]
+    return "\n".join(lines) + "\n"
+
+
+def size_note(net) -> str:
+    n = lambda mod: sum(p.numel() for p in mod.parameters())  # noqa: E731
+    c = net.llm.config
+    return (f"{n(net) / 1e6:.0f}M parameters ({n(net) - n(net.vqvae):,} trained, VQVAE {n(net.vqvae) / 1e6:.1f}M frozen): "
+            f"Llama {c.num_hidden_layers} x {c.hidden_size} (vocab {VOCAB}), CLIP {net.vision.tower.config.num_hidden_layers} x "
+            f"{net.vision.tower.config.hidden_size} at {net.vision.image_size} px ({net.num_image_tokens} tokens), VAR depth "
+            f"{net.var.depth} (C {net.var.C}) at {net.vqvae.cfg.resolution} px (L {net.L}), VQVAE ch {net.vqvae.cfg.ch}, "
+            f"T {SIZES[[k for k in SIZES if SIZES[k]['var_depth'] == net.var.depth][0]]['T']}")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.train_step_vs_official", description=__doc__.split("\n")[0])
+    ap.add_argument("--official", required=True, help="VARGPT-family/VARGPT checkout (has vargpt_llava/)")
+    ap.add_argument("--official-python", required=True, help="interpreter of the official env (transformers 4.46.1)")
+    ap.add_argument("--sizes", default="small,large")
+    ap.add_argument("--batches", default="mixed,gen")
+    ap.add_argument("--precisions", default="fp32,bf16")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--k", type=int, default=3, help="timed steps per side per round")
+    ap.add_argument("--official-commit", default="", help="its commit when PATH has no .git (a git archive)")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--name", default="train_step_vs_official")
+    args = ap.parse_args(argv)
+    if not (Path(args.official) / "vargpt_llava" / "modeling_vargpt_llava.py").is_file():
+        raise SystemExit(f"--official {args.official}: no vargpt_llava/modeling_vargpt_llava.py (a VARGPT-family/VARGPT checkout)")
+    torch.set_num_threads(1)
+    import transformers
+
+    repo = git_info()
+    ocommit = ""
+    if (Path(args.official) / ".git").exists():
+        ocommit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=args.official, capture_output=True, text=True).stdout.strip()
+    meta: Dict[str, Any] = {
+        "command": "python -m benchmarks.train_step_vs_official " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "commit": repo["git_commit"], "dirty": repo["git_dirty"], "cpu_model": cpu_model(), "cpu_flags": cpu_flags(),
+        "torch": torch.__version__, "transformers": transformers.__version__, "threads": 1,
+        "official": {"path": str(args.official), "commit": ocommit or args.official_commit or "unknown"},
+        "rounds": args.rounds, "k": args.k, "loss_tol": LOSS_TOL, "timing": "process CPU time, 1 thread per process",
+        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "loadavg_start": [round(x, 2) for x in os.getloadavg()], "size_notes": {}}
+    rows: List[Dict[str, Any]] = []
+    t0 = time.time()
+    with tempfile.TemporaryDirectory(prefix="train_step_vs_official_") as tmp:
+        off = Official(args.official_python, args.official, Path(tmp) / "official.log")
+        meta["official"].update(torch=off.info["torch"], transformers=off.info["transformers"])
+        try:
+            for name in args.sizes.split(","):
+                d = Path(tmp) / name
+                net = build_size(name, d)
+                meta["size_notes"][name] = size_note(net)
+                loaded = off.ask(cmd="load", dir=str(d), vae=SIZES[name]["vae"], var_depth=SIZES[name]["var_depth"])
+                meta.setdefault("official_attn", loaded["attn"])
+                for kind in args.batches.split(","):
+                    for prec in args.precisions.split(","):
+                        rows.append(compare(off, net, d, name, kind, prec, args.rounds, args.k))
+                del net
+        finally:
+            off.close()
+    meta["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    meta["wall_s"] = round(time.time() - t0, 1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{args.name}.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=1) + "\n")
+    md = to_markdown(meta, rows)
+    (out / f"{args.name}.md").write_text(md)
+    print(md)
+    return 0 if all(r["loss_equal"] is not False for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
