@@ -124,7 +124,7 @@ class LoadSpec:
     """
 
     path: str = ""
-    into: str = ""  # "" = the whole model; else one of SUBMODULES
+    into: str = ""  # "" = the whole model; else one of SUBMODULES, or a dotted path (gen.vae_local)
     format: str = "native"
     keys: List[str] = field(default_factory=list)
     allow_missing: List[str] = field(default_factory=list)
@@ -269,8 +269,13 @@ class ModelConfig:
     def validate(self) -> None:
         for i, spec in enumerate(self.load):
             where = f"model.load[{i}]"
-            if spec.into and spec.into not in SUBMODULES:
-                raise ValueError(f"{where}.into={spec.into!r}; valid: '' (whole model), {', '.join(SUBMODULES)}")
+            # a dotted path reaches a nested part (gen.vae_local); whether a v1.1 model has it is
+            # checked against the built model when it loads (modules.weights.submodule)
+            if spec.into and (not all(p.isidentifier() for p in spec.into.split("."))
+                              or (self.family == "vargpt" and spec.into.split(".")[0] not in SUBMODULES)):
+                raise ValueError(f"{where}.into={spec.into!r}; valid: '' (whole model), {', '.join(SUBMODULES)}, "
+                                 "or a dotted path under one of them (a vargpt11 model: under its own parts, "
+                                 "e.g. gen.vae_local)")
             if spec.format not in LOAD_FORMATS:
                 raise ValueError(f"{where}.format={spec.format!r}; valid: {', '.join(LOAD_FORMATS)}")
             bad = [k for k in spec.keys if k not in SUBMODULES]

@@ -8,7 +8,7 @@ strict=False: what may be missing or unexpected is written in the config (``allo
 ``allow_unexpected``) or is a documented fact of the adapter. Paths are resolved by
 ``datamodules.paths.resolve_path`` (relative to the repository root).
 
-    format          file                                     into
+    format          file                                     into (a top-level name or a dotted path: gen.vae_local)
     native          our own names (an experiments.run export, or a component's state dict)
     official_var    FoundationVision/VAR var_d*.pth         var (class embedding -> cond_emb)
     official_vqvae  vae_ch160v4096z32.pth                    vqvae
@@ -284,10 +284,31 @@ def load_into(target: nn.Module, spec: LoadSpec, into: str = "") -> None:
         LOADERS["native"](getattr(target, name), sub_sd, sub, f"{src}[{name}]")
 
 
-def apply_load_spec(model: nn.Module, spec: LoadSpec) -> None:
-    """One ``model.load`` entry into a composed model (``into`` picks the submodule)."""
+def submodule(model: nn.Module, into: str, where: str = "model.load") -> nn.Module:
+    """The submodule a ``model.load`` entry's ``into`` names: a top-level name (``vqvae``) or a
+    dotted path (``gen.vae_local``, the v1.1 tokenizer). A name that is not there is refused with
+    the names that are, at the level where the path stopped matching."""
+    mod, done = model, []
+    for part in into.split("."):
+        child = mod._modules.get(part) if part else None
+        if child is None:
+            here = ".".join(done)
+            names = [f"{here}.{n}" if here else n for n, m in mod.named_children() if m is not None]
+            raise ValueError(f"{where}: into={into!r} names no submodule of {type(model).__name__} "
+                             f"({'no ' + repr(part) + ' under ' + repr(here) if here else 'no top-level ' + repr(part)}); "
+                             f"available {'under ' + repr(here) if here else 'top-level'}: {', '.join(names) or 'none'}. "
+                             "Fix: a top-level name or a dotted path to a submodule (e.g. gen.vae_local)")
+        mod = child
+        done.append(part)
+    return mod
+
+
+def apply_load_spec(model: nn.Module, spec: LoadSpec, where: str = "model.load") -> None:
+    """One ``model.load`` entry into a composed model (``into`` picks the submodule, dotted for
+    a nested one); ``where`` names the entry in errors (``model.load[2]``)."""
     into = spec.into or _DEFAULT_INTO.get(spec.format, "")
-    load_into(getattr(model, into) if into else model, LoadSpec(**{**spec.__dict__, "into": into}))
+    target = submodule(model, into, f"{where} ({spec.path})") if into else model
+    load_into(target, LoadSpec(**{**spec.__dict__, "into": into}))
 
 
 def init_spec(path: str, allow_missing: Sequence[str] = (), allow_unexpected: Sequence[str] = ()) -> LoadSpec:
@@ -304,8 +325,8 @@ def load_weights(model: nn.Module, specs: Iterable[LoadSpec], init_from: str = "
     entries: List[LoadSpec] = list(specs)
     if init_from:
         entries.append(init_spec(init_from, init_allow_missing, init_allow_unexpected))
-    for spec in entries:
-        apply_load_spec(model, spec)
+    for i, spec in enumerate(entries):
+        apply_load_spec(model, spec, "init_from" if init_from and i == len(entries) - 1 else f"model.load[{i}]")
 
 
 def load_component(component: nn.Module, specs: Iterable[LoadSpec], into: str, what: str, hint: str) -> nn.Module:
