@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import lightning as L
 import torch
@@ -38,8 +38,10 @@ class EvalCallback(L.Callback):
     """Runs the stage's ``eval:`` protocol on rank 0 whenever validation runs (never during the
     sanity check); the net is evaluated in eval mode and its train/eval state put back after."""
 
-    def __init__(self, evaluator: Evaluator):
-        self.evaluator = evaluator
+    def __init__(self, evaluator: Evaluator, adapt: Optional[Callable[[Any], Any]] = None):
+        # adapt: the stage's net -> the evaluator's model interface (evaluation.EvalModel), e.g.
+        # eval_v11.V11EvalModel for a v1.1 net; None: the net has the calls itself (a v1 VARGPT)
+        self.evaluator, self.adapt = evaluator, adapt
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         tasks = self.evaluator.tasks()
@@ -52,7 +54,7 @@ class EvalCallback(L.Callback):
         was_training = net.training
         net.eval()
         try:
-            r = self.evaluator.run(net, tasks)
+            r = self.evaluator.run(self.adapt(net) if self.adapt is not None else net, tasks)
         finally:
             pl_module.train(was_training)  # the stage keeps its frozen parts in eval mode
         for k, v in loop_metrics(r).items():

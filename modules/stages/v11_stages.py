@@ -27,6 +27,9 @@ import torch.nn as nn
 
 from datamodules.datamodule import VargptDataModule
 from datamodules.paths import resolve_path
+from modules.eval_v11 import V11EvalModel
+from modules.evaluation import Evaluator
+from modules.stages.callbacks import EvalCallback
 from modules.stages.vargpt_stages import VARGPTStage
 from modules.vargpt11_world import VARGPT11World
 from modules.weights import load_weights
@@ -69,7 +72,10 @@ class V11Stage(VARGPTStage):
         return ALL_SETS[self.STAGE]
 
     def configure_callbacks(self) -> List[Any]:
-        return []  # the in-loop evaluation protocol reads v1 models only (docs/v11.md)
+        """The ``eval:`` protocol after every validation, as a v1 stage's: the same evaluator and
+        callback, the net put behind the evaluator's calls by ``V11EvalModel`` (val/vqa_*, val/gen_*)."""
+        ev = Evaluator(self.cfg.eval, self.cfg.model, self.cfg.data.root)
+        return [EvalCallback(ev, adapt=V11EvalModel)] if ev.tasks() else []
 
 
 STAGE_CLASSES = {name: type(f"V11{name.title().replace('_', '')}", (V11Stage,), {"STAGE": name}) for name in ALL_SETS}

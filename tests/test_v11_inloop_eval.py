@@ -1,0 +1,63 @@
+"""A v1.1 stage runs the ``eval:`` protocol after each validation, as a v1 stage does: the same
+``EvalCallback`` with the net behind ``V11EvalModel`` (modules/stages/v11_stages.py), so its run
+logs val/vqa_* and val/gen_* (and keeps them in the export's final metrics)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from experiments.config import REPO_ROOT, load_config
+
+from tests.tiny import tiny_tokenizer_dir
+
+CLASSIFIER = REPO_ROOT / "assets/world/classifier.safetensors"
+SMALL = ["model.v11.llm.num_hidden_layers=1", "model.v11.tokenizer.base_ch=24", "model.v11.tokenizer.ch_mult=[1,1,1,1,1]",
+         "model.v11.decoder.depth=1"]
+
+
+@pytest.fixture(scope="module")
+def tiny_world(tmp_path_factory):
+    from datamodules.world import generate_split
+
+    root = tmp_path_factory.mktemp("v11loop")
+    generate_split(str(root / "train"), "train", {"vqa": 4, "gen": 4}, seed=0, size=64, shard_size=8)
+    generate_split(str(root / "val"), "val", {"vqa": 4, "gen": 4}, seed=0, size=64)
+    return root, tiny_tokenizer_dir(root)
+
+
+def _over(root, tok, out, *extra):
+    return ["stage=v11_stage1", f"model.tokenizer.path={tok}", f"data.root={root}", f"output_dir={out}",
+            "logging.enabled=false", "trainer.max_steps=1", "trainer.val_every_n_steps=1", "trainer.limit_val_batches=1",
+            "data.batch_size=2", "data.val_batch_size=2", "trainer.num_threads=1", "checkpoint.at_end=false",
+            "data.val_sources=[{name: vqa_val, shards: 'val/vqa-*.tar', task: understanding}]", *SMALL, *extra]
+
+
+def test_v11_stage_logs_the_in_loop_evaluation(tiny_world, tmp_path):
+    from experiments.run import fit
+
+    root, tok = tiny_world
+    ev = ["eval.vqa_shards=val/vqa-*.tar", "eval.gen_shards=val/gen-*.tar", "eval.num_vqa=4", "eval.num_gen=4",
+          "eval.max_new_tokens=2", "eval.batch_size=4", f"eval.classifier_path={CLASSIFIER}", "model.classifier.width=16",
+          f"eval.cache_dir={tmp_path / 'cache'}"]
+    torch.manual_seed(0)
+    out = fit(load_config(REPO_ROOT / "experiments/v11/world.yaml", _over(root, tok, tmp_path / "run", *ev)))
+    m = json.loads((out.parent / "export.json").read_text())["metadata"]["final_metrics"]
+    assert "val/loss" in m  # validation ran, and after it the evaluation
+    for key in ("val/vqa_accuracy", "val/vqa_prior_baseline", "val/vqa_blind_baseline", "val/gen_attribute_accuracy",
+                "val/fid"):
+        assert key in m, (key, sorted(m))
+    assert 0.0 <= m["val/vqa_accuracy"] <= 1.0 and 0.0 <= m["val/gen_attribute_accuracy"] <= 1.0
+
+
+def test_v11_stage_without_eval_shards_has_no_evaluation(tiny_world):
+    from modules.stages import build_stage
+
+    root, tok = tiny_world
+    cfg = load_config(REPO_ROOT / "experiments/v11/world.yaml", _over(root, tok, "unused")).cfg
+    module, _ = build_stage(cfg)
+    assert module.configure_callbacks() == []
+    cfg = load_config(REPO_ROOT / "experiments/v11/world.yaml", _over(root, tok, "unused", "eval.vqa_shards=val/vqa-*.tar")).cfg
+    (cb,) = build_stage(cfg)[0].configure_callbacks()
+    assert cb.adapt is not None and cb.evaluator.tasks() == ["vqa"]
