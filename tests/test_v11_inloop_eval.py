@@ -34,16 +34,23 @@ def _over(root, tok, out, *extra):
             "data.val_sources=[{name: vqa_val, shards: 'val/vqa-*.tar', task: understanding}]", *SMALL, *extra]
 
 
-def test_v11_stage_logs_the_in_loop_evaluation(tiny_world, tmp_path):
+@pytest.fixture(scope="module")
+def run_with_eval(tiny_world, tmp_path_factory):
+    """One step of v11_stage1 with validation and the eval protocol: (the export, its final metrics)."""
     from experiments.run import fit
 
     root, tok = tiny_world
+    tmp = tmp_path_factory.mktemp("v11looprun")
     ev = ["eval.vqa_shards=val/vqa-*.tar", "eval.gen_shards=val/gen-*.tar", "eval.num_vqa=4", "eval.num_gen=4",
           "eval.max_new_tokens=2", "eval.batch_size=4", f"eval.classifier_path={CLASSIFIER}", "model.classifier.width=16",
-          f"eval.cache_dir={tmp_path / 'cache'}"]
+          f"eval.cache_dir={tmp / 'cache'}"]
     torch.manual_seed(0)
-    out = fit(load_config(REPO_ROOT / "experiments/v11/world.yaml", _over(root, tok, tmp_path / "run", *ev)))
-    m = json.loads((out.parent / "export.json").read_text())["metadata"]["final_metrics"]
+    out = fit(load_config(REPO_ROOT / "experiments/v11/world.yaml", _over(root, tok, tmp / "run", *ev)))
+    return out, json.loads((out.parent / "export.json").read_text())["metadata"]["final_metrics"]
+
+
+def test_v11_stage_logs_the_in_loop_evaluation(run_with_eval):
+    _, m = run_with_eval
     assert "val/loss" in m  # validation ran, and after it the evaluation
     for key in ("val/vqa_accuracy", "val/vqa_prior_baseline", "val/vqa_blind_baseline", "val/gen_attribute_accuracy",
                 "val/fid"):
@@ -61,3 +68,19 @@ def test_v11_stage_without_eval_shards_has_no_evaluation(tiny_world):
     cfg = load_config(REPO_ROOT / "experiments/v11/world.yaml", _over(root, tok, "unused", "eval.vqa_shards=val/vqa-*.tar")).cfg
     (cb,) = build_stage(cfg)[0].configure_callbacks()
     assert cb.adapt is not None and cb.evaluator.tasks() == ["vqa"]
+
+
+def test_in_loop_figures_equal_experiments_evaluate_on_the_export(run_with_eval, tiny_world, tmp_path):
+    """The validation after the last step saw the exported weights: the offline evaluator on the
+    export gives the same figures (same samples, seeds, classifier). The random model answers and
+    draws nothing right (accuracies 0), so FID / IS, which move with every generated pixel, are
+    what tie the two runs together."""
+    from experiments.evaluate import main
+
+    out, m = run_with_eval
+    root, _ = tiny_world
+    assert main([str(out.parent), "--tasks", "vqa,generation", "--out", str(tmp_path / "e.json"), "--no-mlflow",
+                 f"data.root={root}"]) == 0
+    r = json.loads((tmp_path / "e.json").read_text())
+    for k in ("vqa_accuracy", "vqa_blind_baseline", "gen_attribute_accuracy", "fid", "inception_score"):
+        assert abs(m[f"val/{k}"] - r[k]) <= 1e-5 * max(1.0, abs(r[k])), (k, m[f"val/{k}"], r[k])
