@@ -89,8 +89,13 @@ class V11EvalModel:
         if teacher_idx is not None:
             raise ValueError("eval.teacher_scales is a v1 VQVAE diagnostic; a v1.1 export has no VQVAE indices: "
                              "set eval.teacher_scales=0")
-        self.model.cfg.cfg = float(cfg)
-        return self._images([self._ids(p, False) for p in prompts], seed, None)
+        # the guidance scale is the evaluation's, for this call only: the net may be a training net
+        # (in-loop evaluation) whose own setting must survive it
+        kept, self.model.cfg.cfg = self.model.cfg.cfg, float(cfg)
+        try:
+            return self._images([self._ids(p, False) for p in prompts], seed, None)
+        finally:
+            self.model.cfg.cfg = kept
 
     @torch.no_grad()
     def edit_images(self, sources: Sequence[Any], instructions: Sequence[str], seeds: Sequence[int]) -> torch.Tensor:

@@ -84,3 +84,26 @@ def test_in_loop_figures_equal_experiments_evaluate_on_the_export(run_with_eval,
     r = json.loads((tmp_path / "e.json").read_text())
     for k in ("vqa_accuracy", "vqa_blind_baseline", "gen_attribute_accuracy", "fid", "inception_score"):
         assert abs(m[f"val/{k}"] - r[k]) <= 1e-5 * max(1.0, abs(r[k])), (k, m[f"val/{k}"], r[k])
+
+
+def test_evaluation_guidance_does_not_stay_on_the_training_net():
+    """The in-loop evaluation samples with eval.cfg; the training net's own cfg survives the call
+    (and a failing call) untouched."""
+    import types
+
+    from modules.eval_v11 import V11EvalModel
+
+    seen = []
+    ev = V11EvalModel.__new__(V11EvalModel)  # no net needed: _ids/_images are replaced below
+    ev.model = types.SimpleNamespace(cfg=types.SimpleNamespace(cfg=1.5))
+    ev._ids = lambda text, with_image: [1, 2]
+    ev._images = lambda rows, seeds, sources: seen.append(ev.model.cfg.cfg) or torch.zeros(len(rows), 3, 2, 2)
+    assert ev.generate_image(["a red circle"], cfg=4.0, seed=[0]).shape == (1, 3, 2, 2)
+    assert seen == [4.0] and ev.model.cfg.cfg == 1.5
+
+    def boom(rows, seeds, sources):
+        raise RuntimeError("sampler failed")
+    ev._images = boom
+    with pytest.raises(RuntimeError):
+        ev.generate_image(["x"], cfg=3.0, seed=[0])
+    assert ev.model.cfg.cfg == 1.5
