@@ -185,45 +185,6 @@ def _precision(device_type: str, dtype: Optional[torch.dtype]):
     return torch.autocast(device_type, dtype=dtype)
 
 
-def _scale_step(var: nn.Module, x_2BlC: torch.Tensor, ada, k_all: torch.Tensor, v_all: torch.Tensor, pos: int,
-                xkv, keep, cond_BD: torch.Tensor, head_ada) -> torch.Tensor:
-    """One scale through every block (keys/values written into k_all/v_all (depth, 2B, H, L, hd)
-    at [pos, pos + l)) and the head -> logits (2B, l, V)."""
-    x = x_2BlC
-    for i, blk in enumerate(var.blocks):
-        x = blk(x, ada[i], None, (k_all[i], v_all[i], pos))
-        if xkv is not None:
-            x = var.cross[i](x, xkv[i], keep)
-    return var.logits(x, cond_BD, head_ada)
-
-
-COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
-
-
-def compiled_step(var: nn.Module, mode: str) -> Callable:
-    """`_scale_step` bound to `var`, compiled with torch.compile (inductor), cached per (model,
-    mode), so only the first call of a shape compiles. mode: "default" | "max-autotune-no-cudagraphs"
-    (one graph per scale shape), "+dynamic" (symbolic shapes), "+freeze" (inductor freezing: the
-    weights become constants of the graph, prepacked for oneDNN; inference only)."""
-    base, *flags = mode.split("+")
-    if base not in COMPILE_MODES or not set(flags) <= {"dynamic", "freeze"}:
-        raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, optionally with '+dynamic' and/or "
-                         f"'+freeze', got {mode!r}")
-    per_var = var.__dict__.setdefault("_compiled_steps", {})  # dies with the model
-    if mode not in per_var:
-        # options, not mode=: one inductor config per compiled function (torch.compile takes
-        # either), and dynamo keeps the graphs of each backend apart
-        opts = {"max_autotune": base != "default", "freezing": "freeze" in flags}
-        fn = torch.compile(lambda *a: _scale_step(var, *a), options=opts, fullgraph=True, dynamic="dynamic" in flags)
-
-        def step(*a, _fn=fn):
-            # one graph per scale shape (and batch, dtype): more than dynamo's default limit of 8
-            with torch._dynamo.config.patch(recompile_limit=256):
-                return _fn(*a)
-        per_var[mode] = step
-    return per_var[mode]
-
-
 class KVCache:
     """Preallocated keys/values for every block: (depth, N, H, L, head_dim) each. Pass L = the
     positions that later steps attend to (all but the last scale): the last chunk attends to the
@@ -280,7 +241,6 @@ def sample_next_scale(
     dtype: DTypeArg = "auto",
     cond_extra: Optional[torch.Tensor] = None,
     context: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
-    compile_mode: Optional[str] = None,
 ) -> Tuple[List[torch.Tensor], Optional[torch.Tensor]]:
     """Generate B images scale by scale. Returns (idx_list, img): idx_list[k] is (B, pn_k^2),
     img (B, 3, H, W) in [0, 1] (None with decode=False).
@@ -321,9 +281,6 @@ def sample_next_scale(
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     sampler, compute = resolve_sampling(var, parity, sampler, dtype)
-    if compile_mode and not use_cache:
-        raise ValueError("compile_mode compiles the KV-cached step: it needs use_cache=True")
-    step = compiled_step(var, compile_mode) if compile_mode else None
     draw = SAMPLERS[sampler]
     quant = vq.quantize
     device = var.pos_1LC.device
@@ -371,10 +328,11 @@ def sample_next_scale(
                     raise ValueError(f"step_hook at scale {si} returned {tuple(h.shape)}, expected {tuple(x_chunk.shape)}")
                 x_chunk = h
             if use_cache:
-                if step is not None:  # blocks + head as one compiled graph per scale shape
-                    logits_2BlV = step(x_chunk, ada, cache.k, cache.v, cache.pos, xkv, keep, cond_BD, head_ada)
-                else:
-                    logits_2BlV = _scale_step(var, x_chunk, ada, cache.k, cache.v, cache.pos, xkv, keep, cond_BD, head_ada)
+                x = x_chunk
+                for i, blk in enumerate(var.blocks):
+                    x = blk(x, ada[i], None, cache.slot(i))
+                    if xkv is not None:
+                        x = var.cross[i](x, xkv[i], keep)
                 cache.pos += l
             else:
                 prefix.append(x_chunk)
@@ -386,8 +344,8 @@ def sample_next_scale(
                     if xkv is not None:
                         x = var.cross[i](x, xkv[i], keep)
                 x = x[:, cur:]
-                logits_2BlV = var.logits(x, cond_BD, head_ada)
             cur += l
+            logits_2BlV = var.logits(x, cond_BD, head_ada)
             if logits_out is not None:
                 logits_out.append(logits_2BlV.clone())
 
