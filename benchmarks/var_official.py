@@ -73,7 +73,10 @@ NOTES = (
     "but 2.18 vs 2.20 s best / 2.26 vs 2.31 s median of a depth-8 bf16 call over 8 rounds: in the noise); "
     "SDPA with contiguous or BLHc-layout keys/values or the math backend (no faster than the flash "
     "kernel at these shapes); addcmul for the AdaLN modulation and gated residual (not bit-identical, "
-    "~1% of a call); torch.compile (not tried: 10 shapes per call, compile time on a shared 2-core machine).",
+    "~1% of a call); torch.compile (inductor) of the per-scale step, blocks + head in one graph per scale "
+    "shape: 0.63x eager in fp32 and 0.47x in bf16 at depth 8, after a first call of 4-5 min "
+    "(benchmarks/results/var_sampling_compile.md: the graph copies the whole KV cache per step for its "
+    "in-place write, and re-casts the weights to bf16 per call).",
     "Where the time goes (torch.profiler, depth 8, fast path without decode, shares of self CPU time): "
     "fp32: matmuls (addmm) 54%, attention (SDPA) 13%, copies 9%, GELU 8%, top-k 5%; bf16: matmuls 27%, "
     "SDPA 15%, copies 13%, GELU 12%, top-k 9%, AdaLN multiplies 8%. The official code runs the same "
