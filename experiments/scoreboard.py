@@ -154,7 +154,7 @@ def limits_note(sb: Dict[str, Any], cols: Sequence[str], page: str = "docs/limit
 
 def scoreboard_rows(rep: Dict[str, Any]) -> List[tuple]:
     """(measure, cell) for one preset's report, in the scoreboard's order. Every figure carries
-    its 95% interval: VQA from n (binomial), attribute accuracy a bootstrap over prompts, and a
+    its 95% interval: VQA a bootstrap over questions (the evaluator's), attribute accuracy a bootstrap over prompts, and a
     one-draw figure also the range its draw seed alone spans (the K draws of best of K)."""
     s2, s3 = rep.get("stage2", {}), rep.get("stage3", {})
     best_of = rep.get("gen_best_of")

@@ -117,6 +117,7 @@ def evaluate_vqa(net, samples: Sequence[Dict[str, Any]], cfg: EvalConfig) -> Dic
     rows: List[Dict[str, Any]] = []
     preds_all: List[str] = []
     scores: List[float] = []  # per question, for the interval
+    blind_scores: List[float] = []
     for chunk in _batches(samples, cfg.batch_size):
         images = [s["images"][0] if s["images"] else None for s in chunk]
         qs = [user_text(s["record"]).replace(IMAGE_TOKEN, "").strip() for s in chunk]
@@ -128,7 +129,9 @@ def evaluate_vqa(net, samples: Sequence[Dict[str, Any]], cfg: EvalConfig) -> Dic
         for s, p, a in zip(chunk, preds, answers):
             per_type[s["record"].get("question_type", "all")].update([p], [a])
         if cfg.blind_baseline:
-            blind.update(net.answer([None] * len(chunk), qs, max_new_tokens=cfg.max_new_tokens), answers)
+            blind_preds = net.answer([None] * len(chunk), qs, max_new_tokens=cfg.max_new_tokens)
+            blind.update(blind_preds, answers)
+            blind_scores += [vqa_accuracy(p, a) for p, a in zip(blind_preds, answers)]
         for s, q, p, a in zip(chunk, qs, preds, answers):
             if len(rows) < cfg.table_rows:
                 rows.append({"key": s["key"], "question": q, "answer": a[0], "prediction": p})
@@ -142,8 +145,7 @@ def evaluate_vqa(net, samples: Sequence[Dict[str, Any]], cfg: EvalConfig) -> Dic
         prior.update([majority] * len(answers), answers)
     out = {
         "vqa_accuracy": float(overall.compute()),
-        # percentile bootstrap over the questions (metrics_world.bootstrap_ci)
-        "vqa_accuracy_ci95": bootstrap_ci(torch.tensor(scores, dtype=torch.float64), torch.ones(len(scores), dtype=torch.float64)),
+        "vqa_accuracy_ci95": _question_ci(scores),
         "vqa_per_type": {k: float(m.compute()) for k, m in sorted(per_type.items())},
         "vqa_prior_baseline": float(prior.compute()),
         "vqa_n": len(samples),
@@ -151,7 +153,15 @@ def evaluate_vqa(net, samples: Sequence[Dict[str, Any]], cfg: EvalConfig) -> Dic
     }
     if cfg.blind_baseline:
         out["vqa_blind_baseline"] = float(blind.compute())
+        out["vqa_blind_baseline_ci95"] = _question_ci(blind_scores)
     return out
+
+
+def _question_ci(scores: Sequence[float]) -> List[float]:
+    """95% percentile bootstrap over the questions (metrics_world.bootstrap_ci): the one place a
+    VQA interval is computed. Right for the world's 0/1 answers and for lmms-eval's fractional
+    min(matches / 3, 1) scores alike, where a binomial from n would not be."""
+    return bootstrap_ci(torch.tensor(scores, dtype=torch.float64), torch.ones(len(scores), dtype=torch.float64))
 
 
 # ------------------------------------------------------------------------------------ generation

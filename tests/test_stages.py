@@ -222,6 +222,10 @@ def test_three_stages_chain_end_to_end(tiny_world, tmp_path, tracking_uri, model
         assert one["mean_ci95"][0] <= one["mean"] <= one["mean_ci95"][1]
         lo, hi = rep["stage2"]["vqa_accuracy_ci95"]
         assert lo <= rep["vqa_accuracy"] <= hi and hi - lo > 0 or rep["vqa_accuracy"] in (0.0, 1.0)
+        # one owner of VQA intervals: the pipeline copies the evaluator's, the blind baseline's too
+        ev = json.loads((report.parent / "stage2_vqa_test.json").read_text())
+        assert rep["stage2"]["vqa_accuracy_ci95"] == ev["vqa_accuracy_ci95"]
+        assert rep["stage2"]["vqa_blind_baseline_ci95"] == ev["vqa_blind_baseline_ci95"]
         assert rep["real_vs_real"]["shards"] == "same-prompts" and rep["real_vs_real"]["n"] == 4
         assert "attr_all" in rep["real_vs_real"] and "attr_all" in rep["vqvae_reconstruction"]
 
