@@ -82,5 +82,15 @@ def test_image_side_mismatch_names_the_key(world, tmp_path):
     from modules.stages.bases.bsq import BSQModule
 
     cfg = load_config(REPO_ROOT / "experiments/world/bases/bsq.yaml", ["model.v11.tokenizer.scales=[[1,1],[2,2]]"]).cfg
-    with pytest.raises(ValueError, match="model.v11.tokenizer"):
-        BSQModule(cfg)._check(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="base_bsq: world images are 64 px.*fix model.v11.tokenizer"):
+        BSQModule(cfg).training_step({"image": torch.zeros(1, 3, 64, 64, dtype=torch.uint8)}, 0)
+
+
+def test_vqvae_image_side_mismatch_names_the_key():
+    from modules.stages.bases.vqvae import VQVAEModule
+
+    cfg = load_config(REPO_ROOT / "experiments/world/bases/vqvae.yaml").cfg
+    m = VQVAEModule(cfg)
+    side = m.resolution * 2
+    with pytest.raises(ValueError, match=f"base_vqvae: world images are {side} px.*fix model.vqvae"):
+        m.training_step({"image": torch.zeros(1, 3, side, side, dtype=torch.uint8)}, 0)

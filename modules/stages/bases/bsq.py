@@ -20,7 +20,7 @@ from torchmetrics import MeanMetric
 
 from modules.components.bsq import BSQConfig, BSQTokenizer
 from modules.stages.base import StageModule
-from modules.stages.bases.data import InMemoryData, object_mask, to_signed
+from modules.stages.bases.data import InMemoryData, check_resolution, object_mask, to_signed
 from modules.stages.bases.vqvae import VQVAE_OBJECT_L1
 
 
@@ -112,14 +112,10 @@ class BSQModule(StageModule):
     def trainable_prefixes(self):
         return ("encoder", "decoder")
 
-    def _check(self, x: torch.Tensor) -> None:
-        if x.shape[-1] != self.resolution:
-            raise ValueError(f"base_bsq: world images are {x.shape[-1]} px but the tokenizer's resolution is "
-                             f"{self.resolution} (last scale x 2^(len(ch_mult)-1)); fix model.v11.tokenizer")
-
     def training_step(self, batch, batch_idx):
         x8 = batch["image"]
-        self._check(x8)
+        check_resolution("base_bsq", x8, self.resolution,
+                         "tokenizer's resolution (last scale x 2^(len(ch_mult)-1))", "model.v11.tokenizer")
         loss, parts = bsq_loss(self.net, x8)
         self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True)
         if self.logging_step():

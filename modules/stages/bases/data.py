@@ -132,6 +132,13 @@ def to_signed(x_uint8: torch.Tensor) -> torch.Tensor:
     return x_uint8.float().div_(127.5).sub_(1.0)
 
 
+def check_resolution(stage: str, x: torch.Tensor, resolution: int, how: str, fix: str) -> None:
+    """Image bases (VQVAE, BSQ) train at one resolution: world images of another size are a config
+    error, named with the key that sets it (``how``: how the base's resolution is derived)."""
+    if x.shape[-1] != resolution:
+        raise ValueError(f"{stage}: world images are {x.shape[-1]} px but the {how} is {resolution}; fix {fix}")
+
+
 def object_mask(x_uint8: torch.Tensor) -> torch.Tensor:
     """(B, 1, H, W) float mask of world object pixels, dilated by one pixel.
 

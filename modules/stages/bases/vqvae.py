@@ -9,7 +9,7 @@ from torchmetrics import MeanMetric
 
 from modules.components.vqvae import build_vqvae
 from modules.stages.base import StageModule
-from modules.stages.bases.data import InMemoryData, object_mask, to_signed
+from modules.stages.bases.data import InMemoryData, check_resolution, object_mask, to_signed
 
 # Extra L1 on object pixels, relative to the plain L1: colour is learned last because objects
 # cover about 10% of a world image, so without it reconstructions keep shapes and lose colours.
@@ -28,14 +28,10 @@ class VQVAEModule(StageModule):
     def trainable_prefixes(self):
         return ("encoder", "decoder", "quantize", "quant_conv", "post_quant_conv")
 
-    def _check(self, x: torch.Tensor) -> None:
-        if x.shape[-1] != self.resolution:
-            raise ValueError(f"base_vqvae: world images are {x.shape[-1]} px but the VQVAE's resolution is "
-                             f"{self.resolution} (patch_nums[-1] x 2^(len(ch_mult)-1)); fix model.vqvae")
-
     def training_step(self, batch, batch_idx):
         x8 = batch["image"]
-        self._check(x8)
+        check_resolution("base_vqvae", x8, self.resolution,
+                         "VQVAE's resolution (patch_nums[-1] x 2^(len(ch_mult)-1))", "model.vqvae")
         x = to_signed(x8)
         recon, losses = self.net(x)
         loss = losses["loss"]
