@@ -57,9 +57,52 @@ BLOCKS = {"scoreboard": render_scoreboard, "timings": render_timings}  # README 
 # ----------------------------------------------------------------------------------------
 
 
-def publish_sweep(name: str, tracking_uri: Optional[str] = None, root: Path = ABLATIONS) -> Path:
+def test_evaluations(names: List[str], sweep_dir: Path) -> Dict[str, Any]:
+    """Each variant's test-protocol report (``experiments.evaluate <sweep_dir>/<variant>``, written
+    as ``eval.json`` beside its export), reduced to the figures an ablation page compares: the
+    validation metric ranks a sweep, these are the scoreboard's protocol on the test prompts."""
+    out: Dict[str, Any] = {}
+    for n in names:
+        f = sweep_dir / n / "eval.json"
+        if not f.is_file():
+            continue
+        e = _load_json(f)
+        if "gen_attr_mean" not in e:
+            continue
+        proto = e.get("protocol", {})
+        floor = (e.get("real_vs_real") or {}).get("fid")
+        out[n] = {
+            "n": e.get("gen_n"), "best_of": proto.get("best_of"), "gen_shards": proto.get("gen_shards"),
+            "attr_mean": e["gen_attr_mean"], "attr_mean_ci95": e.get("gen_attr_mean_ci95"),
+            "attr_all": e.get("gen_attr_all"), "attr_all_ci95": e.get("gen_attr_all_ci95"),
+            "by_objects_mean": {k: v.get("mean") for k, v in sorted((e.get("gen_attr_by_objects") or {}).items())},
+            "fid": e.get("fid"), "fid_floor": floor, "prompt_gain": e.get("gen_prompt_gain"),
+            "seconds": e.get("seconds"),
+        }
+    return out
+
+
+def test_table(ev: Dict[str, Any]) -> str:
+    """The test-protocol table of an ablation page (one row per evaluated variant)."""
+    head = ["variant", "draws", "attribute accuracy (mean) [95%]", "every attribute right [95%]",
+            "mean by objects 1 / 2 / 3", "FID (same-prompt floor)", "prompt gain (nats/token)"]
+    ci = lambda v, c: f"{v:.3f} [{c[0]:.3f}, {c[1]:.3f}]" if v is not None and c else _fmt(v)  # noqa: E731
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for n, r in ev.items():
+        objs = " / ".join(f"{v:.3f}" for v in r["by_objects_mean"].values() if v is not None)
+        fid = "" if r["fid"] is None else f"{r['fid']:.1f}" + (f" ({r['fid_floor']:.1f})" if r["fid_floor"] else "")
+        lines.append("| " + " | ".join([n, str(r["best_of"] or 1), ci(r["attr_mean"], r["attr_mean_ci95"]),
+                                         ci(r["attr_all"], r["attr_all_ci95"]), objs, fid,
+                                         _fmt(r["prompt_gain"])]) + " |")
+    return "\n".join(lines)
+
+
+def publish_sweep(name: str, tracking_uri: Optional[str] = None, root: Path = ABLATIONS,
+                  sweep_dir: Optional[Path] = None) -> Path:
     """Read a sweep's runs from MLflow (the ``experiments.compare`` report) and write its results
-    file, its CSV (every metric) and its figure under ``root``; returns the JSON's path."""
+    file, its CSV (every metric) and its figure under ``root``; returns the JSON's path. Variants
+    evaluated on the test protocol (``eval.json`` under ``sweep_dir``, default runs/sweeps/NAME)
+    bring those figures along."""
     import shutil
     import tempfile
 
@@ -81,6 +124,9 @@ def publish_sweep(name: str, tracking_uri: Optional[str] = None, root: Path = AB
             "tracking_uri": tracking_uri or tracking.default_tracking_uri(),
             "command": f"python -m experiments.report publish sweep {name}",
         }
+        ev = test_evaluations([r["name"] for r in data["rows"]], sweep_dir or REPO_ROOT / "runs" / "sweeps" / name)
+        if ev:
+            data["test_eval"] = ev
         (root / "results").mkdir(parents=True, exist_ok=True)
         (root / "figures").mkdir(parents=True, exist_ok=True)
         out = root / "results" / f"{name}.json"
@@ -154,6 +200,14 @@ def render_ablation(yaml_path: Path, root: Path = ABLATIONS) -> str:
             f"[`results/{name}.csv`](results/{name}.csv).", "", results_table(data), ""]
     if (root / "figures" / f"{name}.png").is_file():
         out += [f"![{name}: the shown metrics against the step, one line per variant](figures/{name}.png)", ""]
+    if data.get("test_eval"):
+        first = next(iter(data["test_eval"].values()))
+        out += ["## Test protocol", "", f"Each variant's export on the scoreboard's generation protocol: "
+                f"{first['n']} test prompts (`{first['gen_shards']}`), one draw each, intervals 95% bootstraps over "
+                f"the prompts, FID against the same prompts rendered again by the world "
+                f"(`python -m experiments.evaluate runs/sweeps/{name}/<variant> --tasks generation "
+                f"--real-baseline same-prompts`). Every variant draws for the same prompts; two figures whose "
+                f"intervals overlap are not separated.", "", test_table(data["test_eval"]), ""]
     return "\n".join(out)
 
 
@@ -297,6 +351,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     pb.add_argument("what", choices=("sweep", "scoreboard", "timings", "limits"))
     pb.add_argument("name", nargs="?", default="", help="sweep: the sweep (or MLflow experiment) name")
     pb.add_argument("--tracking-uri", default=None, help="sweep: MLflow store (default runs/mlflow.db)")
+    pb.add_argument("--sweep-dir", default=None,
+                    help="sweep: where its variants' exports and eval.json are (default runs/sweeps/NAME)")
     pb.add_argument("--preset", default="default", help="scoreboard: which column (default, v1)")
     pb.add_argument("--runs-root", default=str(REPO_ROOT),
                     help="scoreboard / timings / limits: the checkout whose runs/ holds pipeline/report.json, "
@@ -311,7 +367,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             if args.what == "sweep":
                 if not args.name:
                     ap.error("publish sweep needs the sweep's name")
-                publish_sweep(args.name, args.tracking_uri)
+                publish_sweep(args.name, args.tracking_uri, sweep_dir=Path(args.sweep_dir) if args.sweep_dir else None)
             elif args.what == "limits":
                 publish_limits(Path(args.runs_root), Path(args.v1_root) if args.v1_root else None)
             elif args.what == "scoreboard":

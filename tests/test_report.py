@@ -142,6 +142,20 @@ def test_tiny_sweep_publishes_a_page_with_table_and_figure(tmp_path, capsys, emp
     # ranked by val/loss best: row 1 holds the smaller value
     best = [float(l.split("|")[5]) for l in rows]
     assert best == sorted(best)
+    assert "## Test protocol" not in page
+    # a variant evaluated on the test protocol brings those figures (and only that variant)
+    first = data["rows"][0]["name"]
+    (tmp_path / "out" / first).mkdir(parents=True, exist_ok=True)
+    (tmp_path / "out" / first / "eval.json").write_text(json.dumps({
+        "gen_n": 200, "protocol": {"best_of": 1, "gen_shards": "test/gen-*.tar"}, "gen_attr_mean": 0.3376,
+        "gen_attr_mean_ci95": [0.2753, 0.4022], "gen_attr_all": 0.27, "gen_attr_all_ci95": [0.21, 0.335],
+        "gen_attr_by_objects": {"1": {"mean": 0.6}, "2": {"mean": 0.3}, "3": {"mean": 0.2}},
+        "fid": 478.6, "real_vs_real": {"fid": 207.1}, "gen_prompt_gain": 1.2, "seconds": 90.0}))
+    data = json.loads(report.publish_sweep("tiny_lr", tracking_uri=store, root=abl, sweep_dir=tmp_path / "out").read_text())
+    assert list(data["test_eval"]) == [first] and data["test_eval"][first]["fid_floor"] == 207.1
+    page = report.render_ablation(y, abl)
+    assert "## Test protocol" in page and "200 test prompts (`test/gen-*.tar`)" in page
+    assert f"| {first} | 1 | 0.338 [0.275, 0.402] | 0.270 [0.210, 0.335] | 0.600 / 0.300 / 0.200 | 478.6 (207.1) |" in page
 
 
 def test_benchmarks_page_names_each_results_file_and_its_provenance(tmp_path):
