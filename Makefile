@@ -84,6 +84,7 @@ BASE_FILES := $(B)/llm/model.safetensors $(B)/vision/model.safetensors $(B)/vqva
 
 bases: setup world-data $(BASE_FILES) ## train the stage-0 world bases missing under runs/bases, then pack them into assets/world/
 	$(PY) -m experiments.bases pack
+	@$(STAMP_TIME) bases $(MAKE_START)
 
 $(B)/%/model.safetensors: | $(WORLD_STAMP)
 	$(RUN) experiments/world/bases/$*.yaml $(ARGS)
