@@ -10,6 +10,7 @@ mlflow is imported lazily: it costs seconds and most commands (dry runs, tests) 
 """
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
@@ -128,7 +129,6 @@ def ui_links(uri: str) -> List[str]:
 
 
 def run_tags(loaded: LoadedConfig, extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
-    import json
 
     cfg = loaded.cfg
     g = git_info()
@@ -142,9 +142,7 @@ def run_tags(loaded: LoadedConfig, extra: Optional[Dict[str, str]] = None) -> Di
         "cpu_model": cpu_model(),  # timings of runs on other CPUs are not comparable
         **cfg.logging.tags,
     }
-    env_tags = os.environ.get(SWEEP_ENV)
-    if env_tags:
-        tags.update({str(k): str(v) for k, v in json.loads(env_tags).items()})
+    tags.update(sweep_env_tags())
     if extra:
         tags.update(extra)
     return tags
@@ -164,7 +162,12 @@ def make_logger(loaded: LoadedConfig, extra_tags: Optional[Dict[str, str]] = Non
     ensure_experiment(get_client(tracking_uri(cfg)), name, root)
     cls = _system_metrics_logger_class() if system_metrics_enabled() else MLFlowLogger
     if run_id:
-        get_client(tracking_uri(cfg)).update_run(run_id, status="RUNNING")
+        client = get_client(tracking_uri(cfg))
+        client.update_run(run_id, status="RUNNING")
+        # A relaunched sweep resumes its interrupted variant into the same run: the new launch's
+        # tags (its attempt id above all) go on it, or the launcher could not find its child.
+        for k, v in sweep_env_tags().items():
+            client.set_tag(run_id, k, v)
         return cls(experiment_name=name, tracking_uri=tracking_uri(cfg), run_id=run_id, log_model=False,
                    artifact_location=(root / name).as_uri())
     return cls(
@@ -421,9 +424,14 @@ def log_text_to_run(client: Any, run_id: str, filename: str, text: str,
         client.log_artifact(run_id, str(p), artifact_path)
 
 
+def sweep_env_tags() -> Dict[str, str]:
+    """The tags a sweep launcher passed this process (``sweep_child_env``); {} outside a sweep."""
+    env_tags = os.environ.get(SWEEP_ENV)
+    return {str(k): str(v) for k, v in json.loads(env_tags).items()} if env_tags else {}
+
+
 def sweep_child_env(tags: Dict[str, str]) -> Dict[str, str]:
     """The environment entry that makes a child's run carry ``tags`` (read by run_tags)."""
-    import json
 
     return {SWEEP_ENV: json.dumps({str(k): str(v) for k, v in tags.items()})}
 
@@ -437,7 +445,6 @@ def eval_report_metrics(report: Dict[str, Any]) -> Dict[str, float]:
 def log_eval_report(client: Any, run_id: str, report: Dict[str, Any], report_path: Optional[Path] = None) -> None:
     """Log an evaluation report to one MLflow run: its metrics, the protocol as params and the
     JSON itself (``report_path`` when it is on disk, else ``report.json`` from memory)."""
-    import json
 
     from mlflow.entities import Metric, Param
 

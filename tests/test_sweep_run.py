@@ -138,6 +138,39 @@ def test_micro_sweep_failure_rerun_parallel_and_compare(tmp_path, store, capsys)
         print(f"\n[timing] first launch (4 variants, 2 at a time) {t_first:.1f}s, relaunch {t_second:.1f}s")
 
 
+def test_relaunch_resumes_an_interrupted_variant_into_its_own_run(tmp_path, store, capsys):
+    """A variant killed mid-run (its run KILLED, its last checkpoint at step 2 of 4): the relaunched
+    sweep passes --resume, the child continues the same MLflow run, and the launcher finds it
+    there (the new launch's attempt tag goes on the resumed run) and records it FINISHED."""
+    import mlflow
+
+    path = _sweep_file(tmp_path, store, "resumable", """\
+        variants:
+          - {name: only, overrides: {checkpoint.every_n_steps: 2}}
+        """)
+    out_dir = tmp_path / "out"
+    assert sweep.main([str(path), "--out-dir", str(out_dir), "--no-compare"]) == 0
+    capsys.readouterr()
+    client = mlflow.MlflowClient(store)
+    (run,) = _children(client, "resumable")
+    ckpts = out_dir / "only" / "checkpoints"
+    for f in ckpts.glob("step-00000004.*"):  # the process died after step 2's checkpoint
+        f.unlink()
+    client.set_terminated(run.info.run_id, "KILLED")
+    assert sweep.main([str(path), "--out-dir", str(out_dir), "--no-compare"]) == 0, capsys.readouterr()
+    out = capsys.readouterr().out
+    assert "FINISHED only" in out, out
+    (after,) = _children(client, "resumable")  # no second run: the same one, continued
+    assert after.info.run_id == run.info.run_id and after.info.status == "FINISHED"
+    assert after.data.tags[tracking.SWEEP_ATTEMPT] != run.data.tags[tracking.SWEEP_ATTEMPT]
+    assert "step 2" in after.data.tags["vargpt.resumed_from"]
+    assert "resuming from" in (out_dir / "only.log").read_text()
+    # validation every 2 steps (logged at Lightning's 0-based steps 1 and 3): the resumed process
+    # ran steps 3-4 again (the faked death came after them) and logged step 3's again, into this run
+    hist = client.get_metric_history(run.info.run_id, "val/loss")
+    assert sorted({m.step for m in hist}) == [1, 3] and len(hist) == 3
+
+
 # A stand-in variant: no imports, reports the dispositions it started with and every stop signal
 # it gets; a stubborn one ignores them (the launcher must escalate to SIGKILL).
 _CHILD = textwrap.dedent("""\
