@@ -353,7 +353,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     pb.add_argument("--tracking-uri", default=None, help="sweep: MLflow store (default runs/mlflow.db)")
     pb.add_argument("--sweep-dir", default=None,
                     help="sweep: where its variants' exports and eval.json are (default runs/sweeps/NAME)")
-    pb.add_argument("--preset", default="default", help="scoreboard: which column (default, v1)")
+    pb.add_argument("--preset", default="default", help="scoreboard: which preset's pipeline (default, v1)")
+    pb.add_argument("--column", default=None,
+                    help="scoreboard: the column it fills (default: the preset's; default-rebuilt: the default "
+                         "recipe from a clone that ran `make clean-bases bases` first)")
     pb.add_argument("--runs-root", default=str(REPO_ROOT),
                     help="scoreboard / timings / limits: the checkout whose runs/ holds pipeline/report.json, "
                          "timings.json and mlflow.db (a fresh clone)")
@@ -371,7 +374,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             elif args.what == "limits":
                 publish_limits(Path(args.runs_root), Path(args.v1_root) if args.v1_root else None)
             elif args.what == "scoreboard":
-                publish_scoreboard(Path(args.runs_root), args.preset)
+                publish_scoreboard(Path(args.runs_root), args.preset, column=args.column)
             else:
                 publish_timings(Path(args.runs_root))
         check = args.cmd == "render" and args.check

@@ -102,8 +102,12 @@ def _minutes(seconds: Optional[float]) -> str:
 # ----------------------------------------------------------------------------------------
 
 
-PRESETS = ("v1", "default")  # scoreboard columns, left to right
-PRESET_TITLES = {"v1": "VARGPT v1 (`PRESET=v1`)", "default": "suite default"}
+# Scoreboard columns, left to right. A column is a preset's pipeline from one fresh clone;
+# "default-rebuilt" is the default recipe on bases that clone retrained itself
+# (`make clean-bases bases` first): the check that the shipped bases are reproducible.
+PRESETS = ("v1", "default", "default-rebuilt")
+PRESET_TITLES = {"v1": "VARGPT v1 (`PRESET=v1`)", "default": "suite default",
+                 "default-rebuilt": "suite default, bases rebuilt (`make clean-bases bases`)"}
 
 
 def _ci(v: Any) -> str:
@@ -232,11 +236,14 @@ def render_scoreboard(sb: Dict[str, Any]) -> str:
     for p in cols:
         pv = sb["presets"][p]["provenance"]
         t = pv.get("timings", {})
-        tag = "" if p == "default" else f"-{p}"
-        trained = sorted({r.get("commit", "?") for k, r in t.items() if k in (f"stage1{tag}", f"pipeline{tag}")})
-        when = (f"`make stage1{'' if p == 'default' else ' PRESET=' + p}` "
-                f"{_minutes(_g(t, f'stage1{tag}', 'seconds'))} + `make pipeline{'' if p == 'default' else ' PRESET=' + p}` "
+        pre = pv.get("preset", p)
+        tag = "" if pre == "default" else f"-{pre}"
+        trained = sorted({r.get("commit", "?") for k, r in t.items() if k in (f"stage1{tag}", f"pipeline{tag}", "bases")})
+        when = (f"`make stage1{'' if pre == 'default' else ' PRESET=' + pre}` "
+                f"{_minutes(_g(t, f'stage1{tag}', 'seconds'))} + `make pipeline{'' if pre == 'default' else ' PRESET=' + pre}` "
                 f"{_minutes(_g(t, f'pipeline{tag}', 'seconds'))}")
+        if "bases" in t:
+            when = f"`make clean-bases bases` {_minutes(t['bases']['seconds'])}, then " + when
         load = _g(t, f"pipeline{tag}", "loadavg")
         notes.append(f"- {PRESET_TITLES.get(p, p)}: {when} in a fresh clone (trained at "
                      f"{', '.join(f'`{c}`' for c in trained) or 'unknown'}, evaluated at `{pv['commit']}`"
@@ -287,22 +294,33 @@ def publish_timings(runs_root: Path, out: Path = SCOREBOARD, targets: Sequence[s
     return out
 
 
-def publish_scoreboard(runs_root: Path, preset: str = "default", out: Path = SCOREBOARD) -> Path:
+def publish_scoreboard(runs_root: Path, preset: str = "default", out: Path = SCOREBOARD,
+                       column: Optional[str] = None) -> Path:
     """Copy ``<runs_root>/runs/pipeline[-PRESET]/report.json`` with its provenance (commit, CPU,
-    the timed make targets, seeds) into ``out`` as that preset's column."""
+    the timed make targets, seeds) into ``out`` as the column ``column`` (default: the preset's).
+    Column "default-rebuilt" must come from a clone that rebuilt its bases: its `make bases` time
+    is required and kept."""
+    column = column or preset
     tag = "" if preset == "default" else f"-{preset}"
     runs = runs_root / "runs"
     rep_path = runs / f"pipeline{tag}" / "report.json"
     if not rep_path.is_file():
         raise ReportError(f"{rep_path} not found: run `make stage1{' PRESET=' + preset if tag else ''} && "
                           f"make pipeline{' PRESET=' + preset if tag else ''}` in {runs_root} first")
+    if column not in PRESETS:
+        raise ReportError(f"scoreboard column {column!r} unknown; columns: {', '.join(PRESETS)}")
     rep = _load_json(rep_path)
     timings: Dict[str, Any] = {}
     tpath = runs / "timings.json"
     if tpath.is_file():
         for rec in _load_json(tpath):  # the newest record of each target wins
-            if rec["target"] in (f"stage1{tag}", f"pipeline{tag}"):
+            if rec["target"] in (f"stage1{tag}", f"pipeline{tag}", "bases"):
                 timings[rec["target"]] = rec
+    if column == "default-rebuilt" and "bases" not in timings:
+        raise ReportError(f"{tpath} has no `bases` record: column default-rebuilt needs a clone that ran "
+                          f"`make clean-bases bases` before `make stage1 && make pipeline`")
+    if column != "default-rebuilt":
+        timings.pop("bases", None)
     seeds: Dict[str, Any] = {}
     wdir = runs / f"world{tag}"
     for stage in ("stage1", "stage2", "stage2_und_only", "stage3"):
@@ -315,9 +333,11 @@ def publish_scoreboard(runs_root: Path, preset: str = "default", out: Path = SCO
             **{k: v for k, v in machine_info().items() if k != "date_utc"},
             "published_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "timings": timings, "train_seeds": seeds, "eval_seed": (rep.get("protocol") or {}).get("seed"),
-            "source": str(rep_path), "command": f"python -m experiments.report publish scoreboard --preset {preset}"}
+            "source": str(rep_path), "preset": preset,
+            "command": f"python -m experiments.report publish scoreboard --preset {preset}"
+                       + (f" --column {column}" if column != preset else "")}
     sb = _load_json(out) if out.is_file() else {}
-    sb.setdefault("presets", {})[preset] = {"provenance": prov, "report": rep}
+    sb.setdefault("presets", {})[column] = {"provenance": prov, "report": rep}
     out.write_text(json.dumps(sb, indent=1, default=str) + "\n")
-    print(f"[report] scoreboard {preset} of {prov['commit']} -> {_rel(out)}")
+    print(f"[report] scoreboard {column} of {prov['commit']} -> {_rel(out)}")
     return out

@@ -220,6 +220,18 @@ def test_publish_puts_each_preset_in_its_column(tmp_path):
     times = scoreboard.render_timings(sb)
     assert "`make stage1` **5 min 00 s**" in times and "`make pipeline` **25 min 00 s**" in times
     assert "`make test` **6 min 40 s**" in times
+    # the reproduction column: the default recipe from a clone that rebuilt its own bases
+    with pytest.raises(report.ReportError, match="no `bases` record.*make clean-bases bases"):
+        scoreboard.publish_scoreboard(clone, "default", out, column="default-rebuilt")
+    with pytest.raises(report.ReportError, match="column 'x' unknown"):
+        scoreboard.publish_scoreboard(clone, "default", out, column="x")
+    scoreboard.stamp("bases", time.time() - 3600, clone / "runs" / "timings.json")
+    scoreboard.publish_scoreboard(clone, "default", out, column="default-rebuilt")
+    sb = json.loads(out.read_text())
+    assert "bases" not in sb["presets"]["default"]["provenance"]["timings"]
+    table = scoreboard.render_scoreboard(sb)
+    assert table.splitlines()[0].endswith("| suite default | suite default, bases rebuilt (`make clean-bases bases`) |")
+    assert "`make clean-bases bases` 60 min 00 s, then `make stage1` 5 min 00 s" in table
 
 
 def _fake_clone(root, store, one_draw=0.3, tag=""):
