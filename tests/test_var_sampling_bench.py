@@ -129,3 +129,28 @@ def test_official_comparison_pipeline_with_a_stand_in(tmp_path):
         assert ovar.blocks[0].attn.proj(torch.randn(2, 128)).dtype == torch.bfloat16
     with pytest.raises(FileNotFoundError, match="checkout"):
         var_official.load_official(tmp_path / "nothing")
+
+
+def test_official_bound_with_a_stand_in(tmp_path):
+    """benchmarks.var_official_bound on the stand-in checkout: one profiled call per precision,
+    the time split by kernel category adds up, and the ceilings follow from it."""
+    from benchmarks import var_official_bound
+
+    fake = tmp_path / "VAR"
+    (fake / "models").mkdir(parents=True)
+    (fake / "dist.py").write_text("")
+    (fake / "models" / "__init__.py").write_text("")
+    (fake / "models" / "vqvae.py").write_text(FAKE_VQVAE)
+    (fake / "models" / "var.py").write_text(FAKE_VAR)
+    out = tmp_path / "results"
+    assert var_official_bound.main(["--official", str(fake), "--depths", "2", "--batch", "1", "--res", "128",
+                                    "--out", str(out)]) == 0
+    rows = json.loads((out / "var_official_bound.json").read_text())["results"]
+    assert [r["precision"] for r in rows] == ["fp32", "bf16 autocast"]
+    for r in rows:
+        cats = r["by_category_s"]
+        assert abs(sum(cats.values()) - r["profiled_self_s"]) < 1e-3 and cats["gemm"] > 0
+        assert r["ceiling_ratio"] >= r["ceiling_same_kernels"] >= 1.0
+        assert r["counted_gflop"] >= r["gemm_gflop"] > 0 and r["peak_gflops"] > 0
+    md = (out / "var_official_bound.md").read_text()
+    assert "| 2 | 128 | fp32 |" in md and "128 px" in md
