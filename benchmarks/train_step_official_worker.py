@@ -93,6 +93,20 @@ def run(model, batch_file: str, precision: str, k: int):
     return {"s": times, "loss": loss, "grad_norm": gnorm}
 
 
+def profile_step(model, batch_file: str, precision: str):
+    """Self CPU seconds of every op in one training step (after run()'s warm-up), for
+    benchmarks.train_step_bound: the parent sorts them into kernel categories."""
+    from torch.profiler import ProfilerActivity, profile
+
+    run(model, batch_file, precision, 1)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        res = run(model, batch_file, precision, 1)
+    ops = {}
+    for e in prof.key_averages():
+        ops[e.key] = ops.get(e.key, 0.0) + e.self_cpu_time_total / 1e6
+    return {"self_s_by_op": ops, "loss": res["loss"]}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--official", required=True)
@@ -115,6 +129,8 @@ def main() -> int:
                 res = {"params": sum(p.numel() for p in model.parameters()), "attn": attn}
             elif cmd["cmd"] == "run":
                 res = run(model, cmd["batch"], cmd["precision"], int(cmd["k"]))
+            elif cmd["cmd"] == "profile":
+                res = profile_step(model, cmd["batch"], cmd["precision"])
             else:
                 raise ValueError(f"unknown command {cmd['cmd']!r}")
         except Exception as e:  # report, keep serving: the parent decides

@@ -42,6 +42,13 @@ CATEGORIES = {"gemm": GEMM, "attention": ATTENTION, "gelu": ("aten::gelu",),
               "convolution": ("aten::mkldnn_convolution", "aten::_convolution", "aten::convolution", "aten::_slow_conv2d_forward")}
 
 
+def by_category(self_s_by_op: Dict[str, float], categories: Dict[str, tuple] = CATEGORIES) -> Dict[str, float]:
+    """Self CPU seconds per kernel category (ops not named in any: "other")."""
+    cats = {c: round(sum(self_s_by_op.get(k, 0.0) for k in keys), 4) for c, keys in categories.items()}
+    cats["other"] = round(sum(self_s_by_op.values()) - sum(cats.values()), 4)
+    return cats
+
+
 def peak_gflops(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
     """The core's GEMM rate for ``dtype``: best of ``reps`` n x n x n products (one thread)."""
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
@@ -70,8 +77,7 @@ def profile_call(fn) -> Dict[str, Any]:
         if e.key in GEMM:
             flops += e.flops or 0
     total = sum(by_op.values())
-    cats = {c: round(sum(by_op.get(k, 0.0) for k in keys), 4) for c, keys in CATEGORIES.items()}
-    cats["other"] = round(total - sum(cats.values()), 4)
+    cats = by_category(by_op)
     top = sorted(by_op.items(), key=lambda kv: -kv[1])[:8]
     return {"profiled_self_s": round(total, 4), "process_cpu_s_under_profiler": round(wall_cpu, 4), "by_category_s": cats,
             "gemm_gflop": round(flops / 1e9, 3), "counted_gflop": round(sum(all_flops.values()) / 1e9, 3),

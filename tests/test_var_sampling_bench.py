@@ -154,3 +154,33 @@ def test_official_bound_with_a_stand_in(tmp_path):
         assert r["counted_gflop"] >= r["gemm_gflop"] > 0 and r["peak_gflops"] > 0
     md = (out / "var_official_bound.md").read_text()
     assert "| 2 | 128 | fp32 |" in md and "128 px" in md
+
+
+def test_train_step_bound_row_and_table(tmp_path):
+    """benchmarks.train_step_bound with a stand-in worker: the official step's ops sorted into
+    kernel categories, the ceilings from them, the table row."""
+    from types import SimpleNamespace
+
+    from benchmarks import train_step_bound as tb
+
+    ops = {"aten::mm": 1.0, "aten::addmm": 0.2, "aten::_scaled_dot_product_flash_attention_for_cpu": 0.1,
+           "aten::silu_backward": 0.1, "aten::convolution_backward": 0.1, "aten::copy_": 0.5}
+    asked = []
+
+    class FakeOfficial:
+        def ask(self, **cmd):
+            asked.append(cmd)
+            assert Path(cmd["batch"]).is_file()
+            return {"self_s_by_op": ops, "loss": 10.0}
+
+    net = SimpleNamespace(L=30, num_image_tokens=16, vision=SimpleNamespace(image_size=56),
+                          vqvae=SimpleNamespace(cfg=SimpleNamespace(resolution=64)))
+    row = tb.bound_row(FakeOfficial(), net, tmp_path, "small", "gen", "fp32")
+    assert asked[0]["cmd"] == "profile" and asked[0]["precision"] == "fp32"
+    c = row["by_category_s"]
+    assert (c["gemm"], c["attention"], c["activation"], c["convolution"]) == (1.2, 0.1, 0.1, 0.1)
+    assert c["other"] == pytest.approx(0.5) and row["official_step_s"] == pytest.approx(2.0)
+    assert row["ceiling_same_kernels"] == pytest.approx(2.0 / 1.4, abs=1e-3) and row["ceiling_gemm_only"] == pytest.approx(2.0 / 1.2, abs=1e-3)
+    meta = {"official": {"commit": "abcdef0123", "transformers": "4.46.1"}, "cpu_model": "x", "torch": "t",
+            "loadavg_start": [1.0], "loadavg_end": [1.0], "commit": "c", "command": "cmd"}
+    assert "| small | gen | fp32 | 2.000 | 1.200 | 0.100 | 0.100 | 0.100 | 0.500 | 60% | 1.67x | **1.43x** |" in tb.to_markdown(meta, [row])
