@@ -153,7 +153,7 @@ def test_official_bound_with_a_stand_in(tmp_path):
         assert r["ceiling_ratio"] >= r["ceiling_same_kernels"] >= 1.0
         assert r["counted_gflop"] >= r["gemm_gflop"] > 0 and r["peak_gflops"] > 0
     md = (out / "var_official_bound.md").read_text()
-    assert "| 2 | 128 | fp32 |" in md and "128 px" in md
+    assert "| 2 | 128 | fp32 |" in md and "128 px" in md and rows[0]["adaln_gemm_s"] > 0
 
 
 def test_train_step_bound_row_and_table(tmp_path):
