@@ -360,6 +360,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     pb.add_argument("--runs-root", default=str(REPO_ROOT),
                     help="scoreboard / timings / limits: the checkout whose runs/ holds pipeline/report.json, "
                          "timings.json and mlflow.db (a fresh clone)")
+    pb.add_argument("--note", default="", help="scoreboard: the conditions the timings cannot tell (shown with them)")
     pb.add_argument("--v1-root", default=None, help="limits: the fresh clone that ran `PRESET=v1` (optional)")
     args = ap.parse_args(argv)
     try:
@@ -374,7 +375,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             elif args.what == "limits":
                 publish_limits(Path(args.runs_root), Path(args.v1_root) if args.v1_root else None)
             elif args.what == "scoreboard":
-                publish_scoreboard(Path(args.runs_root), args.preset, column=args.column)
+                publish_scoreboard(Path(args.runs_root), args.preset, column=args.column, note=args.note)
             else:
                 publish_timings(Path(args.runs_root))
         check = args.cmd == "render" and args.check

@@ -253,7 +253,8 @@ def render_scoreboard(sb: Dict[str, Any]) -> str:
                         if load and load[-1] > 2.5 else "")
                      + f"; {sb['presets'][p]['report'].get('stage2', {}).get('n', '?')} test questions, "
                      f"{sb['presets'][p]['report'].get('stage3', {}).get('gen_n', '?')} test prompts, "
-                     f"training seed {_seeds(pv.get('train_seeds', {}))}, evaluation seed {pv.get('eval_seed', '?')}.")
+                     f"training seed {_seeds(pv.get('train_seeds', {}))}, evaluation seed {pv.get('eval_seed', '?')}"
+                     + (f". {pv['note'][0].upper()}{pv['note'][1:]}." if pv.get("note") else "."))
     note = limits_note(sb, cols)
     return "\n".join(lines) + "\n\n" + "\n".join(notes + ([note] if note else []))
 
@@ -275,6 +276,15 @@ def render_timings(sb: Dict[str, Any]) -> str:
     if load and load[-1] > 2.5:
         text += (f". Other jobs shared the cores during the pipeline (15-minute load average {load[-1]:.1f} at its end), "
                  "so these are upper bounds")
+    r = (sb.get("presets") or {}).get("default-rebuilt")
+    if r:  # the same recipe from scratch: bases retrained in that clone first
+        rt, rp = r["provenance"].get("timings", {}), r["provenance"]
+        steps = [f"`make {k}` **{_minutes(rt[k]['seconds'])}**" for k in ("bases", "stage1", "pipeline") if k in rt]
+        rload = max(((rt[k].get("loadavg") or [0])[-1] for k in ("stage1", "pipeline") if k in rt), default=0)
+        text += (f". From scratch (a fresh clone of `{_g(rt, 'stage1', 'commit') or rp['commit']}` that rebuilt its bases, "
+                 f"{rp['cpu_model']}): `make clean-bases` then " + ", ".join(steps)
+                 + (f" (load average up to {rload:.1f} during the stages)" if rload > 2.5 else "")
+                 + ("; the scoreboard's note on that column says under what load" if rp.get("note") else ""))
     return text + ". Other CPUs differ by up to 2x (`experiments/world/scoreboard.json` has the record)."
 
 
@@ -295,11 +305,12 @@ def publish_timings(runs_root: Path, out: Path = SCOREBOARD, targets: Sequence[s
 
 
 def publish_scoreboard(runs_root: Path, preset: str = "default", out: Path = SCOREBOARD,
-                       column: Optional[str] = None) -> Path:
+                       column: Optional[str] = None, note: str = "") -> Path:
     """Copy ``<runs_root>/runs/pipeline[-PRESET]/report.json`` with its provenance (commit, CPU,
     the timed make targets, seeds) into ``out`` as the column ``column`` (default: the preset's).
     Column "default-rebuilt" must come from a clone that rebuilt its bases: its `make bases` time
-    is required and kept."""
+    is required and kept. ``note``: what the timings cannot say (e.g. other jobs on the machine),
+    shown with the column's times."""
     column = column or preset
     tag = "" if preset == "default" else f"-{preset}"
     runs = runs_root / "runs"
@@ -333,7 +344,7 @@ def publish_scoreboard(runs_root: Path, preset: str = "default", out: Path = SCO
             **{k: v for k, v in machine_info().items() if k != "date_utc"},
             "published_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "timings": timings, "train_seeds": seeds, "eval_seed": (rep.get("protocol") or {}).get("seed"),
-            "source": str(rep_path), "preset": preset,
+            "source": str(rep_path), "preset": preset, **({"note": note} if note else {}),
             "command": f"python -m experiments.report publish scoreboard --preset {preset}"
                        + (f" --column {column}" if column != preset else "")}
     sb = _load_json(out) if out.is_file() else {}
