@@ -24,6 +24,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from benchmarks.results_file import write_results
 from benchmarks.train_step_vs_official import SIZES, Official, build_size, make_batch
 from benchmarks.var_official_bound import by_category
 from experiments.machine import cpu_model, git_info
@@ -113,12 +114,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         finally:
             off.close()
     meta["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "train_step_bound.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=1) + "\n")
-    md = to_markdown(meta, rows)
-    (out / "train_step_bound.md").write_text(md)
-    print(md)
+    write_results(Path(args.out), "train_step_bound", meta, rows, to_markdown(meta, rows))
     return 0
 
 

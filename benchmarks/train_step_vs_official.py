@@ -52,6 +52,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from benchmarks.results_file import write_results
 from experiments.machine import cpu_flags, cpu_model, git_info
 from modules.released import build_from_config, export_released, load_released, released_config
 
@@ -324,12 +325,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             off.close()
     meta["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     meta["wall_s"] = round(time.time() - t0, 1)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.name}.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=1) + "\n")
-    md = to_markdown(meta, rows)
-    (out / f"{args.name}.md").write_text(md)
-    print(md)
+    write_results(Path(args.out), args.name, meta, rows, to_markdown(meta, rows))
     return 0 if all(r["loss_equal"] is not False for r in rows) else 1
 
 

@@ -48,6 +48,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from benchmarks.results_file import write_results
 from experiments.machine import cpu_model
 from modules.components.var_sampling import resolve_sampling
 
@@ -377,9 +378,5 @@ def run(official: str, build: Callable[[int], Tuple[nn.Module, nn.Module]], dept
     meta["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     meta["wall_s"] = round(time.time() - t0, 1)
     meta["target"] = targets(rows)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "var_sampling_vs_official.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=1) + "\n")
-    md = to_markdown(meta, rows)
-    (out / "var_sampling_vs_official.md").write_text(md)
-    print(md)
+    write_results(out, "var_sampling_vs_official", meta, rows, to_markdown(meta, rows))
     return {"meta": meta, "results": rows}

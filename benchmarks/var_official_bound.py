@@ -33,6 +33,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks import var_official
+from benchmarks.results_file import write_results
 from benchmarks.var_sampling import build_models
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -95,8 +96,8 @@ def profile_call(fn, C: int = 0) -> Dict[str, Any]:
             "top_ops_s": {k: round(v, 4) for k, v in top}}
 
 
-def bound_rows(official: str, depths: List[int], B: int, res: int = 256) -> List[Dict[str, Any]]:
-    off = var_official.load_official(official)
+def bound_rows(off: Any, depths: List[int], B: int, res: int = 256) -> List[Dict[str, Any]]:
+    """``off``: the official code, ``var_official.load_official(PATH)``."""
     labels = torch.tensor(var_official.LABELS[:B])
     rows = []
     for d in depths:
@@ -180,14 +181,9 @@ def main(argv=None) -> int:
                             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                             "command": "python -m benchmarks.var_official_bound --official PATH"
                                        + (f" --depths {args.depths}" if args.depths != "8,16" else "")}
-    rows = bound_rows(args.official, [int(x) for x in args.depths.split(",")], args.batch, args.res)
+    rows = bound_rows(off, [int(x) for x in args.depths.split(",")], args.batch, args.res)
     meta["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "var_official_bound.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=1) + "\n")
-    md = to_markdown(meta, rows)
-    (out / "var_official_bound.md").write_text(md)
-    print(md)
+    write_results(Path(args.out), "var_official_bound", meta, rows, to_markdown(meta, rows))
     return 0
 
 

@@ -40,6 +40,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 
 from benchmarks import var_official
+from benchmarks.results_file import write_results
 from modules.components.var_decoder import VARConfig, VARDecoder, build_var
 from modules.components.var_sampling import BF16_MIN_WIDTH, SAMPLERS, KVCache, fast_bf16
 from modules.components.vqvae import VQVAEConfig, build_vqvae
@@ -333,10 +334,7 @@ def main(argv=None) -> int:
         r = big[0]
         meta["targets"] = {"vs_no_cache": r["speedup_vs_no_cache"], "vs_no_cache_met": r["speedup_vs_no_cache"] >= 2,
                            "vs_raster": r["speedup_vs_raster"], "vs_raster_met": r["speedup_vs_raster"] >= 5}
-    (out / "var_sampling.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=1) + "\n")
-    md = to_markdown(meta, rows)
-    (out / "var_sampling.md").write_text(md)
-    print(md)
+    write_results(out, "var_sampling", meta, rows, to_markdown(meta, rows))
     return 0
 
 

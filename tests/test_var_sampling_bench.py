@@ -90,13 +90,18 @@ class VAR(VARDecoder):
 '''
 
 
-def test_official_comparison_pipeline_with_a_stand_in(tmp_path):
+def _stand_in_checkout(tmp_path: Path) -> Path:
     fake = tmp_path / "VAR"
     (fake / "models").mkdir(parents=True)
     (fake / "dist.py").write_text("")
     (fake / "models" / "__init__.py").write_text("")
     (fake / "models" / "vqvae.py").write_text(FAKE_VQVAE)
     (fake / "models" / "var.py").write_text(FAKE_VAR)
+    return fake
+
+
+def test_official_comparison_pipeline_with_a_stand_in(tmp_path):
+    fake = _stand_in_checkout(tmp_path)
     out = tmp_path / "results"
 
     def official_names():
@@ -136,12 +141,7 @@ def test_official_bound_with_a_stand_in(tmp_path):
     the time split by kernel category adds up, and the ceilings follow from it."""
     from benchmarks import var_official_bound
 
-    fake = tmp_path / "VAR"
-    (fake / "models").mkdir(parents=True)
-    (fake / "dist.py").write_text("")
-    (fake / "models" / "__init__.py").write_text("")
-    (fake / "models" / "vqvae.py").write_text(FAKE_VQVAE)
-    (fake / "models" / "var.py").write_text(FAKE_VAR)
+    fake = _stand_in_checkout(tmp_path)
     out = tmp_path / "results"
     assert var_official_bound.main(["--official", str(fake), "--depths", "2", "--batch", "1", "--res", "128",
                                     "--out", str(out)]) == 0
