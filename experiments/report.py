@@ -57,7 +57,7 @@ BLOCKS = {"scoreboard": render_scoreboard, "timings": render_timings}  # README 
 # ----------------------------------------------------------------------------------------
 
 
-def test_evaluations(names: List[str], sweep_dir: Path) -> Dict[str, Any]:
+def variant_evaluations(names: List[str], sweep_dir: Path) -> Dict[str, Any]:
     """Each variant's test-protocol report (``experiments.evaluate <sweep_dir>/<variant>``, written
     as ``eval.json`` beside its export), reduced to the figures an ablation page compares: the
     validation metric ranks a sweep, these are the scoreboard's protocol on the test prompts."""
@@ -82,7 +82,7 @@ def test_evaluations(names: List[str], sweep_dir: Path) -> Dict[str, Any]:
     return out
 
 
-def test_table(ev: Dict[str, Any]) -> str:
+def evaluation_table(ev: Dict[str, Any]) -> str:
     """The test-protocol table of an ablation page (one row per evaluated variant)."""
     head = ["variant", "draws", "attribute accuracy (mean) [95%]", "every attribute right [95%]",
             "mean by objects 1 / 2 / 3", "FID (same-prompt floor)", "prompt gain (nats/token)"]
@@ -124,7 +124,7 @@ def publish_sweep(name: str, tracking_uri: Optional[str] = None, root: Path = AB
             "tracking_uri": tracking_uri or tracking.default_tracking_uri(),
             "command": f"python -m experiments.report publish sweep {name}",
         }
-        ev = test_evaluations([r["name"] for r in data["rows"]], sweep_dir or REPO_ROOT / "runs" / "sweeps" / name)
+        ev = variant_evaluations([r["name"] for r in data["rows"]], sweep_dir or REPO_ROOT / "runs" / "sweeps" / name)
         if ev:
             data["test_eval"] = ev
         (root / "results").mkdir(parents=True, exist_ok=True)
@@ -207,7 +207,7 @@ def render_ablation(yaml_path: Path, root: Path = ABLATIONS) -> str:
                 f"the prompts, FID against the same prompts rendered again by the world "
                 f"(`python -m experiments.evaluate runs/sweeps/{name}/<variant> --tasks generation "
                 f"--real-baseline same-prompts`). Every variant draws for the same prompts; two figures whose "
-                f"intervals overlap are not separated.", "", test_table(data["test_eval"]), ""]
+                f"intervals overlap are not separated.", "", evaluation_table(data["test_eval"]), ""]
     return "\n".join(out)
 
 

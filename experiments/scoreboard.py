@@ -254,7 +254,7 @@ def render_scoreboard(sb: Dict[str, Any]) -> str:
                      + f"; {sb['presets'][p]['report'].get('stage2', {}).get('n', '?')} test questions, "
                      f"{sb['presets'][p]['report'].get('stage3', {}).get('gen_n', '?')} test prompts, "
                      f"training seed {_seeds(pv.get('train_seeds', {}))}, evaluation seed {pv.get('eval_seed', '?')}"
-                     + (f". {pv['note'][0].upper()}{pv['note'][1:]}." if pv.get("note") else "."))
+                     + "." + (f" {pv['note']}" if pv.get("note") else ""))
     note = limits_note(sb, cols)
     return "\n".join(lines) + "\n\n" + "\n".join(notes + ([note] if note else []))
 

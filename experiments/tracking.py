@@ -129,7 +129,6 @@ def ui_links(uri: str) -> List[str]:
 
 
 def run_tags(loaded: LoadedConfig, extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
-
     cfg = loaded.cfg
     g = git_info()
     tags = {
@@ -166,8 +165,9 @@ def make_logger(loaded: LoadedConfig, extra_tags: Optional[Dict[str, str]] = Non
         client.update_run(run_id, status="RUNNING")
         # A relaunched sweep resumes its interrupted variant into the same run: the new launch's
         # tags (its attempt id above all) go on it, or the launcher could not find its child.
-        for k, v in sweep_env_tags().items():
-            client.set_tag(run_id, k, v)
+        from mlflow.entities import RunTag  # lazy: mlflow is loaded by now (get_client)
+
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in sweep_env_tags().items()])
         return cls(experiment_name=name, tracking_uri=tracking_uri(cfg), run_id=run_id, log_model=False,
                    artifact_location=(root / name).as_uri())
     return cls(
@@ -432,7 +432,6 @@ def sweep_env_tags() -> Dict[str, str]:
 
 def sweep_child_env(tags: Dict[str, str]) -> Dict[str, str]:
     """The environment entry that makes a child's run carry ``tags`` (read by run_tags)."""
-
     return {SWEEP_ENV: json.dumps({str(k): str(v) for k, v in tags.items()})}
 
 
@@ -445,7 +444,6 @@ def eval_report_metrics(report: Dict[str, Any]) -> Dict[str, float]:
 def log_eval_report(client: Any, run_id: str, report: Dict[str, Any], report_path: Optional[Path] = None) -> None:
     """Log an evaluation report to one MLflow run: its metrics, the protocol as params and the
     JSON itself (``report_path`` when it is on disk, else ``report.json`` from memory)."""
-
     from mlflow.entities import Metric, Param
 
     now = int(time.time() * 1000)

@@ -226,7 +226,7 @@ def test_publish_puts_each_preset_in_its_column(tmp_path):
     with pytest.raises(report.ReportError, match="column 'x' unknown"):
         scoreboard.publish_scoreboard(clone, "default", out, column="x")
     scoreboard.stamp("bases", time.time() - 3600, clone / "runs" / "timings.json")
-    scoreboard.publish_scoreboard(clone, "default", out, column="default-rebuilt", note="the bases beside other jobs")
+    scoreboard.publish_scoreboard(clone, "default", out, column="default-rebuilt", note="The bases ran beside other jobs.")
     sb = json.loads(out.read_text())
     assert "bases" not in sb["presets"]["default"]["provenance"]["timings"]
     table = scoreboard.render_scoreboard(sb)
@@ -235,7 +235,7 @@ def test_publish_puts_each_preset_in_its_column(tmp_path):
     times = scoreboard.render_timings(sb)
     assert ("that rebuilt its bases" in times and "`make clean-bases` then `make bases` **60 min 00 s**, "
             "`make stage1` **5 min 00 s**, `make pipeline` **25 min 00 s**; the scoreboard's note" in times)
-    assert "The bases beside other jobs." in table or "the bases beside other jobs" in scoreboard.render_scoreboard(sb)
+    assert "evaluation seed None. The bases ran beside other jobs." in scoreboard.render_scoreboard(sb)
 
 
 def _fake_clone(root, store, one_draw=0.3, tag=""):
