@@ -355,8 +355,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     help="sweep: where its variants' exports and eval.json are (default runs/sweeps/NAME)")
     pb.add_argument("--preset", default="default", help="scoreboard: which preset's pipeline (default, v1)")
     pb.add_argument("--column", default=None,
-                    help="scoreboard: the column it fills (default: the preset's; default-rebuilt: the default "
-                         "recipe from a clone that ran `make clean-bases bases` first)")
+                    help="scoreboard: the column it fills (default: the preset's)")
     pb.add_argument("--runs-root", default=str(REPO_ROOT),
                     help="scoreboard / timings / limits: the checkout whose runs/ holds pipeline/report.json, "
                          "timings.json and mlflow.db (a fresh clone)")

@@ -102,12 +102,10 @@ def _minutes(seconds: Optional[float]) -> str:
 # ----------------------------------------------------------------------------------------
 
 
-# Scoreboard columns, left to right. A column is a preset's pipeline from one fresh clone;
-# "default-rebuilt" is the default recipe on bases that clone retrained itself
-# (`make clean-bases bases` first): the check that the shipped bases are reproducible.
-PRESETS = ("v1", "default", "default-rebuilt")
-PRESET_TITLES = {"v1": "VARGPT v1 (`PRESET=v1`)", "default": "suite default",
-                 "default-rebuilt": "suite default, bases rebuilt (`make clean-bases bases`)"}
+# Scoreboard columns, left to right. A column is a preset's pipeline from one fresh clone; when
+# that clone rebuilt its bases first (`make clean-bases bases`), the column keeps that time too.
+PRESETS = ("v1", "default")
+PRESET_TITLES = {"v1": "VARGPT v1 (`PRESET=v1`)", "default": "suite default"}
 
 
 def _ci(v: Any) -> str:
@@ -276,15 +274,12 @@ def render_timings(sb: Dict[str, Any]) -> str:
     if load and load[-1] > 2.5:
         text += (f". Other jobs shared the cores during the pipeline (15-minute load average {load[-1]:.1f} at its end), "
                  "so these are upper bounds")
-    r = (sb.get("presets") or {}).get("default-rebuilt")
-    if r:  # the same recipe from scratch: bases retrained in that clone first
-        rt, rp = r["provenance"].get("timings", {}), r["provenance"]
-        steps = [f"`make {k}` **{_minutes(rt[k]['seconds'])}**" for k in ("bases", "stage1", "pipeline") if k in rt]
-        rload = max(((rt[k].get("loadavg") or [0])[-1] for k in ("stage1", "pipeline") if k in rt), default=0)
-        text += (f". From scratch (a fresh clone of `{_g(rt, 'stage1', 'commit') or rp['commit']}` that rebuilt its bases, "
-                 f"{rp['cpu_model']}): `make clean-bases` then " + ", ".join(steps)
-                 + (f" (load average up to {rload:.1f} during the stages)" if rload > 2.5 else "")
-                 + ("; the scoreboard's note on that column says under what load" if rp.get("note") else ""))
+    b = t.get("bases")
+    if b:  # that clone trained its own bases first: the recipe from scratch
+        bload = (b.get("loadavg") or [0])[-1]
+        text += (f". The same clone first rebuilt its bases: `make clean-bases bases` **{_minutes(b['seconds'])}** "
+                 f"(`{b.get('commit', '?')}`" + (f", 15-minute load average {bload:.1f} at its end" if bload > 2.5 else "")
+                 + ("; the scoreboard's note on that column says under what load" if pv.get("note") else "") + ")")
     return text + ". Other CPUs differ by up to 2x (`experiments/world/scoreboard.json` has the record)."
 
 
@@ -308,8 +303,8 @@ def publish_scoreboard(runs_root: Path, preset: str = "default", out: Path = SCO
                        column: Optional[str] = None, note: str = "") -> Path:
     """Copy ``<runs_root>/runs/pipeline[-PRESET]/report.json`` with its provenance (commit, CPU,
     the timed make targets, seeds) into ``out`` as the column ``column`` (default: the preset's).
-    Column "default-rebuilt" must come from a clone that rebuilt its bases: its `make bases` time
-    is required and kept. ``note``: what the timings cannot say (e.g. other jobs on the machine),
+    A `make bases` record in that clone (it rebuilt its bases first) is kept with the column's
+    times. Columns no longer in PRESETS are dropped from ``out``. ``note``: what the timings cannot say (e.g. other jobs on the machine),
     shown with the column's times."""
     column = column or preset
     tag = "" if preset == "default" else f"-{preset}"
@@ -327,11 +322,6 @@ def publish_scoreboard(runs_root: Path, preset: str = "default", out: Path = SCO
         for rec in _load_json(tpath):  # the newest record of each target wins
             if rec["target"] in (f"stage1{tag}", f"pipeline{tag}", "bases"):
                 timings[rec["target"]] = rec
-    if column == "default-rebuilt" and "bases" not in timings:
-        raise ReportError(f"{tpath} has no `bases` record: column default-rebuilt needs a clone that ran "
-                          f"`make clean-bases bases` before `make stage1 && make pipeline`")
-    if column != "default-rebuilt":
-        timings.pop("bases", None)
     seeds: Dict[str, Any] = {}
     wdir = runs / f"world{tag}"
     for stage in ("stage1", "stage2", "stage2_und_only", "stage3"):
@@ -348,6 +338,9 @@ def publish_scoreboard(runs_root: Path, preset: str = "default", out: Path = SCO
             "command": f"python -m experiments.report publish scoreboard --preset {preset}"
                        + (f" --column {column}" if column != preset else "")}
     sb = _load_json(out) if out.is_file() else {}
+    for gone in [c for c in sb.get("presets", {}) if c not in PRESETS]:
+        print(f"[report] scoreboard column {gone!r} is no longer one of {', '.join(PRESETS)}: dropped")
+        del sb["presets"][gone]
     sb.setdefault("presets", {})[column] = {"provenance": prov, "report": rep}
     out.write_text(json.dumps(sb, indent=1, default=str) + "\n")
     print(f"[report] scoreboard {column} of {prov['commit']} -> {_rel(out)}")
