@@ -34,7 +34,6 @@ from modules.config import EvalConfig
 from modules.components.classifier import build_classifier
 from modules.metrics import GenMetricsConfig, VQAAccuracy, build_gen_metrics
 from modules.metrics_clip import clip_score
-from modules.metrics_vqa import vqa_accuracy
 from modules.metrics_world import attribute_scores, bootstrap_ci, edit_accuracy, requested_groups
 from modules.self_verify import draw_seed, pick_best, pick_summary, prompt_questions, understanding_scores
 
@@ -112,12 +111,11 @@ def evaluate_vqa(net, samples: Sequence[Dict[str, Any]], cfg: EvalConfig) -> Dic
     """VQA accuracy of greedy answers, per question type, with the blind baselines."""
     if not samples:
         raise ValueError("evaluate_vqa: no samples")
-    overall, blind = VQAAccuracy(sync_on_compute=False), VQAAccuracy(sync_on_compute=False)
+    # keep_scores: the per-question scores behind each mean feed its bootstrap interval
+    overall, blind = (VQAAccuracy(sync_on_compute=False, keep_scores=True) for _ in range(2))
     per_type: Dict[str, VQAAccuracy] = defaultdict(lambda: VQAAccuracy(sync_on_compute=False))
     rows: List[Dict[str, Any]] = []
     preds_all: List[str] = []
-    scores: List[float] = []  # per question, for the interval
-    blind_scores: List[float] = []
     for chunk in _batches(samples, cfg.batch_size):
         images = [s["images"][0] if s["images"] else None for s in chunk]
         qs = [user_text(s["record"]).replace(IMAGE_TOKEN, "").strip() for s in chunk]
@@ -125,13 +123,11 @@ def evaluate_vqa(net, samples: Sequence[Dict[str, Any]], cfg: EvalConfig) -> Dic
         preds_all += preds
         answers = [s["record"].get("answers") or [_first_answer(s["record"])] for s in chunk]
         overall.update(preds, answers)
-        scores += [vqa_accuracy(p, a) for p, a in zip(preds, answers)]
         for s, p, a in zip(chunk, preds, answers):
             per_type[s["record"].get("question_type", "all")].update([p], [a])
         if cfg.blind_baseline:
             blind_preds = net.answer([None] * len(chunk), qs, max_new_tokens=cfg.max_new_tokens)
             blind.update(blind_preds, answers)
-            blind_scores += [vqa_accuracy(p, a) for p, a in zip(blind_preds, answers)]
         for s, q, p, a in zip(chunk, qs, preds, answers):
             if len(rows) < cfg.table_rows:
                 rows.append({"key": s["key"], "question": q, "answer": a[0], "prediction": p})
@@ -145,7 +141,7 @@ def evaluate_vqa(net, samples: Sequence[Dict[str, Any]], cfg: EvalConfig) -> Dic
         prior.update([majority] * len(answers), answers)
     out = {
         "vqa_accuracy": float(overall.compute()),
-        "vqa_accuracy_ci95": _question_ci(scores),
+        "vqa_accuracy_ci95": _question_ci(overall.per_sample().tolist()),
         "vqa_per_type": {k: float(m.compute()) for k, m in sorted(per_type.items())},
         "vqa_prior_baseline": float(prior.compute()),
         "vqa_n": len(samples),
@@ -153,7 +149,7 @@ def evaluate_vqa(net, samples: Sequence[Dict[str, Any]], cfg: EvalConfig) -> Dic
     }
     if cfg.blind_baseline:
         out["vqa_blind_baseline"] = float(blind.compute())
-        out["vqa_blind_baseline_ci95"] = _question_ci(blind_scores)
+        out["vqa_blind_baseline_ci95"] = _question_ci(blind.per_sample().tolist())
     return out
 
 

@@ -144,16 +144,21 @@ def exact_match(prediction: str, answers: Union[str, Sequence[str]]) -> float:
 
 
 class _MeanScore(Metric):
-    """Mean of per-sample scores; state is a float64 sum and a count, summed across processes."""
+    """Mean of per-sample scores; state is a float64 sum and a count, summed across processes.
+    ``keep_scores=True`` also keeps each sample's score (``per_sample()``: this process's, in
+    update order), for an interval over the samples without scoring them a second time."""
 
     is_differentiable = False
     higher_is_better = True
     full_state_update = False
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, keep_scores: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.keep_scores = keep_scores
         self.add_state("score_sum", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        if keep_scores:
+            self.add_state("scores", default=[], dist_reduce_fx="cat")
 
     def _score(self, prediction: str, answers: Any) -> float:
         raise NotImplementedError
@@ -166,9 +171,17 @@ class _MeanScore(Metric):
                 f"{type(self).__name__}.update: {len(predictions)} predictions but "
                 f"{len(answers)} answer lists"
             )
-        total = sum(self._score(p, a) for p, a in zip(predictions, answers))
-        self.score_sum += total
+        scores = [self._score(p, a) for p, a in zip(predictions, answers)]
+        self.score_sum += sum(scores)
         self.count += len(predictions)
+        if self.keep_scores:
+            self.scores.append(torch.tensor(scores, dtype=torch.float64))
+
+    def per_sample(self) -> Tensor:
+        """(n,) float64: this process's per-sample scores, in update order (needs keep_scores=True)."""
+        if not self.keep_scores:
+            raise RuntimeError(f"{type(self).__name__}.per_sample() needs {type(self).__name__}(keep_scores=True)")
+        return torch.cat(self.scores) if self.scores else torch.zeros(0, dtype=torch.float64)
 
     def compute(self) -> Tensor:
         if int(self.count) == 0:

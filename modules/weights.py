@@ -288,19 +288,21 @@ def submodule(model: nn.Module, into: str, where: str = "model.load") -> nn.Modu
     """The submodule a ``model.load`` entry's ``into`` names: a top-level name (``vqvae``) or a
     dotted path (``gen.vae_local``, the v1.1 tokenizer). A name that is not there is refused with
     the names that are, at the level where the path stopped matching."""
-    mod, done = model, []
-    for part in into.split("."):
-        child = mod._modules.get(part) if part else None
-        if child is None:
-            here = ".".join(done)
-            names = [f"{here}.{n}" if here else n for n, m in mod.named_children() if m is not None]
-            raise ValueError(f"{where}: into={into!r} names no submodule of {type(model).__name__} "
-                             f"({'no ' + repr(part) + ' under ' + repr(here) if here else 'no top-level ' + repr(part)}); "
-                             f"available {'under ' + repr(here) if here else 'top-level'}: {', '.join(names) or 'none'}. "
-                             "Fix: a top-level name or a dotted path to a submodule (e.g. gen.vae_local)")
-        mod = child
-        done.append(part)
-    return mod
+    try:
+        return model.get_submodule(into)
+    except AttributeError:
+        pass
+    # the deepest prefix that exists: its children are the names to offer
+    parts, mod, done = into.split("."), model, []
+    while parts and parts[0] and isinstance(mod._modules.get(parts[0]), nn.Module):
+        mod = mod._modules[parts[0]]
+        done.append(parts.pop(0))
+    part, here = parts[0], ".".join(done)
+    names = [f"{here}.{n}" if here else n for n, _ in mod.named_children()]
+    raise ValueError(f"{where}: into={into!r} names no submodule of {type(model).__name__} "
+                     f"({'no ' + repr(part) + ' under ' + repr(here) if here else 'no top-level ' + repr(part)}); "
+                     f"available {'under ' + repr(here) if here else 'top-level'}: {', '.join(names) or 'none'}. "
+                     "Fix: a top-level name or a dotted path to a submodule (e.g. gen.vae_local)")
 
 
 def apply_load_spec(model: nn.Module, spec: LoadSpec, where: str = "model.load") -> None:

@@ -53,6 +53,21 @@ def test_metric_over_uneven_batches_equals_mean_of_vectors():
         metric.compute()
 
 
+def test_kept_scores_are_the_per_question_vectors():
+    cases = load_cases()
+    metric = VQAAccuracy(keep_scores=True)
+    for start, stop in [(0, 3), (3, 200), (200, 400)]:
+        chunk = cases[start:stop]
+        metric.update([c["prediction"] for c in chunk], [c["answers"] for c in chunk])
+    kept = metric.per_sample()
+    assert kept.dtype == torch.float64 and kept.tolist() == [c["accuracy"] for c in cases]
+    assert abs(kept.mean().item() - metric.compute().item()) < 1e-12
+    metric.reset()
+    assert metric.per_sample().numel() == 0
+    with pytest.raises(RuntimeError, match="keep_scores=True"):
+        VQAAccuracy().per_sample()
+
+
 @pytest.mark.parametrize(
     "n_matching, expected",
     [(0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0), (10, 1.0)],
