@@ -10,6 +10,7 @@ that lists the keys (modules/weights.py maps foreign layouts onto ours before th
 from __future__ import annotations
 
 import fnmatch
+import json
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Dict, Iterable, Mapping, Optional, Sequence
@@ -53,7 +54,23 @@ def save_state_dict(sd: Mapping[str, torch.Tensor], path: Path, metadata: Option
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     save_file(out, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
+    _sort_header(tmp)
     tmp.replace(path)
+
+
+def _sort_header(path: Path) -> None:
+    """Rewrite a safetensors header in place with its keys sorted. safetensors serialises the
+    metadata from a hash map whose order changes from one process to the next, so the same
+    weights and metadata gave files with different sha256 (two keys: a coin flip per file); sorted,
+    the bytes are a function of the content (the shipped bases' hashes reproduce)."""
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        text = json.dumps(header, separators=(",", ":"), sort_keys=True, ensure_ascii=False).encode()
+        if len(text) > n:  # cannot happen for the same content; keep the file as written
+            return
+        f.seek(8)
+        f.write(text + b" " * (n - len(text)))  # the format pads the header with spaces
 
 
 EXPORT_MANIFEST = "export.json"
@@ -71,7 +88,6 @@ def write_export(out_dir: Path, files: Mapping[str, Mapping[str, torch.Tensor]],
     ``config.yaml`` beside them and ``export.json`` ({file: {sha256, tensors}}, metadata) written
     last, so a directory with a manifest is complete. Returns the path of ``model.safetensors``
     (or the first file)."""
-    import json
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -105,7 +121,6 @@ def verify_manifest(path: Path) -> None:
     mf = path.parent / MANIFEST
     if not mf.is_file():
         return
-    import json
 
     try:
         entries = json.loads(mf.read_text())
@@ -232,7 +247,6 @@ def remove_checkpoint(path: Path) -> None:
 def finalize_checkpoint(tmp: Path, final: Path, meta: Dict[str, object]) -> Dict[str, object]:
     """Move a fully written checkpoint ``tmp`` (a file, or a sharded checkpoint's directory) into
     place and write its sidecar (both atomic)."""
-    import json
 
     tmp, final = Path(tmp), Path(final)
     info = {**meta, "file": final.name, "bytes": size_of(tmp), "sha256": sha256_path(tmp)}
@@ -245,7 +259,6 @@ def finalize_checkpoint(tmp: Path, final: Path, meta: Dict[str, object]) -> Dict
 
 def checkpoint_info(path: Path) -> Optional[Dict[str, object]]:
     """The sidecar of a checkpoint if the file is there and matches it, else None."""
-    import json
 
     path = Path(path)
     side = path.with_suffix(".json")
@@ -297,7 +310,6 @@ SAFETENSORS_SINGLE = "model.safetensors"
 
 def safetensors_weight_map(d: Path) -> Dict[str, str]:
     """{key: shard file name} of a checkpoint directory (its index, else its single file)."""
-    import json
 
     d = Path(d)
     if (d / SAFETENSORS_INDEX).is_file():
@@ -360,7 +372,6 @@ def save_sharded_safetensors(items: Iterable, out_dir: Path, max_shard_bytes: in
     may be a list of tensors that belong to a live model. ``materialize(key, tensor)`` (optional)
     gives the values of a tensor when its shard is written (e.g. for meta tensors). Returns the
     index path."""
-    import json
 
     from safetensors.torch import save_file
 

@@ -45,3 +45,24 @@ def test_pack_names_what_is_missing_or_unknown(tmp_path):
         pack(tmp_path, tmp_path / "a", only=["vae"])
     with pytest.raises(SystemExit, match=r"(?s)missing .*var/model.safetensors.*make bases"):
         pack(tmp_path, tmp_path / "a", only=["var"])
+
+
+def test_the_same_weights_write_the_same_bytes(tmp_path):
+    """safetensors orders the metadata by a per-process hash map: without sorting the header, the
+    same weights and metadata gave files with other sha256 (7 of 8 saves differed), so a rebuilt
+    base could never match its manifest."""
+    import hashlib
+
+    from safetensors import safe_open
+
+    sd = {"b.weight": torch.arange(6.0).view(2, 3), "a.bias": torch.ones(3, dtype=torch.float16)}
+    meta = {"source": "vision/model.safetensors", "dtype": "float16", "commit": "abc", "seed": "0"}
+    digests = set()
+    for i in range(8):
+        save_state_dict(sd, tmp_path / f"{i}.safetensors", metadata=meta)
+        digests.add(hashlib.sha256((tmp_path / f"{i}.safetensors").read_bytes()).hexdigest())
+    assert len(digests) == 1
+    with safe_open(str(tmp_path / "0.safetensors"), "pt") as f:
+        assert f.metadata() == meta and sorted(f.keys()) == ["a.bias", "b.weight"]
+    back = read_state_dict(tmp_path / "0.safetensors")
+    assert all(torch.equal(back[k], v) for k, v in sd.items())
