@@ -38,8 +38,6 @@ def sha256_file(path: Path | str) -> str:
 def save_state_dict(sd: Mapping[str, torch.Tensor], path: Path, metadata: Optional[Dict[str, str]] = None) -> None:
     """Write ``sd`` as safetensors atomically. Tensors that share storage (tied embeddings)
     are cloned so each key is stored: safetensors refuses aliased tensors."""
-    from safetensors.torch import save_file
-
     seen: Dict[int, str] = {}
     out: Dict[str, torch.Tensor] = {}
     for k, v in sd.items():
@@ -53,16 +51,18 @@ def save_state_dict(sd: Mapping[str, torch.Tensor], path: Path, metadata: Option
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file(out, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
-    _sort_header(tmp)
+    _write_safetensors(out, tmp, {k: str(v) for k, v in (metadata or {}).items()})
     tmp.replace(path)
 
 
-def _sort_header(path: Path) -> None:
-    """Rewrite a safetensors header in place with its keys sorted. safetensors serialises the
-    metadata from a hash map whose order changes from one process to the next, so the same
-    weights and metadata gave files with different sha256 (two keys: a coin flip per file); sorted,
-    the bytes are a function of the content (the shipped bases' hashes reproduce)."""
+def _write_safetensors(tensors: Dict[str, torch.Tensor], path: Path, metadata: Dict[str, str]) -> None:
+    """safetensors' save_file, then its header rewritten in place with the keys sorted: the library
+    serialises the metadata from a hash map whose order changes from one process to the next, so
+    the same weights and metadata gave files with different sha256 (two keys: a coin flip per
+    file); sorted, the bytes are a function of the content (the shipped bases' hashes reproduce)."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
     with open(path, "r+b") as f:
         n = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(n))
@@ -88,7 +88,6 @@ def write_export(out_dir: Path, files: Mapping[str, Mapping[str, torch.Tensor]],
     ``config.yaml`` beside them and ``export.json`` ({file: {sha256, tensors}}, metadata) written
     last, so a directory with a manifest is complete. Returns the path of ``model.safetensors``
     (or the first file)."""
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # export.json keeps the metadata's JSON values (numbers, the run's provenance dicts); the
@@ -247,7 +246,6 @@ def remove_checkpoint(path: Path) -> None:
 def finalize_checkpoint(tmp: Path, final: Path, meta: Dict[str, object]) -> Dict[str, object]:
     """Move a fully written checkpoint ``tmp`` (a file, or a sharded checkpoint's directory) into
     place and write its sidecar (both atomic)."""
-
     tmp, final = Path(tmp), Path(final)
     info = {**meta, "file": final.name, "bytes": size_of(tmp), "sha256": sha256_path(tmp)}
     if final.is_dir():  # a directory is not replaced by a rename: one left by a run killed after its rename
@@ -259,7 +257,6 @@ def finalize_checkpoint(tmp: Path, final: Path, meta: Dict[str, object]) -> Dict
 
 def checkpoint_info(path: Path) -> Optional[Dict[str, object]]:
     """The sidecar of a checkpoint if the file is there and matches it, else None."""
-
     path = Path(path)
     side = path.with_suffix(".json")
     try:
@@ -310,7 +307,6 @@ SAFETENSORS_SINGLE = "model.safetensors"
 
 def safetensors_weight_map(d: Path) -> Dict[str, str]:
     """{key: shard file name} of a checkpoint directory (its index, else its single file)."""
-
     d = Path(d)
     if (d / SAFETENSORS_INDEX).is_file():
         return dict(json.loads((d / SAFETENSORS_INDEX).read_text())["weight_map"])
@@ -372,9 +368,6 @@ def save_sharded_safetensors(items: Iterable, out_dir: Path, max_shard_bytes: in
     may be a list of tensors that belong to a live model. ``materialize(key, tensor)`` (optional)
     gives the values of a tensor when its shard is written (e.g. for meta tensors). Returns the
     index path."""
-
-    from safetensors.torch import save_file
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     items = list(items)
@@ -401,7 +394,7 @@ def save_sharded_safetensors(items: Iterable, out_dir: Path, max_shard_bytes: in
                 shard[k] = t.clone()
             seen[ptr] = k
         tmp = out_dir / (name + ".tmp")
-        save_file(shard, str(tmp), metadata={"format": "pt", **(metadata or {})})
+        _write_safetensors(shard, tmp, {"format": "pt", **(metadata or {})})
         tmp.replace(out_dir / name)
         total += sum(t.numel() * t.element_size() for t in shard.values())
         weight_map.update({k: name for k in shard})

@@ -111,9 +111,10 @@ def evaluate_vqa(net, samples: Sequence[Dict[str, Any]], cfg: EvalConfig) -> Dic
     """VQA accuracy of greedy answers, per question type, with the blind baselines."""
     if not samples:
         raise ValueError("evaluate_vqa: no samples")
-    # keep_scores: the per-question scores behind each mean feed its bootstrap interval
+    # keep_scores: each question is scored once; its score feeds the mean, the bootstrap interval
+    # and the per-type means
     overall, blind = (VQAAccuracy(sync_on_compute=False, keep_scores=True) for _ in range(2))
-    per_type: Dict[str, VQAAccuracy] = defaultdict(lambda: VQAAccuracy(sync_on_compute=False))
+    types: List[str] = []  # question type of each scored question, in order
     rows: List[Dict[str, Any]] = []
     preds_all: List[str] = []
     for chunk in _batches(samples, cfg.batch_size):
@@ -123,8 +124,7 @@ def evaluate_vqa(net, samples: Sequence[Dict[str, Any]], cfg: EvalConfig) -> Dic
         preds_all += preds
         answers = [s["record"].get("answers") or [_first_answer(s["record"])] for s in chunk]
         overall.update(preds, answers)
-        for s, p, a in zip(chunk, preds, answers):
-            per_type[s["record"].get("question_type", "all")].update([p], [a])
+        types += [s["record"].get("question_type", "all") for s in chunk]
         if cfg.blind_baseline:
             blind_preds = net.answer([None] * len(chunk), qs, max_new_tokens=cfg.max_new_tokens)
             blind.update(blind_preds, answers)
@@ -142,7 +142,7 @@ def evaluate_vqa(net, samples: Sequence[Dict[str, Any]], cfg: EvalConfig) -> Dic
     out = {
         "vqa_accuracy": float(overall.compute()),
         "vqa_accuracy_ci95": _question_ci(overall.per_sample().tolist()),
-        "vqa_per_type": {k: float(m.compute()) for k, m in sorted(per_type.items())},
+        "vqa_per_type": _type_means(types, overall.per_sample()),
         "vqa_prior_baseline": float(prior.compute()),
         "vqa_n": len(samples),
         "vqa_rows": rows,
@@ -151,6 +151,14 @@ def evaluate_vqa(net, samples: Sequence[Dict[str, Any]], cfg: EvalConfig) -> Dic
         out["vqa_blind_baseline"] = float(blind.compute())
         out["vqa_blind_baseline_ci95"] = _question_ci(blind.per_sample().tolist())
     return out
+
+
+def _type_means(types: Sequence[str], scores: torch.Tensor) -> Dict[str, float]:
+    """Mean score per question type, from the per-question scores (in the order of ``types``)."""
+    by: Dict[str, List[float]] = defaultdict(list)
+    for t, v in zip(types, scores.tolist()):
+        by[t].append(v)
+    return {t: sum(v) / len(v) for t, v in sorted(by.items())}
 
 
 def _question_ci(scores: Sequence[float]) -> List[float]:

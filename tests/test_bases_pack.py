@@ -66,3 +66,12 @@ def test_the_same_weights_write_the_same_bytes(tmp_path):
         assert f.metadata() == meta and sorted(f.keys()) == ["a.bias", "b.weight"]
     back = read_state_dict(tmp_path / "0.safetensors")
     assert all(torch.equal(back[k], v) for k, v in sd.items())
+    # the sharded writer (released-layout exports) goes through the same header sort
+    from modules.checkpoint import save_sharded_safetensors
+
+    items = [(k, v, v.dtype) for k, v in sd.items()]
+    shards = set()
+    for i in range(8):
+        index = save_sharded_safetensors(items, tmp_path / f"sharded{i}", metadata=meta)
+        shards.add(hashlib.sha256((index.parent / "model-00001-of-00001.safetensors").read_bytes()).hexdigest())
+    assert len(shards) == 1

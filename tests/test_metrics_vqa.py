@@ -118,3 +118,32 @@ def test_exact_match_accuracy():
     assert exact_match("a Circle!", "circle") == 1.0
     with pytest.raises(ValueError, match="2 predictions but 1"):
         metric.update(["a", "b"], ["a"])
+
+
+def test_evaluate_vqa_scores_once_for_mean_interval_and_types():
+    """evaluate_vqa's per-type means, overall mean and intervals all come from one scoring of each
+    answer (VQAAccuracy(keep_scores=True)); checked against vqa_accuracy on a stub model."""
+    from modules.config import EvalConfig
+    from modules.evaluation import evaluate_vqa
+
+    cases = load_cases()[:40]
+    samples = [{"key": str(i), "images": [None],
+                "record": {"messages": [{"role": "user", "content": f"q{i}"}], "answers": c["answers"],
+                           "question_type": "color" if i % 3 else "count"}}
+               for i, c in enumerate(cases)]
+
+    class Stub:  # with the image: the scorer's recorded prediction; blind (no image): "no"
+        def answer(self, images, qs, max_new_tokens=0):
+            return [cases[int(q[1:])]["prediction"] if im is not None else "no" for im, q in zip(images, qs)]
+
+    samples = [{**s, "images": ["img"]} for s in samples]
+    out = evaluate_vqa(Stub(), samples, EvalConfig(batch_size=7, blind_baseline=True))
+    want = [c["accuracy"] for c in cases]
+    blind = [vqa_accuracy("no", c["answers"]) for c in cases]
+    assert abs(out["vqa_blind_baseline"] - statistics.mean(blind)) < 1e-12
+    assert abs(out["vqa_accuracy"] - statistics.mean(want)) < 1e-12
+    for t in ("color", "count"):
+        sub = [w for i, w in enumerate(want) if (t == "color") == bool(i % 3)]
+        assert abs(out["vqa_per_type"][t] - statistics.mean(sub)) < 1e-12
+    lo, hi = out["vqa_accuracy_ci95"]
+    assert lo <= out["vqa_accuracy"] <= hi and hi - lo > 0
