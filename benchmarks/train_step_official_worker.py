@@ -8,7 +8,7 @@ transformers, safetensors and the official ``vargpt_llava`` package from PATH (a
 VARGPT-family/VARGPT). It stays alive and answers one JSON line per JSON command on stdin:
 
     {"cmd": "load", "dir": D, "vae": {...}, "var_depth": n}   build + load D's weights -> {"params": n}
-    {"cmd": "run", "batch": F, "precision": "fp32"|"bf16", "k": k}
+    {"cmd": "run", "batch": F, "precision": "fp32"|"bf16"|"bf16_released", "k": k}
                                          k training steps on F's batch -> {"s": [...], "loss": x, "grad_norm": g}
     {"cmd": "quit"}
 
@@ -20,6 +20,10 @@ What the worker changes of the official code, and why (nothing is stubbed: every
   block's drop path -> identity (the released 0.1 * depth / 24).
 - The VQVAE (``vae_local``) is frozen (``requires_grad_(False)``), as the suite's tokenizer is and
   as VARGPT's training keeps it; everything else trains.
+- Precision ``bf16`` is the suite's precision map: the step under bf16 autocast, but the VQVAE
+  encodes the targets with autocast off (fp32), as the suite does (its ``img_to_idxBl`` wrapped
+  on the instance). ``bf16_released`` leaves the encode under autocast (bf16 convolutions), as the
+  released code runs; the comparison reports it in a column of its own.
 
 One step = ``zero_grad(set_to_none=True)``, ``forward(..., labels=input_ids)`` (``bf16``: inside
 ``torch.autocast("cpu", torch.bfloat16)``), ``loss.backward()``; no optimizer step. Timed with
@@ -69,12 +73,26 @@ def build(official: str, d: str, vae: dict, var_depth: int):
     for b in model.vargpt_gen.blocks:
         b.drop_path = nn.Identity()
     model.vae_local.requires_grad_(False)
+    encode = model.vae_local.img_to_idxBl
+
+    def encode_as(*args, **kw):  # on the instance: the class is untouched
+        with torch.autocast("cpu", enabled=STATE["encode_autocast"]):
+            return encode(*args, **kw)
+
+    model.vae_local.img_to_idxBl = encode_as
     model.train()
     return model
 
 
+# Whether the VQVAE encodes the targets under the step's autocast (bf16 convolutions: the released
+# code) or with autocast off (fp32: the suite's precision map, what "bf16" compares at)
+STATE = {"encode_autocast": False}
+PRECISIONS = {"fp32": (False, False), "bf16": (True, False), "bf16_released": (True, True)}
+
+
 def run(model, batch_file: str, precision: str, k: int):
     b = torch.load(batch_file, map_location="cpu", weights_only=True)
+    bf16, STATE["encode_autocast"] = PRECISIONS[precision]
     kw = dict(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["input_ids"],
               pixel_gen_values=b["pixel_gen_values"])
     if b.get("pixel_values") is not None:
@@ -83,7 +101,7 @@ def run(model, batch_file: str, precision: str, k: int):
     for _ in range(k):
         t0 = time.process_time()
         model.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             out = model(**kw)
         out.loss.backward()
         times.append(time.process_time() - t0)

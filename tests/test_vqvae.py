@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+import modules.components.vqvae as vqvae_mod
 from modules.components.vqvae import (
     TOKENIZERS,
     StateDictMismatchError,
@@ -194,3 +195,30 @@ def test_inference_decode_in_place_is_bit_identical():
         assert torch.equal(m.fhat_to_img(f_cl), ref_cl)
     assert torch.equal(f, keep)
     assert all(p.grad is not None for p in m.decoder.parameters())
+
+
+def test_cpu_inference_decode_goes_image_by_image(monkeypatch):
+    """Without autograd a CPU batch of large images decodes one image at a time (faster: the
+    full-resolution activations of one image stay nearer the cache); the images are the batched
+    decode's up to float rounding (oneDNN may block a batch differently), and a batch of one is
+    unchanged. The world's small images (under DECODE_PER_IMAGE_BYTES) decode as one batch."""
+    torch.manual_seed(0)
+    m = build_vqvae(VQVAEConfig(**WORLD)).eval()
+    f = torch.randn(3, 16, 8, 8)
+    calls = []
+    hook = m.decoder.register_forward_hook(lambda mod, inp, out: calls.append(inp[0].shape[0]))
+    with torch.no_grad():
+        m.fhat_to_img(f)
+    assert calls == [3]
+    calls.clear()
+    monkeypatch.setattr(vqvae_mod, "DECODE_PER_IMAGE_BYTES", 0)
+    with torch.no_grad():
+        got = m.fhat_to_img(f)
+    assert calls == [1, 1, 1]
+    calls.clear()
+    batched = m.fhat_to_img(f).detach()  # autograd on: one call for the batch
+    assert calls == [3]
+    hook.remove()
+    assert torch.allclose(got, batched, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        assert torch.equal(m.fhat_to_img(f[1:2]), got[1:2])

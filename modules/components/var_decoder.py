@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from modules.components import fused_linear
 from modules.components.registry import ComponentConfig, Registry
 from modules.components.var_sampling import DTypeArg, sample_next_scale
 from modules.components.vqvae import LOAD_HINT, StateDictMismatchError, load_strict
@@ -150,7 +151,8 @@ class FFN(nn.Module):
         self.drop = nn.Dropout(drop) if drop > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(F.gelu(self.fc1(x), approximate="tanh")))
+        # fused_linear: plain F.linear + GELU, or one oneDNN call each in bf16 sampling
+        return self.drop(fused_linear.linear(fused_linear.linear(x, self.fc1, act="gelu_tanh"), self.fc2))
 
 
 # A KV slot for cached inference: (k_buf_BHLc, v_buf_BHLc, start). The chunk's keys/values are
@@ -182,11 +184,19 @@ class SelfAttention(nn.Module):
     def forward(self, x_BLC: torch.Tensor, attn_bias: Optional[torch.Tensor] = None,
                 kv: Optional[KVSlot] = None) -> torch.Tensor:
         B, L, C = x_BLC.shape
-        bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
-        qkv = F.linear(x_BLC, self.mat_qkv.weight, bias).view(B, L, 3, self.H, self.hd).permute(2, 0, 3, 1, 4)
+        bias = (self.q_bias, self.zero_k_bias, self.v_bias)
+        qkv = fused_linear.linear(x_BLC, self.mat_qkv, bias=bias).view(B, L, 3, self.H, self.hd).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # B H L c
         if self.l2_norm:
-            q = F.normalize(q, dim=-1).mul(self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp())
+            scale_1H11 = self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp()
+            if q.dtype == torch.bfloat16 and fused_linear.active(q):
+                # bf16 sampling: q * (scale / |q|) in one bf16 pass (the per-row factor rounded to
+                # bf16) instead of normalize -> an fp32 product (the fp32 scale promotes it) -> the
+                # cast back to bf16 for attention: two fewer copies of q per block and scale
+                q = q * (scale_1H11 / torch.linalg.vector_norm(q, dim=-1, keepdim=True, dtype=torch.float32)
+                         .clamp_min(1e-12)).to(q.dtype)
+            else:
+                q = F.normalize(q, dim=-1).mul(scale_1H11)
             k = F.normalize(k, dim=-1)
         if kv is not None:
             k_buf, v_buf, start = kv
@@ -201,7 +211,7 @@ class SelfAttention(nn.Module):
         o = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_bias, dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale
         )
-        return self.proj_drop(self.proj(o.transpose(1, 2).reshape(B, L, C)))
+        return self.proj_drop(fused_linear.linear(o.transpose(1, 2).reshape(B, L, C), self.proj))
 
 
 Ada6 = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
@@ -265,6 +275,11 @@ class AdaLNSelfAttn(nn.Module):
     def forward(self, x_BLC: torch.Tensor, ada: Ada6, attn_bias: Optional[torch.Tensor] = None,
                 kv: Optional[KVSlot] = None) -> torch.Tensor:
         g1, g2, s1, s2, b1, b2 = ada
+        if fused_linear.active(x_BLC):
+            # bf16 sampling: modulation and gated residual as one addcmul pass each (fp32, as the
+            # condition terms are), where mul + add + the mixed-dtype product take two or three
+            x_BLC = torch.addcmul(x_BLC, self.attn(torch.addcmul(b1, self.ln_wo_grad(x_BLC), s1.add(1)), attn_bias, kv), g1)
+            return torch.addcmul(x_BLC, self.ffn(torch.addcmul(b2, self.ln_wo_grad(x_BLC), s2.add(1))), g2)
         # out of place on attn's output (a view of its projection): under sharding attn is a unit, and
         # an in-place op on a unit's output would drop the hook that gathers its weights for backward
         x_BLC = x_BLC + self.drop_path(self.attn(self.ln_wo_grad(x_BLC).mul(s1.add(1)).add_(b1), attn_bias, kv).mul(g1))
@@ -446,7 +461,7 @@ class VARDecoder(nn.Module):
         return [xa.context(ctx_BTC) for xa in self.cross], keep_BT.bool()[:, None, None, :]
 
     def logits(self, h_BLC: torch.Tensor, cond_BD: torch.Tensor, head_ada=None) -> torch.Tensor:
-        return self.head(self.head_nm(h_BLC.float(), cond_BD, head_ada).to(self.head.weight.dtype)).float()
+        return fused_linear.linear(self.head_nm(h_BLC.float(), cond_BD, head_ada).to(self.head.weight.dtype), self.head).float()
 
     def drop_cond(self, cond_B: torch.Tensor) -> torch.Tensor:
         """Class mode, training: replace labels by the null class with prob cond_drop_rate."""

@@ -90,6 +90,12 @@ class VQVAEConfig(ComponentConfig):
 _TRAIN_ONLY_FIELDS = ("l1_weight", "mse_weight", "vq_weight", "dead_code_restart_every", "dead_code_min_hits", "dropout")
 
 
+# CPU inference decodes one image at a time when one image's full-resolution activation is at least
+# this large (fp32 bytes): the 256 px VQVAEs (8 MiB at ch 32), not the world's 64 px ch 16 (256 KiB),
+# whose small images decode faster as one batch
+DECODE_PER_IMAGE_BYTES = 2 << 20
+
+
 def _fp32_region(x: torch.Tensor):
     """Disable autocast for the device type of x (a no-op outside autocast)."""
     return torch.autocast(device_type=x.device.type, enabled=False)
@@ -385,7 +391,16 @@ class MultiScaleVQVAE(nn.Module):
     def fhat_to_img(self, f_hat_BChw: torch.Tensor) -> torch.Tensor:
         """Latent f_hat (B, Cvae, h, w) -> images (B, 3, H, W) clamped to [-1, 1]."""
         with _fp32_region(f_hat_BChw):
-            return self.decoder(self.post_quant_conv(f_hat_BChw.float())).clamp_(-1, 1)
+            f = f_hat_BChw.float()
+            if f.device.type == "cpu" and f.shape[0] > 1 and not torch.is_grad_enabled() \
+                    and 4 * self.cfg.ch * self.cfg.ch_mult[0] * self.cfg.resolution ** 2 >= DECODE_PER_IMAGE_BYTES:
+                # one image at a time on a CPU: the decoder's full-resolution activations (B x 8 MiB
+                # at 256 px, ch 32) are memory-bound passes (GroupNorm, SiLU, the residual add);
+                # per image they stay nearer the cache. Measured decode of the ch-32 VQVAE, 256 px,
+                # B 4, 1 thread, Xeon with AMX: 0.57 s vs 0.69 s channels-last (equal pixels),
+                # 0.69 s vs 0.96 s NCHW (pixels within 2e-5: oneDNN blocks a batch differently)
+                return torch.cat([self.decoder(self.post_quant_conv(f[i:i + 1])) for i in range(f.shape[0])]).clamp_(-1, 1)
+            return self.decoder(self.post_quant_conv(f)).clamp_(-1, 1)
 
     @torch.no_grad()
     def idx_to_img(self, idx_list: Sequence[torch.Tensor]) -> torch.Tensor:
