@@ -95,3 +95,15 @@ def test_var_bf16_sampling_logits_match_the_autocast_path(monkeypatch):
     fused = logits(True)
     assert all("_bf16_cache" in m.__dict__ for m in (var.blocks[1].ffn.fc1, var.blocks[1].attn.mat_qkv, var.head))
     assert (plain - fused).abs().max() <= 0.05 * plain.abs().max()
+
+
+def test_ab_benchmark_variants_switch_and_restore():
+    """benchmarks.var_sampling_ab's switches turn each change off inside the block only."""
+    from benchmarks.var_sampling_ab import variant
+    from modules.components import vqvae
+    before = (fused_linear.supported(), vqvae.DECODE_PER_IMAGE_BYTES)
+    with variant(fused=False, per_image=False):
+        assert not fused_linear.supported() and vqvae.DECODE_PER_IMAGE_BYTES > 1 << 40
+        with fused_linear.bf16_inference() as on:
+            assert not on
+    assert (fused_linear.supported(), vqvae.DECODE_PER_IMAGE_BYTES) == before
