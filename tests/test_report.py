@@ -336,3 +336,22 @@ def test_publish_limits_from_a_fake_store(tmp_path, empty_store):
         limits.publish_limits(clone, out=out)
     with pytest.raises(report.ReportError, match="make stage1 PRESET=v1 && make pipeline PRESET=v1"):
         limits.publish_limits(clone, v1_root=tmp_path / "nowhere", out=out)
+
+
+def test_readme_speed_block_follows_the_comparison_files(tmp_path):
+    """The README's speed rows are read from the two side-by-side results files: a changed figure
+    in a file changes the README, and the target verdicts follow the figures."""
+    src = REPO_ROOT / "benchmarks" / "results"
+    for name in ("var_sampling_vs_official.json", "train_step_vs_official.json"):
+        (tmp_path / name).write_text((src / name).read_text())
+    block = report.render_speed(tmp_path)
+    d = json.loads((tmp_path / "train_step_vs_official.json").read_text())
+    big = [r for r in d["results"] if r["size"] == "large"]
+    assert all(f"**{r['ratio_min']:.2f}x**" in block for r in big)
+    for r in big:  # every larger-size row at 1.6x: the training-step verdict flips to met
+        r["official"]["min_s"], r["ratio_min"] = r["suite"]["min_s"] * 1.6, 1.6
+    (tmp_path / "train_step_vs_official.json").write_text(json.dumps(d))
+    block2 = report.render_speed(tmp_path)
+    assert "for the training step met" in block2 and "**1.60x**" in block2
+    (tmp_path / "train_step_vs_official.json").unlink()
+    assert report.render_speed(tmp_path).startswith("(no results")
