@@ -64,7 +64,8 @@ def world(tmp_path_factory):
 def test_tiny_base_trains_a_few_steps_and_exports(world, tmp_path):
     from experiments.run import main as run_main
 
-    tiny = [f"model.v11.tokenizer.{k}={v}" for k, v in (("codebook_dim", 8), ("base_ch", 24), ("ch_mult", "[1,1,1,1]"))]
+    tiny = [f"model.v11.tokenizer.{k}={v}" for k, v in (("codebook_dim", 8), ("base_ch", 24), ("ch_mult", "[1,1,1,1]"),
+                                                        ("scales", "[[1,1],[2,2],[4,4]]"))]
     out = tmp_path / "bsq"
     assert run_main([str(REPO_ROOT / "experiments/world/bases/bsq.yaml"), f"data.root={world}", f"output_dir={out}",
                      "logging.enabled=false", "trainer.max_steps=3", "trainer.val_every_n_steps=3", "data.batch_size=4",

@@ -24,7 +24,7 @@ from experiments.config import REPO_ROOT, load_config
 from tests.tiny import tiny_tokenizer_dir
 
 # the v1.1 world model at its smallest that still has every part (tests/test_vargpt11_stages.py)
-SMALL = ["model.v11.llm.num_hidden_layers=1", "model.v11.tokenizer.base_ch=24", "model.v11.tokenizer.ch_mult=[1,1,1,1,1]",
+SMALL = ["model.v11.llm.num_hidden_layers=1", "model.v11.tokenizer.base_ch=24", "model.v11.tokenizer.ch_mult=[1,1,1,1,1]", "model.v11.tokenizer.scales=[[1,1],[2,2],[4,4]]",
          "model.v11.decoder.depth=1"]
 INSTRUCTIONS = ["Make the red square blue. <image>", "<image>\nMove the circle to the left.",
                 "Remove the triangle from this image <image>"]

@@ -13,7 +13,7 @@ from modules.checkpoint import save_state_dict
 
 from tests.tiny import tiny_tokenizer_dir
 
-SMALL = ["model.v11.llm.num_hidden_layers=1", "model.v11.tokenizer.base_ch=24", "model.v11.tokenizer.ch_mult=[1,1,1,1,1]",
+SMALL = ["model.v11.llm.num_hidden_layers=1", "model.v11.tokenizer.base_ch=24", "model.v11.tokenizer.ch_mult=[1,1,1,1,1]", "model.v11.tokenizer.scales=[[1,1],[2,2],[4,4]]",
          "model.v11.decoder.depth=1"]
 CLASSIFIER = REPO_ROOT / "assets/world/classifier.safetensors"
 

@@ -13,7 +13,7 @@ from experiments.config import REPO_ROOT, load_config
 from tests.tiny import tiny_tokenizer_dir
 
 CLASSIFIER = REPO_ROOT / "assets/world/classifier.safetensors"
-SMALL = ["model.v11.llm.num_hidden_layers=1", "model.v11.tokenizer.base_ch=24", "model.v11.tokenizer.ch_mult=[1,1,1,1,1]",
+SMALL = ["model.v11.llm.num_hidden_layers=1", "model.v11.tokenizer.base_ch=24", "model.v11.tokenizer.ch_mult=[1,1,1,1,1]", "model.v11.tokenizer.scales=[[1,1],[2,2],[4,4]]",
          "model.v11.decoder.depth=1"]
 
 

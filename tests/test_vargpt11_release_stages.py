@@ -37,7 +37,7 @@ NEVER_REACHED = {"gen.image_gen_projector.ln_q.weight", "gen.image_gen_projector
 NEVER_REACHED_PREFIX = "gen.vargpt_gen.text_proj_for_ca."
 
 TINY = ["model.v11.llm.num_hidden_layers=1", "model.v11.llm.vision_depth=1", "model.v11.decoder.depth=1",
-        "model.v11.tokenizer.base_ch=24", "model.v11.tokenizer.ch_mult=[1,1,1,1,1]"]
+        "model.v11.tokenizer.base_ch=24", "model.v11.tokenizer.ch_mult=[1,1,1,1,1]", "model.v11.tokenizer.scales=[[1,1],[2,2],[4,4]]"]
 
 
 @pytest.fixture(autouse=True)

@@ -31,7 +31,7 @@ def test_release_stage5_runs_sharded_on_two_ranks(tmp_path):
                "trainer.num_threads=1", "data.num_workers=0", "trainer.devices=2", "trainer.strategy=fsdp",
                "trainer.precision=bf16-mixed", "trainer.fsdp.activation_checkpointing=[llm_decoder_layer,var_block,vision_layer]",
                "trainer.max_steps=8", "data.batch_size=1", "checkpoint.at_end=false", "trainer.fsdp.report=true",
-               "model.v11.llm.num_hidden_layers=1", "model.v11.tokenizer.base_ch=24", "model.v11.tokenizer.ch_mult=[1,1,1,1,1]"])
+               "model.v11.llm.num_hidden_layers=1", "model.v11.tokenizer.base_ch=24", "model.v11.tokenizer.ch_mult=[1,1,1,1,1]", "model.v11.tokenizer.scales=[[1,1],[2,2],[4,4]]"])
     try:
         log, _ = p.communicate(timeout=400)
     finally:

@@ -37,7 +37,7 @@ def test_every_stage_type_trains_through_the_launcher(stage, tiny_world, tmp_pat
             f"logging.tracking_uri={tracking_uri}", f"logging.artifact_root={tmp_path / 'art'}",
             "trainer.max_steps=2", "data.batch_size=4", "trainer.log_every_n_steps=1", "trainer.num_threads=1",
             "logging.enabled=false", "trainer.save_checkpoint=true", "checkpoint.at_end=false",
-            "model.v11.llm.num_hidden_layers=2", "model.v11.tokenizer.base_ch=24", "model.v11.tokenizer.ch_mult=[1,1,1,1,1]"]
+            "model.v11.llm.num_hidden_layers=2", "model.v11.tokenizer.base_ch=24", "model.v11.tokenizer.ch_mult=[1,1,1,1,1]", "model.v11.tokenizer.scales=[[1,1],[2,2],[4,4]]"]
     loaded = load_config(REPO_ROOT / "experiments/v11/world.yaml", over)
     torch.manual_seed(0)
     module, _ = build_stage(loaded.cfg)
@@ -59,7 +59,7 @@ def test_world_export_writes_the_released_layout(tiny_world, tmp_path, tracking_
     over = ["stage=stage1", f"model.tokenizer.path={tok}", f"data.root={root}", f"output_dir={tmp_path / 'run'}",
             f"logging.tracking_uri={tracking_uri}", f"logging.artifact_root={tmp_path / 'art'}",
             "trainer.max_steps=1", "data.batch_size=2", "trainer.num_threads=1", "model.v11.llm.num_hidden_layers=1",
-            "model.v11.tokenizer.base_ch=24", "model.v11.tokenizer.ch_mult=[1,1,1,1,1]"]
+            "model.v11.tokenizer.base_ch=24", "model.v11.tokenizer.ch_mult=[1,1,1,1,1]", "model.v11.tokenizer.scales=[[1,1],[2,2],[4,4]]"]
     out = fit(load_config(REPO_ROOT / "experiments/v11/world.yaml", over))
     assert export_main([str(out.parent), str(tmp_path / "released"), "--format", "vargpt11", "--dtype", "float32"]) == 0
     model, cfg = build_released(tmp_path / "released", scales=[[1, 1], [2, 2], [4, 4]])
