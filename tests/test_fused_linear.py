@@ -107,3 +107,12 @@ def test_ab_benchmark_variants_switch_and_restore():
         with fused_linear.bf16_inference() as on:
             assert not on
     assert (fused_linear.supported(), vqvae.DECODE_PER_IMAGE_BYTES) == before
+
+
+@needs_bf16
+def test_bf16_stored_weights_are_used_as_they_are():
+    lin = _layer().to(torch.bfloat16)
+    with torch.no_grad(), fused_linear.bf16_inference():
+        fused_linear.linear(torch.randn(2, 64), lin)
+    w16, _ = fused_linear.bf16_params(lin, lin.bias)
+    assert w16.data_ptr() == lin.weight.data_ptr()  # no second copy of a bf16 weight

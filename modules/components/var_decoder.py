@@ -275,8 +275,8 @@ class AdaLNSelfAttn(nn.Module):
     def forward(self, x_BLC: torch.Tensor, ada: Ada6, attn_bias: Optional[torch.Tensor] = None,
                 kv: Optional[KVSlot] = None) -> torch.Tensor:
         g1, g2, s1, s2, b1, b2 = ada
-        if fused_linear.active(x_BLC):
-            # bf16 sampling: modulation and gated residual as one addcmul pass each (fp32, as the
+        if fused_linear.active(x_BLC) and not self.training:
+            # bf16 sampling (eval mode: no drop path): modulation and gated residual as one addcmul pass each (fp32, as the
             # condition terms are), where mul + add + the mixed-dtype product take two or three
             x_BLC = torch.addcmul(x_BLC, self.attn(torch.addcmul(b1, self.ln_wo_grad(x_BLC), s1.add(1)), attn_bias, kv), g1)
             return torch.addcmul(x_BLC, self.ffn(torch.addcmul(b2, self.ln_wo_grad(x_BLC), s2.add(1))), g2)
