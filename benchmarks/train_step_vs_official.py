@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -52,7 +51,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from benchmarks.results_file import write_results
+from benchmarks.results_file import time_stats, write_results
 from experiments.machine import cpu_flags, cpu_model, git_info
 from modules.released import build_from_config, export_released, load_released, released_config
 
@@ -179,10 +178,6 @@ class Official:
         self.log.close()
 
 
-def _stats(s: List[float]) -> Dict[str, Any]:
-    return {"min_s": round(min(s), 4), "median_s": round(statistics.median(s), 4), "n": len(s)}
-
-
 def compare(off: Official, net, d: Path, name: str, kind: str, precision: str, rounds: int, k: int) -> Dict[str, Any]:
     size = SIZES[name]
     raw = make_batch(kind, size["T"], net.L, net.num_image_tokens, net.vision.image_size, net.vqvae.cfg.resolution)
@@ -207,7 +202,7 @@ def compare(off: Official, net, d: Path, name: str, kind: str, precision: str, r
     row: Dict[str, Any] = {"size": name, "batch": kind, "precision": precision, "T": size["T"], "B": 4,
                            "gen_rows": int(raw["pixel_gen_values"].shape[0])}
     for s in sides:
-        row[s] = dict(_stats(times[s]), loss=last[s]["loss"], grad_norm=last[s]["grad_norm"])
+        row[s] = dict(time_stats(times[s]), loss=last[s]["loss"], grad_norm=last[s]["grad_norm"])
     row["ratio_min"] = round(row["official"]["min_s"] / row["suite"]["min_s"], 3)
     row["ratio_median"] = round(row["official"]["median_s"] / row["suite"]["median_s"], 3)
     row["ratio_pretok_min"] = round(row["official"]["min_s"] / row["suite_pretok"]["min_s"], 3)

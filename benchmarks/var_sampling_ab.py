@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 from contextlib import contextmanager
@@ -24,7 +23,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from benchmarks.results_file import write_results
+from benchmarks.results_file import time_stats, write_results
 from benchmarks.var_official import LABELS, SEED, SETTINGS
 from benchmarks.var_sampling import build_models
 from experiments.machine import cpu_flags, cpu_model, git_info
@@ -66,7 +65,7 @@ def run_depth(depth: int, rounds: int) -> Dict[str, Any]:
                 times[v].append(time.process_time() - t0)
     row: Dict[str, Any] = {"depth": depth, "C": var.C}
     for v, ts in times.items():
-        row[v] = {"min_s": round(min(ts), 3), "median_s": round(statistics.median(ts), 3), "all_s": [round(t, 3) for t in ts]}
+        row[v] = dict(time_stats(ts, 3), all_s=[round(t, 3) for t in ts])
     for v in ("no_fused", "no_decode", "neither"):
         row[f"gain_vs_{v}"] = round(row[v]["min_s"] / row["all"]["min_s"], 3)
     return row
