@@ -40,7 +40,7 @@ RUN := $(PY) -m experiments.run
 MAKE_START := $(shell date +%s.%N)
 STAMP_TIME = $(PY) -m experiments.report stamp
 
-.PHONY: help setup test test-all smoke mlflow-ui clean world-data bases stage1 stage2 stage3 pipeline evaluate sweep compare clean-bases
+.PHONY: help setup test test-all smoke mlflow-ui clean world-data bases stage1 stage2 stage3 pipeline evaluate sweep compare clean-bases v11-world v11-dpo
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | sort | \
@@ -80,7 +80,8 @@ $(WORLD_STAMP):
 # class-conditional VAR (needs the VQVAE), reference classifier, then the two LLaVA-1.5 steps.
 B := runs/bases
 BASE_FILES := $(B)/llm/model.safetensors $(B)/vision/model.safetensors $(B)/vqvae/model.safetensors $(B)/bsq/model.safetensors \
-	$(B)/var/model.safetensors $(B)/classifier/model.safetensors $(B)/llava_sft/model.safetensors
+	$(B)/var/model.safetensors $(B)/classifier/model.safetensors $(B)/llava_sft/model.safetensors \
+	$(B)/qwen2vl/model.safetensors
 
 bases: setup world-data $(BASE_FILES) ## train the stage-0 world bases missing under runs/bases, then pack them into assets/world/
 	$(PY) -m experiments.bases pack
@@ -98,6 +99,10 @@ $(B)/llava_align/model.safetensors: $(B)/llm/model.safetensors $(B)/vision/model
 
 $(B)/llava_sft/model.safetensors: $(B)/llava_align/model.safetensors
 	$(RUN) experiments/world/llava_sft.yaml $(ARGS)
+
+# The world's Qwen2-VL (the v1.1 world's start): the LLaVA base's LLM in Qwen2-VL's text model + a ViT
+$(B)/qwen2vl/model.safetensors: $(B)/llava_sft/model.safetensors
+	$(RUN) experiments/world/bases/qwen2vl.yaml $(ARGS)
 
 clean-bases: ## forget the trained stage-0 bases (runs/bases); `make bases` then retrains all
 	rm -rf $(B)
@@ -176,6 +181,44 @@ pipeline: setup world-data $(BASES) ## stages 1-3 + the understanding-only basel
 	$(SOLO) $(MAKE) --no-print-directory STAGE3_ARGS="trainer.num_threads=2" $(W)/stage3/model.safetensors
 	$(SOLO) $(PY) -m experiments.pipeline --runs $(W) --out $(REPORT_DIR)/report.json
 	@$(STAMP_TIME) pipeline$(TAG) $(MAKE_START)
+
+# The world VARGPT-v1.1 (docs/v11.md): from the world's Qwen2-VL and BSQ bases, the release's stage 0
+# (the generation side on generation data), then its stage 5 (everything but the tokenizer on world
+# edits + generation + understanding), then the scoreboard with understanding, generation and
+# editing rows (runs/pipeline-v11/report.json). The edit shards are rendered once (cached).
+W11 := runs/world-v11
+WEDIT := $(WORLD)/edit
+WEDIT_ARGS ?= --tasks edit --train 12000 --val 200 --test 400 --heldout 200
+WEDIT_STAMP := $(WEDIT)/.done-$(shell echo '$(WEDIT_ARGS)' | sha256sum | cut -c1-12)
+V11_ARGS ?=
+
+$(WEDIT_STAMP): | $(WORLD_STAMP)
+	rm -rf $(WEDIT) && $(PY) -m datamodules.world_edit --out $(WEDIT) $(WEDIT_ARGS) --workers 2
+	touch $@
+
+$(W11)/gen/model.safetensors: $(BASES) | $(WORLD_STAMP)
+	$(SOLO) $(RUN) experiments/world/v11/gen.yaml $(V11_ARGS) $(ARGS)
+
+$(W11)/edit/model.safetensors: $(W11)/gen/model.safetensors | $(WEDIT_STAMP)
+	$(SOLO) $(RUN) experiments/world/v11/edit.yaml $(V11_ARGS) $(ARGS)
+
+v11-world: setup world-data $(BASES) $(WEDIT_STAMP) ## VARGPT-v1.1 on the world: its stages 0 and 5 from the world bases, then its scoreboard (runs/pipeline-v11/report.json)
+	$(MAKE) --no-print-directory $(W11)/edit/model.safetensors
+	$(SOLO) $(PY) -m experiments.pipeline_v11 --runs $(W11) --out runs/pipeline-v11/report.json --edit-shards "$(WEDIT)/test/edit-*.tar"
+	@$(STAMP_TIME) v11-world $(MAKE_START)
+
+# The DPO ablation on the world v1.1 (docs/v11.md): pairs from the final export's own draws on
+# training prompts (ranked by the reference classifier), DPO on image bits from that export, then
+# one draw per test prompt before and after with the same seeds (runs/pipeline-v11/dpo.json).
+V11_DPO_DATA := runs/data/world-v11-dpo
+V11_DPO_ARGS ?=
+v11-dpo: setup $(W11)/edit/model.safetensors ## the world v1.1 DPO ablation: pairs, DPO, before vs after on the test prompts (runs/pipeline-v11/dpo.json)
+	rm -rf $(V11_DPO_DATA) $(W11)/dpo
+	$(SOLO) $(PY) -m experiments.dpo_world pairs $(W11)/edit --out $(V11_DPO_DATA) $(V11_DPO_ARGS)
+	$(SOLO) $(RUN) experiments/world/v11/dpo.yaml data.root=$(V11_DPO_DATA) $(ARGS)
+	$(SOLO) $(PY) -m experiments.dpo_world compare $(W11)/edit $(W11)/dpo --out runs/pipeline-v11/dpo.json \
+	  --pairs $(V11_DPO_DATA)/pairs.json --dpo-run $(W11)/dpo
+	@$(STAMP_TIME) v11-dpo $(MAKE_START)
 
 evaluate: setup ## evaluate a checkpoint: make evaluate CKPT=runs/world/stage3 [ARGS="eval.cfg=2"]
 	$(PY) -m experiments.evaluate $(CKPT) $(ARGS)

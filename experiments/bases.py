@@ -50,6 +50,8 @@ PARTS = {
     "classifier": ("classifier/model.safetensors", None),
     # the LLaVA-1.5-world start of VARGPT: only what understanding training produced
     "llava": ("llava_sft/model.safetensors", ("llm.", "vision.", "und_proj.")),
+    # the v1.1 world's start, a world Qwen2-VL: its ViT, LLM and LM head (not the random generation side)
+    "qwen2vl": ("qwen2vl/model.safetensors", ("visual.", "model.", "lm_head.")),
 }
 
 

@@ -20,6 +20,9 @@ is read here from an artifact, never typed:
                                 from a fresh clone's MLflow store (--runs-root, --v1-root) ->
                                 experiments/world/limits.json + .png; rendered to docs/limits.md
     publish timings             add `make test`'s time from runs/timings.json (a fresh clone's CI run)
+    publish v11-dpo             the world v1.1 DPO ablation (runs/pipeline-v11/dpo.json of `make v11-dpo`,
+                                + its time) -> experiments/world/v11/dpo_ablation.json; rendered into
+                                docs/v11.md's v11_dpo block
     stamp TARGET START          record how long a make target took (the Makefile calls it last)
 
 Hand-written text in a page survives regeneration only inside its ``<!-- finding ... -->`` block.
@@ -345,6 +348,61 @@ def render_readme(text: str, sb: Optional[Dict[str, Any]], abl: Path = ABLATIONS
 
 
 # ----------------------------------------------------------------------------------------
+# the world v1.1 DPO ablation (docs/v11.md)
+# ----------------------------------------------------------------------------------------
+
+V11_DPO = REPO_ROOT / "experiments" / "world" / "v11" / "dpo_ablation.json"
+
+
+def publish_v11_dpo(runs_root: Path, out: Path = V11_DPO) -> Path:
+    """Copy ``<runs_root>/runs/pipeline-v11/dpo.json`` (make v11-dpo) with the target's wall time."""
+    src = runs_root / "runs" / "pipeline-v11" / "dpo.json"
+    if not src.is_file():
+        raise ReportError(f"{src} not found: run `make v11-dpo` in {runs_root} first")
+    res = _load_json(src)
+    tpath = runs_root / "runs" / "timings.json"
+    recs = [r for r in (_load_json(tpath) if tpath.is_file() else []) if r["target"] == "v11-dpo"]
+    res["timing"] = recs[-1] if recs else None
+    res["source"] = str(src)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1, default=str) + "\n")
+    print(f"[report] v11 DPO ablation -> {_rel(out)}")
+    return out
+
+
+def render_v11_dpo(path: Path) -> str:
+    if not path.is_file():
+        return "Not published yet (`make v11-dpo`, then `python -m experiments.report publish v11-dpo`)."
+    r = _load_json(path)
+    b, a, d, pr = r["before"], r["after"], r["difference"], r.get("pairs") or {}
+    dpo = r.get("dpo") or {}
+    t = r.get("timing") or {}
+    commit = str((r.get("git") or {}).get("git_commit", "?"))[:7]
+    lines = ["| test prompts, one draw each (same seeds) | attribute accuracy (95% interval) |", "|---|---|",
+             f"| before DPO (`{Path(b['ckpt']).name}`) | {b['attribute_accuracy']:.3f} {_ci95(b['attribute_accuracy_ci95'])} |",
+             f"| after DPO (`{Path(a['ckpt']).name}`) | {a['attribute_accuracy']:.3f} {_ci95(a['attribute_accuracy_ci95'])} |",
+             f"| **after - before** (paired bootstrap over prompts) | **{d['after_minus_before']:+.3f}** "
+             f"{_ci95(d['ci95_paired'])}; {d['prompts_better']} prompts better, {d['prompts_worse']} worse |"]
+    text = "\n".join(lines) + "\n\n"
+    if pr:
+        text += (f"Pairs: {pr['pairs']} of {pr['prompts']} training prompts ({pr['draws']} draws each from the "
+                 f"export, guidance {pr['cfg']}; {pr['no_pair_all_draws_equal']} prompts whose draws all scored the "
+                 f"same gave none); chosen draws scored {pr['mean_chosen']:.3f}, rejected {pr['mean_rejected']:.3f}, "
+                 f"all draws {pr['mean_draw_score']:.3f} (the classifier's attribute accuracy). ")
+    if dpo:
+        text += (f"DPO: {dpo.get('max_steps')} steps, batch {dpo.get('batch_size')} pairs, lr {dpo.get('lr')}, "
+                 f"{', '.join(f'{k} {v}' for k, v in (dpo.get('config') or {}).items() if k != 'reference_path')}. ")
+    text += (f"`make v11-dpo`" + (f" {_mmss(t['seconds'])}" if t.get("seconds") else "")
+             + f" at `{commit}` on {r.get('cpu_model', '?')}; {b['n']} test prompts; "
+             f"command `{r.get('command', '?')}` for the comparison.")
+    return text
+
+
+def _ci95(v: Any) -> str:
+    return f"[{v[0]:.3f}, {v[1]:.3f}]" if isinstance(v, (list, tuple)) and len(v) == 2 else ""
+
+
+# ----------------------------------------------------------------------------------------
 # render everything
 # ----------------------------------------------------------------------------------------
 
@@ -358,6 +416,10 @@ def pages(root: Path = REPO_ROOT) -> Dict[Path, str]:
     out[root / "docs" / "benchmarks.md"] = render_benchmarks(root / "benchmarks" / "results")
     out[root / "docs" / "limits.md"] = render_limits(root / LIMITS.relative_to(REPO_ROOT), root / "docs" / "limits.md",
                                                      FINDING_RE, FINDING_EMPTY.replace("**Finding.**", "**Reading.**"))
+    v11 = root / "docs" / "v11.md"
+    if v11.is_file() and "<!-- v11_dpo:" in v11.read_text():
+        out[v11] = replace_block(v11.read_text(), "v11_dpo", render_v11_dpo(root / V11_DPO.relative_to(REPO_ROOT)),
+                                 where="docs/v11.md")
     sb_path = root / "experiments" / "world" / "scoreboard.json"
     readme = root / "README.md"
     if readme.is_file():
@@ -389,12 +451,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     rd = sub.add_parser("render", help="regenerate every page from the committed results (the default)")
     rd.add_argument("--check", action="store_true", help="write nothing; exit 1 when a page differs")
     pb = sub.add_parser("publish", help="copy results from MLflow / a pipeline run into the repository")
-    pb.add_argument("what", choices=("sweep", "scoreboard", "timings", "limits"))
+    pb.add_argument("what", choices=("sweep", "scoreboard", "timings", "limits", "v11-dpo"))
     pb.add_argument("name", nargs="?", default="", help="sweep: the sweep (or MLflow experiment) name")
     pb.add_argument("--tracking-uri", default=None, help="sweep: MLflow store (default runs/mlflow.db)")
     pb.add_argument("--sweep-dir", default=None,
                     help="sweep: where its variants' exports and eval.json are (default runs/sweeps/NAME)")
-    pb.add_argument("--preset", default="default", help="scoreboard: which preset's pipeline (default, v1)")
+    pb.add_argument("--preset", default="default", help="scoreboard: which preset's pipeline (default, v1, v11)")
     pb.add_argument("--column", default=None,
                     help="scoreboard: the column it fills (default: the preset's)")
     pb.add_argument("--runs-root", default=str(REPO_ROOT),
@@ -414,6 +476,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 publish_sweep(args.name, args.tracking_uri, sweep_dir=Path(args.sweep_dir) if args.sweep_dir else None)
             elif args.what == "limits":
                 publish_limits(Path(args.runs_root), Path(args.v1_root) if args.v1_root else None)
+            elif args.what == "v11-dpo":
+                publish_v11_dpo(Path(args.runs_root))
             elif args.what == "scoreboard":
                 publish_scoreboard(Path(args.runs_root), args.preset, column=args.column, note=args.note)
             else:

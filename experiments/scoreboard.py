@@ -104,8 +104,10 @@ def _minutes(seconds: Optional[float]) -> str:
 
 # Scoreboard columns, left to right. A column is a preset's pipeline from one fresh clone; when
 # that clone rebuilt its bases first (`make clean-bases bases`), the column keeps that time too.
-PRESETS = ("v1", "default")
-PRESET_TITLES = {"v1": "VARGPT v1 (`PRESET=v1`)", "default": "suite default"}
+PRESETS = ("v1", "default", "v11")
+PRESET_TITLES = {"v1": "VARGPT v1 (`PRESET=v1`)", "default": "suite default", "v11": "VARGPT-v1.1 (`make v11-world`)"}
+# the make targets that time a column (a v1.1 column is one target: experiments/pipeline_v11.py)
+V11_TARGET = "v11-world"
 
 
 def _ci(v: Any) -> str:
@@ -162,7 +164,8 @@ def scoreboard_rows(rep: Dict[str, Any]) -> List[tuple]:
     best_of = rep.get("gen_best_of")
     one = s3.get("gen_one_draw") or {}
     seeds = s3.get("gen_draw_seeds") or {}
-    rr, rc = rep.get("real_vs_real") or {}, rep.get("vqvae_reconstruction") or {}
+    rr = rep.get("real_vs_real") or {}
+    rc = rep.get("vqvae_reconstruction") or rep.get("bsq_reconstruction") or {}  # v1's tokenizer / v1.1's
     floor = rr.get("fid")
     rows = [
         ("VQA accuracy, test split", _cell(rep.get("vqa_accuracy"), s2.get("vqa_accuracy_ci95"), bold=True)),
@@ -203,12 +206,33 @@ def scoreboard_rows(rep: Dict[str, Any]) -> List[tuple]:
                      f"{floor:.1f}" + (f" / {_cell(rr.get('attribute_accuracy'), rr.get('attribute_accuracy_ci95'), 3)}"
                                        if rr.get("attribute_accuracy") is not None else "")))
     if rc.get("attribute_accuracy") is not None:
-        rows.append(("ceiling: VQVAE reconstructions of those images: attribute accuracy / every attribute right",
+        rows.append(("ceiling: the tokenizer's reconstructions of those images (v1: VQVAE, v1.1: BSQ): attribute "
+                     "accuracy / every attribute right",
                      _cell(rc["attribute_accuracy"], rc.get("attribute_accuracy_ci95"), 3)
                      + (f" / {_cell(rc.get('attr_all'), rc.get('attr_all_ci95'), 3)}" if rc.get("attr_all") is not None else "")))
     if s3.get("gen_prompt_gain") is not None:
         rows.append(("prompt gain (nats per image token the prompt is worth; no interval: one teacher-forced pass)",
                      f"{s3['gen_prompt_gain']:.3f}"))
+    gs = rep.get("gen_stage") or {}
+    if gs.get("gen_attribute_accuracy") is not None:  # v1.1: generation before its editing stage
+        rows.append(("v1.1: attribute accuracy, one draw, after its generation stage (before editing)",
+                     _cell(gs["gen_attribute_accuracy"], gs.get("gen_attr_mean_ci95"), 3)))
+    ed, refs = rep.get("edit") or {}, rep.get("edit_references") or {}
+    if ed.get("edit_accuracy") is not None:
+        rows += [("**editing: edit accuracy** (the edited facts hold; test edits)",
+                  _cell(ed["edit_accuracy"], ed.get("edit_accuracy_ci95"), 3, bold=True)),
+                 ("editing: preservation (the facts that should not change still hold)",
+                  _cell(ed.get("edit_preservation"), ed.get("edit_preservation_ci95"), 3)),
+                 ("editing: success (edit and preservation both)", _cell(ed.get("edit_success"), ed.get("edit_success_ci95"), 3)),
+                 ("editing: by operation, edit accuracy",
+                  "; ".join(f"{op} {v['edit']:.2f}" for op, v in sorted((ed.get("edit_by_op") or {}).items())))]
+        for name, what in (("targets", "rendered targets (the scorer's ceiling)"),
+                           ("copy", "the source handed back unedited")):
+            r = refs.get(name)
+            if r:
+                rows.append((f"editing reference, {what}: edit / preservation",
+                             _cell(r["edit"], r.get("edit_ci95"), 3) + " / " + _cell(r["preservation"],
+                                                                                   r.get("preservation_ci95"), 3)))
     return rows
 
 
@@ -236,13 +260,16 @@ def render_scoreboard(sb: Dict[str, Any]) -> str:
         t = pv.get("timings", {})
         pre = pv.get("preset", p)
         tag = "" if pre == "default" else f"-{pre}"
-        trained = sorted({r.get("commit", "?") for k, r in t.items() if k in (f"stage1{tag}", f"pipeline{tag}", "bases")})
+        trained = sorted({r.get("commit", "?") for k, r in t.items()
+                          if k in (f"stage1{tag}", f"pipeline{tag}", "bases", V11_TARGET)})
         when = (f"`make stage1{'' if pre == 'default' else ' PRESET=' + pre}` "
                 f"{_minutes(_g(t, f'stage1{tag}', 'seconds'))} + `make pipeline{'' if pre == 'default' else ' PRESET=' + pre}` "
                 f"{_minutes(_g(t, f'pipeline{tag}', 'seconds'))}")
+        if pre == "v11":  # one target: its two stages and its evaluation
+            when = f"`make {V11_TARGET}` {_minutes(_g(t, V11_TARGET, 'seconds'))}"
         if "bases" in t:
             when = f"`make clean-bases bases` {_minutes(t['bases']['seconds'])}, then " + when
-        load = _g(t, f"pipeline{tag}", "loadavg")
+        load = _g(t, V11_TARGET if pre == "v11" else f"pipeline{tag}", "loadavg")
         notes.append(f"- {PRESET_TITLES.get(p, p)}: {when} in a fresh clone (trained at "
                      f"{', '.join(f'`{c}`' for c in trained) or 'unknown'}, evaluated at `{pv['commit']}`"
                      f"{' with a dirty tree' if pv.get('dirty') else ''}), {pv['cpu_model']} "
@@ -251,7 +278,9 @@ def render_scoreboard(sb: Dict[str, Any]) -> str:
                         if load and load[-1] > 2.5 else "")
                      + f"; {sb['presets'][p]['report'].get('stage2', {}).get('n', '?')} test questions, "
                      f"{sb['presets'][p]['report'].get('stage3', {}).get('gen_n', '?')} test prompts, "
-                     f"training seed {_seeds(pv.get('train_seeds', {}))}, evaluation seed {pv.get('eval_seed', '?')}"
+                     + (f"{_g(sb['presets'][p]['report'], 'edit', 'edit_n')} test edits, "
+                        if _g(sb['presets'][p]['report'], 'edit', 'edit_n') else "")
+                     + f"training seed {_seeds(pv.get('train_seeds', {}))}, evaluation seed {pv.get('eval_seed', '?')}"
                      + "." + (f" {pv['note']}" if pv.get("note") else ""))
     note = limits_note(sb, cols)
     return "\n".join(lines) + "\n\n" + "\n".join(notes + ([note] if note else []))
@@ -311,8 +340,9 @@ def publish_scoreboard(runs_root: Path, preset: str = "default", out: Path = SCO
     runs = runs_root / "runs"
     rep_path = runs / f"pipeline{tag}" / "report.json"
     if not rep_path.is_file():
-        raise ReportError(f"{rep_path} not found: run `make stage1{' PRESET=' + preset if tag else ''} && "
-                          f"make pipeline{' PRESET=' + preset if tag else ''}` in {runs_root} first")
+        how = (f"make {V11_TARGET}" if preset == "v11" else
+               f"make stage1{' PRESET=' + preset if tag else ''} && make pipeline{' PRESET=' + preset if tag else ''}")
+        raise ReportError(f"{rep_path} not found: run `{how}` in {runs_root} first")
     if column not in PRESETS:
         raise ReportError(f"scoreboard column {column!r} unknown; columns: {', '.join(PRESETS)}")
     rep = _load_json(rep_path)
@@ -320,11 +350,11 @@ def publish_scoreboard(runs_root: Path, preset: str = "default", out: Path = SCO
     tpath = runs / "timings.json"
     if tpath.is_file():
         for rec in _load_json(tpath):  # the newest record of each target wins
-            if rec["target"] in (f"stage1{tag}", f"pipeline{tag}", "bases"):
+            if rec["target"] in (f"stage1{tag}", f"pipeline{tag}", "bases", V11_TARGET if preset == "v11" else ""):
                 timings[rec["target"]] = rec
     seeds: Dict[str, Any] = {}
     wdir = runs / f"world{tag}"
-    for stage in ("stage1", "stage2", "stage2_und_only", "stage3"):
+    for stage in ("stage1", "stage2", "stage2_und_only", "stage3", "gen", "edit"):
         cfg = wdir / stage / "config.yaml"
         if cfg.is_file():
             m = re.search(r"^seed:\s*(\S+)", cfg.read_text(), re.M)

@@ -25,7 +25,8 @@ SUBMODULES = ("vision", "und_proj", "llm", "gen_lora", "gen_in", "gen_out", "gen
               "vqvae", "var")
 # How the prompt reaches the VAR blocks (ModelConfig.var_cond).
 VAR_CONDS = ("label", "gen_start", "prompt_attn")
-LOAD_FORMATS = ("native", "official_var", "official_vqvae", "llava", "hf", "timm", "vargpt", "llava_hf", "vargpt11")
+LOAD_FORMATS = ("native", "official_var", "official_vqvae", "llava", "hf", "timm", "vargpt", "llava_hf", "vargpt11",
+                "llama_qwen2")
 # Released-behaviour switches: name -> valid values. Each left at "" (None for the numbers)
 # follows `behaviour`; BEHAVIOURS gives the value of each under "corrected" (the defaults) and
 # "released" (the official VARGPT-v1 code).
@@ -119,6 +120,8 @@ class LoadSpec:
                             into a VARGPT11 model, whole and strict (modules/vargpt11_format.py)
             hf              a Hugging Face save_pretrained directory (into: llm or vision)
             timm            a timm ViT state dict (into: vision)
+            llama_qwen2     the suite's Llama (the llm.* keys of a v1 export or world base) into
+                            a v1.1 model's Qwen2 LLM (into: ""; q/k/v biases zero)
     (adapters in modules/weights.py; paths relative to the repository root)
     keys: only load these submodules from the file (e.g. [llm, vision, und_proj]); [] = all.
     """

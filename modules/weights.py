@@ -18,6 +18,8 @@ strict=False: what may be missing or unexpected is written in the config (``allo
     vargpt          a released VARGPT directory              the whole model (or `keys`)
                     (config.json + model.safetensors or shards + index; modules/vargpt_format.py)
     llava_hf        llava-hf/llava-1.5-7b-hf (a directory)   vision, und_proj, llm
+    llama_qwen2     the suite's Llama (`llm.` keys of an export  a v1.1 model's LLM (model, lm_head)
+                    or a base, e.g. assets/world/llava.safetensors)
 
 The directory formats (vargpt, llava_hf) load shard by shard, tensor by tensor, onto the model as
 it is: a model built under ``empty_parameters()`` (parameters on the meta device) gets each
@@ -109,6 +111,29 @@ def grow_vocab_rows(model: nn.Module, sd: StateDict) -> StateDict:
     return sd
 
 
+def from_llama_qwen2(sd: StateDict) -> StateDict:
+    """The suite's Llama (``llm.model.*`` / ``llm.lm_head.*``, as every v1 export and the world's
+    LLM bases hold it) -> the v1.1 LLM's names (``model.*`` / ``lm_head.*``, Qwen2-VL's text model).
+    Only the file's ``llm.`` keys are read (a LLaVA-style export also holds ``vision.`` /
+    ``und_proj.``, which have no place in a v1.1 model). A Qwen2 layer is a Llama layer plus q/k/v
+    biases: they arrive as zeros, so the function is the same when the v1.1 LLM's sizes, rope_theta
+    and rms_norm_eps are the Llama's (on text, M-RoPE's three equal position components are 1-D
+    RoPE; tests/test_llama_qwen2.py compares the logits)."""
+    out: StateDict = {}
+    for k, v in sd.items():
+        if not k.startswith("llm."):
+            continue
+        k = k[len("llm."):]
+        out[k] = v
+        m = re.fullmatch(r"(model\.layers\.\d+\.self_attn\.[qkv]_proj)\.weight", k)
+        if m:
+            out[f"{m.group(1)}.bias"] = torch.zeros(v.shape[0], dtype=v.dtype)
+    if not out:
+        raise ValueError("format llama_qwen2: the file has no llm.* keys (expected the suite's Llama names, "
+                         "llm.model.layers.N... and llm.lm_head.weight: a v1 export or a world LLM base)")
+    return out
+
+
 # ----------------------------------------------------------------------------------- loaders
 def _load_official_var(target: nn.Module, sd: StateDict, spec: LoadSpec, src: str) -> None:
     missing, unexpected = list(spec.allow_missing), list(spec.allow_unexpected)
@@ -133,6 +158,16 @@ def _load_mapped(adapter: Optional[Callable[[StateDict], StateDict]]):
     return load
 
 
+def _load_llama_qwen2(target: nn.Module, sd: StateDict, spec: LoadSpec, src: str) -> None:
+    # strict within the LLM (model.*, lm_head.*): every one of its keys must arrive; the rest of the
+    # v1.1 model (visual, gen) is not this file's business
+    if not any(k.startswith("model.layers.") for k in target.state_dict()):
+        raise ValueError(f"{src}: format llama_qwen2 loads into a VARGPT-v1.1 model (model.family: vargpt11, "
+                         "into: ''), whose LLM is model.* / lm_head.*; this target has none")
+    missing = list(spec.allow_missing) + ["visual.*", "gen.*"]
+    load_strict(target, grow_vocab_rows(target, from_llama_qwen2(sd)), missing, spec.allow_unexpected, source=src)
+
+
 def _load_hf(target: nn.Module, sd: StateDict, spec: LoadSpec, src: str) -> None:
     # into: vision -> the encoder's tower; into: llm (a CausalLM) -> its own names
     if spec.into == "vision":
@@ -148,6 +183,7 @@ LOADERS: Dict[str, Callable[[nn.Module, StateDict, LoadSpec, str], None]] = {
     "llava": _load_mapped(from_llava),
     "hf": _load_hf,
     "timm": _load_mapped(from_timm),
+    "llama_qwen2": _load_llama_qwen2,
 }
 
 

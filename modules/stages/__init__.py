@@ -46,6 +46,9 @@ for _name in VARGPT_STAGES:
 # VARGPT-v1.1's released training stages 0-5 (modules/stages/v11_stages.py RELEASE_STAGES); they
 # need a v1.1 model (model.family: vargpt11).
 V11_RELEASE_STAGES = tuple(f"v11_stage{i}" for i in range(6))
+# ... and the world's understanding start (the release starts from Qwen2-VL-Instruct; the world
+# makes one: ViT, merger and LLM on understanding data, experiments/world/bases/qwen2vl.yaml)
+V11_WORLD_STAGES = ("v11_und",)
 
 
 def _v11_only(name):
@@ -61,7 +64,7 @@ def _v11_only(name):
     return builder
 
 
-for _name in V11_RELEASE_STAGES:
+for _name in V11_RELEASE_STAGES + V11_WORLD_STAGES:
     STAGES.register(_name)(_v11_only(_name))
 
 

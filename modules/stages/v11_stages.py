@@ -6,6 +6,8 @@ the trainable sets mapped onto v1.1's parts (released names; the BSQ tokenizer n
     stage1       the generation projectors, sos_embedding, the decoder's SOS pool and pos_start
     stage2       model + lm_head
     stage3       the generation projectors, sos_embedding, the whole decoder (vargpt_gen)
+    v11_und      visual + model + lm_head: the world's stand-in for Qwen2-VL-Instruct, which the
+                 release starts from (the ViT trains too: the world has no pretrained one)
 
 and the release's own training stages 0-5 (``--vargpt_train_stage N`` of VARGPT-family-training,
 its freeze sets in src/llamafactory/model/model_utils/visual.py ``get_forbidden_modules`` for
@@ -41,6 +43,7 @@ TRAINABLE: Dict[str, Tuple[str, ...]] = {
     "stage1": _PROJ + ("gen.vargpt_gen.pos_start", "gen.vargpt_gen.text_proj_for_sos", "gen.vargpt_gen.text_norm"),
     "stage2": ("model", "lm_head"),
     "stage3": _PROJ + ("gen.vargpt_gen",),
+    "v11_und": ("visual", "model", "lm_head"),
 }
 # the release's stages 0-5 (tests/test_vargpt11_release_stages.py checks each against the release's
 # forbidden-substring rule on the released names)
