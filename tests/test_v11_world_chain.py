@@ -160,3 +160,25 @@ def test_paired_interval():
     b[:10] += 1
     lo, hi = paired_diff_ci(a, b, asked)
     assert 0 < lo < 0.05 < hi  # 10 of 50 prompts one better: +0.05, an interval that excludes 0
+
+
+def test_world_qwen2vl_base_recipe_trains_from_a_llama(world, tmp_path):
+    """experiments/world/bases/qwen2vl.yaml (stage v11_und) through the launcher: the LLM arrives from a
+    file in the suite's Llama names (format llama_qwen2), then the ViT, merger and LLM train."""
+    from experiments.run import main as run_main
+
+    root, tok = world
+    qwen = read_state_dict(root / "qwen2vl.safetensors")
+    llama = {f"llm.{k}": v for k, v in qwen.items() if k.startswith(("model.", "lm_head.")) and not k.endswith("_proj.bias")}
+    save_state_dict(llama, tmp_path / "llava.safetensors")
+    out = tmp_path / "qwen2vl"
+    assert run_main([str(REPO_ROOT / "experiments/world/bases/qwen2vl.yaml"), f"model.tokenizer.path={tok}",
+                     f"data.root={root / 'world'}", *SMALL, *RUN, "eval.vqa_shards=", f"output_dir={out}",
+                     "data.sources=[{name: vqa, shards: 'train/vqa-*.tar', task: understanding}]",
+                     f"model.load=[{{path: {tmp_path / 'llava.safetensors'}, format: llama_qwen2}}]"]) == 0
+    sd = read_state_dict(out / "model.safetensors")
+    # trained from where they started: the ViT's merger (random), an LLM weight (the file's), a
+    # q bias (zero: the Llama has none)
+    assert not torch.equal(sd["visual.merger.mlp.0.weight"], qwen["visual.merger.mlp.0.weight"])
+    assert not torch.equal(sd["model.layers.0.mlp.up_proj.weight"], qwen["model.layers.0.mlp.up_proj.weight"])
+    assert sd["model.layers.0.self_attn.q_proj.bias"].abs().max() > 0
