@@ -190,6 +190,10 @@ def scoreboard_rows(rep: Dict[str, Any]) -> List[tuple]:
                      _cell(rep["gen_attribute_accuracy"], s3.get("gen_attr_mean_ci95"), 3, bold=True)))
         rows.append(("images with every requested attribute right, one draw",
                      _cell(s3.get("gen_attr_all"), s3.get("gen_attr_all_ci95"), 3)))
+        by = s3.get("gen_attr_by_objects") or {}
+        if by:
+            rows.append(("one draw by objects in the prompt: mean / all right (1, 2, 3 objects)",
+                         "; ".join(f"{n}: {by[n]['mean']:.2f} / {by[n]['all']:.2f}" for n in sorted(by))))
     if best_of:
         rows += [(f"best of {best_of}: test-time compute ({best_of} draws + {best_of} judgements by the model per "
                   f"prompt), mean / every attribute right", _cell(rep.get("gen_attribute_accuracy"), s3.get("gen_attr_mean_ci95"), 3)
@@ -297,7 +301,8 @@ def render_timings(sb: Dict[str, Any]) -> str:
             + ", then ".join(parts))
     if test:
         busy = (test.get("loadavg") or [0])[-1] > 2.5
-        text += (f"; `make test` **{_minutes(test['seconds'])}** (`{test.get('commit', '?')}`, as CI runs it"
+        # its commit is in the scoreboard file: the README names at most three (one per column)
+        text += (f"; `make test` **{_minutes(test['seconds'])}** (as CI runs it"
                  + (", other jobs sharing the cores" if busy else "") + ")")
     load = _g(t, "pipeline", "loadavg")
     if load and load[-1] > 2.5:
