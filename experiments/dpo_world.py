@@ -30,17 +30,13 @@ import torch
 from experiments.config import REPO_ROOT
 
 
-def paired_diff_ci(right_a: torch.Tensor, right_b: torch.Tensor, asked: torch.Tensor, reps: int = 2000,
-                   seed: int = 0, level: float = 0.95) -> List[float]:
-    """Percentile bootstrap interval of sum(right_b)/sum(asked) - sum(right_a)/sum(asked), the N
-    prompts resampled together for both (a paired design: the same prompts and seeds)."""
-    n = len(asked)
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, n, (reps, n), generator=g)
-    den = asked[idx].sum(1).clamp(min=1)
-    d = (right_b[idx].sum(1) - right_a[idx].sum(1)) / den
-    lo, hi = torch.quantile(d, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=d.dtype))
-    return [round(float(lo), 4), round(float(hi), 4)]
+def paired_diff_ci(right_a: torch.Tensor, right_b: torch.Tensor, asked: torch.Tensor) -> List[float]:
+    """Bootstrap interval of sum(right_b)/sum(asked) - sum(right_a)/sum(asked) with the prompts
+    resampled together for both (paired: the same prompts and seeds): ``bootstrap_ci`` of the
+    per-prompt differences, as the ratio's numerator and denominator resample together."""
+    from modules.metrics_world import bootstrap_ci  # lazy: start-up cost
+
+    return bootstrap_ci(right_b - right_a, asked)
 
 
 def _setup(ckpt: str, classifier: str, classifier_cfg: str):
@@ -53,32 +49,27 @@ def _setup(ckpt: str, classifier: str, classifier_cfg: str):
 
 
 def _score(clf: Any, images: torch.Tensor, samples: Sequence[Dict[str, Any]]):
-    """(right (N,), asked (N,)) per prompt: the classifier's reading against each prompt's request."""
-    import torch.nn.functional as F  # lazy: start-up cost
-
+    """(right (N,), asked (N,)) per prompt: the classifier's reading against each prompt's request
+    (``attribute_scores``' counts, per prompt)."""
     from modules.metrics_world import predict_scenes, prompt_counts, requested_groups  # lazy: start-up cost
 
-    side = clf.cfg.image_size
-    x = images if images.shape[-1] == side else F.interpolate(images, size=(side, side), mode="bilinear",
-                                                              antialias=True, align_corners=False)
-    right, asked, _ = prompt_counts(predict_scenes(clf, x), [requested_groups(s["record"]) for s in samples])
+    right, asked, _ = prompt_counts(predict_scenes(clf, images), [requested_groups(s["record"]) for s in samples])
     return right.float(), asked.float()
 
 
-def _draw(net: Any, prompts: Sequence[str], seeds: Sequence[int], cfg_scale: float, batch: int = 50) -> torch.Tensor:
-    return torch.cat([net.generate_image(prompts[i:i + batch], cfg=cfg_scale, seed=seeds[i:i + batch])
-                      for i in range(0, len(prompts), batch)])
+def _draw(net: Any, prompts: Sequence[str], eval_cfg: Any, seed: int, cfg_scale: float) -> torch.Tensor:
+    """The evaluator's generation (``generate_for``: prompt i seeded ``seed + i``, eval.batch_size rows a call)."""
+    from dataclasses import replace  # lazy: start-up cost
+
+    from modules.evaluation import generate_for  # lazy: start-up cost
+
+    return generate_for(net, prompts, replace(eval_cfg, seed=seed, cfg=cfg_scale))
 
 
 def _png(img_3HW: torch.Tensor) -> bytes:
-    import io  # lazy: start-up cost
+    from datamodules.world import png_bytes  # lazy: start-up cost
 
-    from PIL import Image  # lazy: start-up cost
-
-    arr = img_3HW.mul(255).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
+    return png_bytes(img_3HW.mul(255).round().clamp(0, 255).byte().permute(1, 2, 0).numpy())
 
 
 def make_pairs(args: argparse.Namespace) -> int:
@@ -94,8 +85,7 @@ def make_pairs(args: argparse.Namespace) -> int:
     scores = []
     images = []
     for k in range(args.draws):
-        seeds = [args.seed + 1000 * k + i for i in range(len(samples))]
-        im = _draw(net, prompts, seeds, args.cfg)
+        im = _draw(net, prompts, cfg.eval, args.seed + 1000 * k, args.cfg)
         right, asked = _score(clf, im, samples)
         scores.append(right / asked.clamp(min=1))
         images.append(im)
@@ -142,9 +132,8 @@ def compare(args: argparse.Namespace) -> int:
         if samples is None:  # the test prompts under the first export's data root (the DPO run's is its pairs)
             samples, unreadable = read_records(args.shards, args.root or cfg.data.root, args.prompts)
             prompts = [user_text(s["record"]) for s in samples]
-            seeds = [cfg.eval.seed + i for i in range(len(samples))]
         t0 = time.perf_counter()
-        im = _draw(net, prompts, seeds, args.cfg)
+        im = _draw(net, prompts, cfg.eval, cfg.eval.seed, args.cfg)
         r, a = _score(clf, im, samples)
         rights[name], asked = r, a
         res[name] = {"ckpt": str(ckpt), "attribute_accuracy": round(float(r.sum() / a.sum()), 4),

@@ -88,6 +88,14 @@ def run_edits(model, samples: List[Dict[str, Any]], seed: int) -> List[np.ndarra
     return out  # type: ignore[return-value]
 
 
+def reference_scores(clf, samples: List[Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
+    """The editing scorer on the samples' rendered targets (``targets``: its ceiling) and on their
+    unedited sources (``copy``: edit 0, preservation near 1), beside which a model's edits read."""
+    recs, side = [s["record"] for s in samples], clf.cfg.image_size
+    return {name: edit_accuracy(clf, _as_float([np.asarray(s["images"][i].convert("RGB")) for s in samples], side), recs)
+            for name, i in (("targets", 1), ("copy", 0))}
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m experiments.infer_edit", description=__doc__.split("\n\n")[0])
     ap.add_argument("ckpt", help="an experiments.run export of a model.family: vargpt11 run")
@@ -108,9 +116,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     edited = run_edits(model, samples, args.seed)
     src = [np.asarray(s["images"][0].convert("RGB")) for s in samples]
     tgt = [np.asarray(s["images"][1].convert("RGB")) for s in samples]
-    report = {"model": edit_accuracy(clf, _as_float(edited, side), recs),
-              "targets": edit_accuracy(clf, _as_float(tgt, side), recs),
-              "copy": edit_accuracy(clf, _as_float(src, side), recs),
+    report = {"model": edit_accuracy(clf, _as_float(edited, side), recs), **reference_scores(clf, samples),
               "ckpt": str(args.ckpt), "shards": args.shards, "n": len(samples), "seed": args.seed}
     text = json.dumps(report, indent=1, sort_keys=True)
     print(text)

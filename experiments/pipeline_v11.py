@@ -41,21 +41,11 @@ EDIT_KEYS = ("edit_accuracy", "edit_accuracy_ci95", "edit_preservation", "edit_p
 
 def edit_references(edit_shards: str, num_edit: int, classifier_cfg: str, classifier: str) -> Dict[str, Any]:
     """The editing scorer on the rendered targets and on the unedited sources of the same samples."""
-    from experiments.infer_edit import _as_float, edit_samples, load_classifier  # lazy: PIL, the classifier
-    from modules.metrics_world import edit_accuracy  # lazy: start-up cost
+    from experiments.infer_edit import edit_samples, load_classifier, reference_scores  # lazy: start-up cost
 
-    samples = edit_samples(edit_shards, num_edit)
-    clf = load_classifier(classifier_cfg, classifier)
-    recs, side = [s["record"] for s in samples], clf.cfg.image_size
-    import numpy as np  # lazy: start-up cost
-
-    out = {}
-    for name, i in (("targets", 1), ("copy", 0)):
-        imgs = [np.asarray(s["images"][i].convert("RGB")) for s in samples]
-        sc = edit_accuracy(clf, _as_float(imgs, side), recs)
-        out[name] = {k: sc[k] for k in ("edit", "edit_ci95", "preservation", "preservation_ci95", "success",
-                                        "success_ci95", "n")}
-    return out
+    keep = ("edit", "edit_ci95", "preservation", "preservation_ci95", "success", "success_ci95", "n")
+    refs = reference_scores(load_classifier(classifier_cfg, classifier), edit_samples(edit_shards, num_edit))
+    return {name: {k: sc[k] for k in keep} for name, sc in refs.items()}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -68,7 +58,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--num-edit", type=int, default=200)
     args = ap.parse_args(argv)
     runs, out = Path(args.runs), Path(args.out)
-    stale = [m for s in ("edit",) for m in stale_inputs(runs / s)]
+    stale = stale_inputs(runs / "edit")
     if stale:
         print("pipeline_v11: stale stage exports:\n  " + "\n  ".join(stale), file=sys.stderr)
         return 1
@@ -76,34 +66,34 @@ def main(argv: Optional[List[str]] = None) -> int:
     common = [f"eval.num_vqa={args.num_vqa}", f"eval.num_gen={args.num_gen}", "eval.vqa_shards=test/vqa-*.tar",
               "eval.gen_shards=test/gen-*.tar"]
     rep: Dict[str, Any] = {"git": git_info(), "runs": str(runs), "family": "vargpt11"}
-    und = run_evaluation(final, ["vqa", "edit"], common, out=ev / "edit_vqa_test.json",
-                         edit_shards=args.edit_shards, num_edit=args.num_edit)
+    # one load of the final export for its test-split VQA, generation (+ the floor and the BSQ
+    # ceiling on the same prompts) and edits
+    test = run_evaluation(final, ["vqa", "generation", "edit"], common, real_baseline=SAME_PROMPTS,
+                         out=ev / "edit_test.json", edit_shards=args.edit_shards, num_edit=args.num_edit)
     held = run_evaluation(final, ["vqa"], [f"eval.num_vqa={args.num_vqa}", "eval.blind_baseline=false",
                                            "eval.vqa_shards=heldout/vqa-*.tar"], out=ev / "edit_vqa_heldout.json")
     rep["stage2"] = {  # the v1 report's understanding block (there: after stage 2), here the final model's
-        "vqa_accuracy": und["vqa_accuracy"], "vqa_accuracy_ci95": und["vqa_accuracy_ci95"],
-        "vqa_per_type": und["vqa_per_type"], "vqa_prior_baseline": und["vqa_prior_baseline"],
-        "vqa_blind_baseline": und.get("vqa_blind_baseline"), "vqa_blind_baseline_ci95": und.get("vqa_blind_baseline_ci95"),
+        "vqa_accuracy": test["vqa_accuracy"], "vqa_accuracy_ci95": test["vqa_accuracy_ci95"],
+        "vqa_per_type": test["vqa_per_type"], "vqa_prior_baseline": test["vqa_prior_baseline"],
+        "vqa_blind_baseline": test.get("vqa_blind_baseline"), "vqa_blind_baseline_ci95": test.get("vqa_blind_baseline_ci95"),
         "vqa_accuracy_heldout": held["vqa_accuracy"], "vqa_accuracy_heldout_ci95": held["vqa_accuracy_ci95"],
-        "n": und["vqa_n"]}
-    gen = run_evaluation(final, ["generation"], common, real_baseline=SAME_PROMPTS, out=ev / "edit_gen_test.json")
-    rep["stage3"] = {k: gen.get(k) for k in GEN_KEYS if k in gen}
+        "n": test["vqa_n"]}
+    rep["stage3"] = {k: test.get(k) for k in GEN_KEYS if k in test}
     before = run_evaluation(str(runs / "gen"), ["generation"], common, out=ev / "gen_gen_test.json")
     rep["gen_stage"] = {k: before.get(k) for k in GEN_KEYS if k in before}
-    rep["real_vs_real"] = gen.get("real_vs_real")
-    rep["bsq_reconstruction"] = gen.get("bsq_reconstruction")  # the generation ceiling of this tokenizer
-    rep["edit"] = {k: und.get(k) for k in EDIT_KEYS}
+    rep["real_vs_real"] = test.get("real_vs_real")
+    rep["bsq_reconstruction"] = test.get("bsq_reconstruction")  # the generation ceiling of this tokenizer
+    rep["edit"] = {k: test.get(k) for k in EDIT_KEYS}
     from omegaconf import OmegaConf  # lazy: only the export's classifier path is read
 
     exported = runs / "edit" / "config.yaml"
     rep["edit_references"] = edit_references(args.edit_shards, args.num_edit, str(exported),
                                              OmegaConf.select(OmegaConf.load(exported), "eval.classifier_path"))
-    rep["protocol"] = gen["protocol"]
-    rep["protocol"]["edit_shards"], rep["protocol"]["num_edit"] = args.edit_shards, args.num_edit
+    rep["protocol"] = test["protocol"]
     rep["vqa_accuracy"] = rep["stage2"]["vqa_accuracy"]
-    rep["gen_attribute_accuracy"] = gen.get("gen_attribute_accuracy")
-    rep["fid"] = gen.get("fid")
-    rep["inception_score"] = gen.get("inception_score")
+    rep["gen_attribute_accuracy"] = test.get("gen_attribute_accuracy")
+    rep["fid"] = test.get("fid")
+    rep["inception_score"] = test.get("inception_score")
     floor = (rep["real_vs_real"] or {}).get("fid")
     if floor:
         rep["fid_over_floor"] = rep["fid"] / floor if floor > 0 else float("inf")

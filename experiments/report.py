@@ -40,7 +40,7 @@ from typing import Any, Dict, List, Optional
 from experiments.config import REPO_ROOT
 from experiments.limits import LIMITS, publish_limits, render_limits
 from experiments.machine import cpu_model
-from experiments.scoreboard import (TIMINGS, ReportError, _fmt, _load_json, _mmss, _rel, publish_scoreboard,
+from experiments.scoreboard import (TIMINGS, ReportError, _ci, _fmt, _load_json, _mmss, _rel, publish_scoreboard,
                                     publish_timings, render_scoreboard, render_timings, stamp)
 
 # ----------------------------------------------------------------------------------------
@@ -379,10 +379,10 @@ def render_v11_dpo(path: Path) -> str:
     t = r.get("timing") or {}
     commit = str((r.get("git") or {}).get("git_commit", "?"))[:7]
     lines = ["| test prompts, one draw each (same seeds) | attribute accuracy (95% interval) |", "|---|---|",
-             f"| before DPO (`{Path(b['ckpt']).name}`) | {b['attribute_accuracy']:.3f} {_ci95(b['attribute_accuracy_ci95'])} |",
-             f"| after DPO (`{Path(a['ckpt']).name}`) | {a['attribute_accuracy']:.3f} {_ci95(a['attribute_accuracy_ci95'])} |",
+             f"| before DPO (`{Path(b['ckpt']).name}`) | {b['attribute_accuracy']:.3f} {_ci(b['attribute_accuracy_ci95'])} |",
+             f"| after DPO (`{Path(a['ckpt']).name}`) | {a['attribute_accuracy']:.3f} {_ci(a['attribute_accuracy_ci95'])} |",
              f"| **after - before** (paired bootstrap over prompts) | **{d['after_minus_before']:+.3f}** "
-             f"{_ci95(d['ci95_paired'])}; {d['prompts_better']} prompts better, {d['prompts_worse']} worse |"]
+             f"{_ci(d['ci95_paired'])}; {d['prompts_better']} prompts better, {d['prompts_worse']} worse |"]
     text = "\n".join(lines) + "\n\n"
     if pr:
         text += (f"Pairs: {pr['pairs']} of {pr['prompts']} training prompts ({pr['draws']} draws each from the "
@@ -396,10 +396,6 @@ def render_v11_dpo(path: Path) -> str:
              + f" at `{commit}` on {r.get('cpu_model', '?')}; {b['n']} test prompts; "
              f"command `{r.get('command', '?')}` for the comparison.")
     return text
-
-
-def _ci95(v: Any) -> str:
-    return f"[{v[0]:.3f}, {v[1]:.3f}]" if isinstance(v, (list, tuple)) and len(v) == 2 else ""
 
 
 # ----------------------------------------------------------------------------------------

@@ -106,8 +106,17 @@ def _minutes(seconds: Optional[float]) -> str:
 # that clone rebuilt its bases first (`make clean-bases bases`), the column keeps that time too.
 PRESETS = ("v1", "default", "v11")
 PRESET_TITLES = {"v1": "VARGPT v1 (`PRESET=v1`)", "default": "suite default", "v11": "VARGPT-v1.1 (`make v11-world`)"}
-# the make targets that time a column (a v1.1 column is one target: experiments/pipeline_v11.py)
-V11_TARGET = "v11-world"
+# A column made by other make targets than `make stage1` + `make pipeline` (with PRESET=...):
+# the v1.1 column is one target (its stages and experiments/pipeline_v11.py).
+COLUMN_TARGETS = {"v11": {"v11-world": "make v11-world"}}
+
+
+def column_targets(preset: str) -> Dict[str, str]:
+    """{make target as runs/timings.json names it: its command}, in run order, for one column."""
+    if preset in COLUMN_TARGETS:
+        return COLUMN_TARGETS[preset]
+    tag, arg = ("", "") if preset == "default" else (f"-{preset}", f" PRESET={preset}")
+    return {f"stage1{tag}": f"make stage1{arg}", f"pipeline{tag}": f"make pipeline{arg}"}
 
 
 def _ci(v: Any) -> str:
@@ -262,18 +271,12 @@ def render_scoreboard(sb: Dict[str, Any]) -> str:
     for p in cols:
         pv = sb["presets"][p]["provenance"]
         t = pv.get("timings", {})
-        pre = pv.get("preset", p)
-        tag = "" if pre == "default" else f"-{pre}"
-        trained = sorted({r.get("commit", "?") for k, r in t.items()
-                          if k in (f"stage1{tag}", f"pipeline{tag}", "bases", V11_TARGET)})
-        when = (f"`make stage1{'' if pre == 'default' else ' PRESET=' + pre}` "
-                f"{_minutes(_g(t, f'stage1{tag}', 'seconds'))} + `make pipeline{'' if pre == 'default' else ' PRESET=' + pre}` "
-                f"{_minutes(_g(t, f'pipeline{tag}', 'seconds'))}")
-        if pre == "v11":  # one target: its two stages and its evaluation
-            when = f"`make {V11_TARGET}` {_minutes(_g(t, V11_TARGET, 'seconds'))}"
+        targets = column_targets(pv.get("preset", p))
+        trained = sorted({r.get("commit", "?") for k, r in t.items() if k in targets or k == "bases"})
+        when = " + ".join(f"`{cmd}` {_minutes(_g(t, k, 'seconds'))}" for k, cmd in targets.items())
         if "bases" in t:
             when = f"`make clean-bases bases` {_minutes(t['bases']['seconds'])}, then " + when
-        load = _g(t, V11_TARGET if pre == "v11" else f"pipeline{tag}", "loadavg")
+        load = _g(t, list(targets)[-1], "loadavg")
         notes.append(f"- {PRESET_TITLES.get(p, p)}: {when} in a fresh clone (trained at "
                      f"{', '.join(f'`{c}`' for c in trained) or 'unknown'}, evaluated at `{pv['commit']}`"
                      f"{' with a dirty tree' if pv.get('dirty') else ''}), {pv['cpu_model']} "
@@ -345,8 +348,7 @@ def publish_scoreboard(runs_root: Path, preset: str = "default", out: Path = SCO
     runs = runs_root / "runs"
     rep_path = runs / f"pipeline{tag}" / "report.json"
     if not rep_path.is_file():
-        how = (f"make {V11_TARGET}" if preset == "v11" else
-               f"make stage1{' PRESET=' + preset if tag else ''} && make pipeline{' PRESET=' + preset if tag else ''}")
+        how = " && ".join(column_targets(preset).values())
         raise ReportError(f"{rep_path} not found: run `{how}` in {runs_root} first")
     if column not in PRESETS:
         raise ReportError(f"scoreboard column {column!r} unknown; columns: {', '.join(PRESETS)}")
@@ -355,7 +357,7 @@ def publish_scoreboard(runs_root: Path, preset: str = "default", out: Path = SCO
     tpath = runs / "timings.json"
     if tpath.is_file():
         for rec in _load_json(tpath):  # the newest record of each target wins
-            if rec["target"] in (f"stage1{tag}", f"pipeline{tag}", "bases", V11_TARGET if preset == "v11" else ""):
+            if rec["target"] in column_targets(preset) or rec["target"] == "bases":
                 timings[rec["target"]] = rec
     seeds: Dict[str, Any] = {}
     wdir = runs / f"world{tag}"

@@ -161,7 +161,7 @@ def _load_mapped(adapter: Optional[Callable[[StateDict], StateDict]]):
 def _load_llama_qwen2(target: nn.Module, sd: StateDict, spec: LoadSpec, src: str) -> None:
     # strict within the LLM (model.*, lm_head.*): every one of its keys must arrive; the rest of the
     # v1.1 model (visual, gen) is not this file's business
-    if not any(k.startswith("model.layers.") for k in target.state_dict()):
+    if not (isinstance(getattr(target, "model", None), nn.Module) and hasattr(target, "lm_head")):
         raise ValueError(f"{src}: format llama_qwen2 loads into a VARGPT-v1.1 model (model.family: vargpt11, "
                          "into: ''), whose LLM is model.* / lm_head.*; this target has none")
     missing = list(spec.allow_missing) + ["visual.*", "gen.*"]
