@@ -1,6 +1,6 @@
 """The official side of benchmarks.train_step_vs_official: a worker process in the official environment.
 
-    <official python> benchmarks/train_step_official_worker.py --official PATH
+    <official python> benchmarks/train_step_official_worker.py --official PATH [--keep-freed-memory]
 
 Run by ``benchmarks.train_step_vs_official`` (never by hand) with the official code's own
 interpreter (transformers 4.46.1, its pin). It imports nothing of this project, only torch,
@@ -24,6 +24,11 @@ What the worker changes of the official code, and why (nothing is stubbed: every
   encodes the targets with autocast off (fp32), as the suite does (its ``img_to_idxBl`` wrapped
   on the instance). ``bf16_released`` leaves the encode under autocast (bf16 convolutions), as the
   released code runs; the comparison reports it in a column of its own.
+
+``--keep-freed-memory``: the process-level malloc setting the suite's runs make at start
+(glibc ``mallopt``: freed blocks up to 1 GiB kept for reuse; the suite's
+``experiments.machine.keep_freed_memory``, written again here because this worker imports nothing
+of the project); the comparison reports the official code with it in a column of its own.
 
 One step = ``zero_grad(set_to_none=True)``, ``forward(..., labels=input_ids)`` (``bf16``: inside
 ``torch.autocast("cpu", torch.bfloat16)``), ``loss.backward()``; no optimizer step. Timed with
@@ -128,7 +133,14 @@ def profile_step(model, batch_file: str, precision: str):
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--official", required=True)
+    ap.add_argument("--keep-freed-memory", action="store_true")
     args = ap.parse_args()
+    if args.keep_freed_memory:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        if not (libc.mallopt(-3, 1 << 30) and libc.mallopt(-1, 1 << 30)):  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+            raise SystemExit("mallopt failed")
     torch.set_num_threads(1)
     reply = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # the official code prints; keep the reply channel clean

@@ -21,8 +21,13 @@ Per size (``SIZES``: the larger one is the issue's ~125M model, the LLM 512 wide
    if/elif included: no VAR inputs in the pad slots of a batch with input images;
    ``gen``: generation rows only), B 4, right-padded, and per precision (``fp32``; ``bf16``:
    ``torch.autocast("cpu", torch.bfloat16)`` on both sides, weights fp32): one untimed step each,
-   then ``--rounds`` rounds of ``--k`` timed steps per side (official, suite, suite with
-   pre-tokenized targets; the order rotates each round);
+   then ``--rounds`` rounds of ``--k`` timed steps per side (the order rotates each round):
+   official; suite = the suite's default for a long run, its blocks compiled (``trainer.compile=auto``
+   in a one-CPU run of at least ``trainer.compile_min_steps`` steps: ``VARGPT.compile_blocks`` on a
+   copy of the model; its untimed first step compiles, timed in wall clock, with a fresh inductor
+   cache unless ``--warm-compile-cache``); suite eager (shorter runs); suite with pre-tokenized
+   targets; the official code in a second worker with the suite's malloc setting (``--no-kept``
+   skips it); bf16: the official code as released;
 3. the losses of the last step (fp32: must agree to ``LOSS_TOL``) and the gradient norms over all
    trainable parameters are compared.
 
@@ -32,6 +37,9 @@ sides; the VAR's condition dropout and drop path are off on both sides (both are
 ``suite_pretok`` is the suite fed the targets' VQ indices (what ``experiments.pretokenize`` caches
 for training): it skips the VQ encoding of the targets, and is its own row, never the ratio.
 
+The suite's process keeps freed memory for reuse (``experiments.machine.keep_freed_memory``), as
+every suite run does at start (``trainer.keep_freed_memory``).
+
 Timing: process CPU time per step with one thread in each process (``torch.set_num_threads(1)``;
 the machine is shared, the load average is recorded); min and median over the timed steps.
 Writes benchmarks/results/train_step_vs_official.json and .md.
@@ -39,6 +47,7 @@ Writes benchmarks/results/train_step_vs_official.json and .md.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import subprocess
@@ -52,7 +61,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from benchmarks.results_file import time_stats, write_results
-from experiments.machine import cpu_flags, cpu_model, git_info
+from experiments.machine import cpu_flags, cpu_model, git_info, keep_freed_memory
 from modules.released import build_from_config, export_released, load_released, released_config
 
 WORKER = Path(__file__).with_name("train_step_official_worker.py")
@@ -147,10 +156,11 @@ def suite_steps(net, batch: Dict[str, Any], precision: str, k: int) -> Dict[str,
 class Official:
     """The worker process in the official environment (one JSON line per command)."""
 
-    def __init__(self, python: str, path: str, log: Path):
+    def __init__(self, python: str, path: str, log: Path, keep_freed_memory: bool = False):
         env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH="")
         self.log = open(log, "w")
-        self.p = subprocess.Popen([python, str(WORKER), "--official", str(path)], stdin=subprocess.PIPE,
+        flags = ["--keep-freed-memory"] if keep_freed_memory else []
+        self.p = subprocess.Popen([python, str(WORKER), "--official", str(path), *flags], stdin=subprocess.PIPE,
                                   stdout=subprocess.PIPE, stderr=self.log, text=True, env=env)
         self.info = self._read()
 
@@ -178,7 +188,13 @@ class Official:
         self.log.close()
 
 
-def compare(off: Official, net, d: Path, name: str, kind: str, precision: str, rounds: int, k: int) -> Dict[str, Any]:
+def compare(off: Official, net, comp, d: Path, name: str, kind: str, precision: str, rounds: int, k: int,
+            off_kept: Optional[Official] = None) -> Dict[str, Any]:
+    """One row. ``net``: the suite's model eager; ``comp``: a copy with compiled blocks
+    (``VARGPT.compile_blocks``), what ``trainer.compile=auto`` runs for a long CPU run: the
+    headline (``suite``); the eager model is ``suite_eager`` (runs shorter than
+    ``trainer.compile_min_steps``). ``off_kept``: the official code in a process with the suite's
+    malloc setting (its own column)."""
     size = SIZES[name]
     raw = make_batch(kind, size["T"], net.L, net.num_image_tokens, net.vision.image_size, net.vqvae.cfg.resolution)
     f = d / f"batch_{kind}.pt"
@@ -187,11 +203,20 @@ def compare(off: Official, net, d: Path, name: str, kind: str, precision: str, r
     pre = dict(batch, gen_indices=[t.clone() for t in net.encode_targets(batch)])
     del pre["gen_images"]
     sides = {"official": lambda n: off.ask(cmd="run", batch=str(f), precision=precision, k=n),
-             "suite": lambda n: suite_steps(net, batch, precision, n),
+             "suite": lambda n: suite_steps(comp, batch, precision, n),
+             "suite_eager": lambda n: suite_steps(net, batch, precision, n),
              "suite_pretok": lambda n: suite_steps(net, pre, precision, n)}
+    if off_kept is not None:
+        sides["official_kept"] = lambda n: off_kept.ask(cmd="run", batch=str(f), precision=precision, k=n)
     if precision == "bf16":  # the official code as released: its target encode under autocast too
         sides["official_released"] = lambda n: off.ask(cmd="run", batch=str(f), precision="bf16_released", k=n)
-    first = {s: fn(1) for s, fn in sides.items()}  # untimed: warm-up, and the losses
+    first: Dict[str, Dict[str, Any]] = {}
+    compile_wall = 0.0
+    for s_, fn in sides.items():  # untimed: warm-up (the compiled side compiles here), and the losses
+        t0 = time.perf_counter()
+        first[s_] = fn(1)
+        if s_ == "suite":
+            compile_wall = time.perf_counter() - t0
     times: Dict[str, List[float]] = {s: [] for s in sides}
     last: Dict[str, Dict[str, Any]] = {}
     order = list(sides)
@@ -205,7 +230,16 @@ def compare(off: Official, net, d: Path, name: str, kind: str, precision: str, r
         row[s] = dict(time_stats(times[s]), loss=last[s]["loss"], grad_norm=last[s]["grad_norm"])
     row["ratio_min"] = round(row["official"]["min_s"] / row["suite"]["min_s"], 3)
     row["ratio_median"] = round(row["official"]["median_s"] / row["suite"]["median_s"], 3)
+    row["ratio_eager_min"] = round(row["official"]["min_s"] / row["suite_eager"]["min_s"], 3)
     row["ratio_pretok_min"] = round(row["official"]["min_s"] / row["suite_pretok"]["min_s"], 3)
+    if "official_kept" in row:
+        row["ratio_kept_min"] = round(row["official_kept"]["min_s"] / row["suite"]["min_s"], 3)
+    # the compiled side's first step (wall clock: the compilation runs in worker processes too) and
+    # how many steps of the saving per step it takes to pay it back
+    row["compile_first_step_wall_s"] = round(compile_wall, 1)
+    saved = row["suite_eager"]["min_s"] - row["suite"]["min_s"]
+    row["compile_payback_steps"] = round(compile_wall / saved) if saved > 0 else None
+    row["loss_abs_diff_compiled_vs_eager"] = abs(first["suite"]["loss"] - first["suite_eager"]["loss"])
     if "official_released" in row:
         row["ratio_released_min"] = round(row["official_released"]["min_s"] / row["suite"]["min_s"], 3)
         row["loss_abs_diff_released"] = abs(first["official_released"]["loss"] - first["suite"]["loss"])
@@ -261,27 +295,47 @@ def to_markdown(meta: Dict[str, Any], rows: List[Dict[str, Any]]) -> str:
         "off). The official code as released encodes under autocast (bf16 convolutions): its own column, a dtype "
         "change, not the headline.",
         "",
-        "| size | batch | precision | official s | suite s | **ratio (min)** | ratio (median) | suite, pre-tokenized targets s "
-        "| official as released (bf16 encode) s | loss official | loss abs diff | grad-norm rel diff |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "The suite's column is its default for a long run: `trainer.compile=auto` compiles the LLM decoder layers and "
+        "VAR blocks (`VARGPT.compile_blocks`, torch.compile, dynamic shapes) in a one-CPU run of at least "
+        "`trainer.compile_min_steps` (1000) steps; shorter runs stay eager (the eager column). The compiled side's first "
+        f"step compiles ({m.get('compile_cache', 'cold')} inductor cache): its wall time and the steps of the per-step "
+        "saving that pay it back are in the compile column. Both suite processes keep freed memory for reuse "
+        "(`trainer.keep_freed_memory`, a glibc malloc setting every suite run makes); the official code with the same "
+        "setting is its own column.",
+        "",
+        "| size | batch | precision | official s | suite s (default, compiled) | **ratio (min)** | ratio (median) "
+        "| suite eager s | official, same malloc setting s | suite, pre-tokenized targets s "
+        "| official as released (bf16 encode) s | compile: first step s wall (pays back after) | loss official "
+        "| loss abs diff | compiled - eager loss | grad-norm rel diff |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def cell(r, side, ratio_key):
+        v = r.get(side)
+        return f"{v['min_s']:.3f} ({r[ratio_key]:.2f}x)" if v else "-"
+
     for r in rows:
-        o, s, p = r["official"], r["suite"], r["suite_pretok"]
-        rel = r.get("official_released")
-        rel_cell = f"{rel['min_s']:.3f} ({r['ratio_released_min']:.2f}x)" if rel else "-"
+        o, s = r["official"], r["suite"]
+        pay = r.get("compile_payback_steps")
+        comp = f"{r['compile_first_step_wall_s']:.1f} ({pay} steps)" if pay is not None else \
+            f"{r['compile_first_step_wall_s']:.1f} (no saving)"
         lines.append(
             f"| {r['size']} | {r['batch']} ({r['gen_rows']} gen rows) | {r['precision']} "
             f"| {o['min_s']:.3f} ({o['median_s']:.3f}) | {s['min_s']:.3f} ({s['median_s']:.3f}) "
-            f"| **{r['ratio_min']:.2f}x** | {r['ratio_median']:.2f}x | {p['min_s']:.3f} ({r['ratio_pretok_min']:.2f}x) "
-            f"| {rel_cell} | {o['loss']:.6f} | {r['loss_abs_diff']:.1e} | {r['grad_norm_rel_diff']:.1e} |")
+            f"| **{r['ratio_min']:.2f}x** | {r['ratio_median']:.2f}x | {cell(r, 'suite_eager', 'ratio_eager_min')} "
+            f"| {cell(r, 'official_kept', 'ratio_kept_min')} | {cell(r, 'suite_pretok', 'ratio_pretok_min')} "
+            f"| {cell(r, 'official_released', 'ratio_released_min')} | {comp} | {o['loss']:.6f} "
+            f"| {r['loss_abs_diff']:.1e} | {r['loss_abs_diff_compiled_vs_eager']:.1e} | {r['grad_norm_rel_diff']:.1e} |")
     changed = [r["target_indices_changed_by_bf16_encode"] for r in rows if "target_indices_changed_by_bf16_encode" in r]
     big = [r for r in rows if r["size"] == "large"]
     if big:
         worst = {p: min((r["ratio_min"] for r in big if r["precision"] == p), default=None) for p in ("fp32", "bf16")}
         met = all(v is not None and v >= TARGET for v in worst.values())
         fp32_ok = all(r["loss_equal"] for r in rows if r["precision"] == "fp32")
+        eager = {p: min((r["ratio_eager_min"] for r in big if r["precision"] == p), default=None) for p in ("fp32", "bf16")}
         lines += ["", f"Target: suite >= {TARGET}x the official code at the same precision at the larger size: "
-                      f"**{'met' if met else 'NOT met'}** (lowest ratio fp32 {worst['fp32']}, bf16 {worst['bf16']}). "
+                      f"**{'met' if met else 'NOT met'}** (lowest ratio fp32 {worst['fp32']}, bf16 {worst['bf16']}; "
+                      f"eager, for runs under trainer.compile_min_steps: fp32 {eager['fp32']}, bf16 {eager['bf16']}). "
                       f"fp32 losses equal to {LOSS_TOL:g}: **{'yes' if fp32_ok else 'NO'}**. bf16 losses differ by "
                       f"rounding (each side rounds differently)."]
     if changed:
@@ -313,10 +367,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--official-commit", default="", help="its commit when PATH has no .git (a git archive)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     ap.add_argument("--name", default="train_step_vs_official")
+    ap.add_argument("--warm-compile-cache", action="store_true",
+                    help="reuse the machine's inductor cache (default: a fresh one, so compile times are a cold start's)")
+    ap.add_argument("--no-kept", action="store_true", help="skip the official code with the suite's malloc setting")
     args = ap.parse_args(argv)
     if not (Path(args.official) / "vargpt_llava" / "modeling_vargpt_llava.py").is_file():
         raise SystemExit(f"--official {args.official}: no vargpt_llava/modeling_vargpt_llava.py (a VARGPT-family/VARGPT checkout)")
     torch.set_num_threads(1)
+    kept = keep_freed_memory()  # the suite's runs do this at start (trainer.keep_freed_memory)
     import transformers
 
     repo = git_info()
@@ -328,27 +386,38 @@ def main(argv: Optional[List[str]] = None) -> int:
         "commit": repo["git_commit"], "dirty": repo["git_dirty"], "cpu_model": cpu_model(), "cpu_flags": cpu_flags(),
         "torch": torch.__version__, "transformers": transformers.__version__, "threads": 1,
         "official": {"path": str(args.official), "commit": ocommit or args.official_commit or "unknown"},
-        "rounds": args.rounds, "k": args.k, "loss_tol": LOSS_TOL, "timing": "process CPU time, 1 thread per process",
+        "suite_keep_freed_memory": kept, "rounds": args.rounds, "k": args.k, "loss_tol": LOSS_TOL, "timing": "process CPU time, 1 thread per process",
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "loadavg_start": [round(x, 2) for x in os.getloadavg()], "size_notes": {}}
     rows: List[Dict[str, Any]] = []
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="train_step_vs_official_") as tmp:
+        if not args.warm_compile_cache:  # the compile times are a cold start's, as a fresh machine's first run
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(tmp) / "inductor")
+        meta["compile_cache"] = "warm (the machine's)" if args.warm_compile_cache else "cold (a fresh directory)"
         off = Official(args.official_python, args.official, Path(tmp) / "official.log")
+        off_kept = None if args.no_kept else Official(args.official_python, args.official, Path(tmp) / "official_kept.log",
+                                                      keep_freed_memory=True)
         meta["official"].update(torch=off.info["torch"], transformers=off.info["transformers"])
         try:
             for name in args.sizes.split(","):
                 d = Path(tmp) / name
                 net = build_size(name, d)
+                comp = copy.deepcopy(net)
+                comp.compile_blocks()
                 meta["size_notes"][name] = size_note(net)
-                loaded = off.ask(cmd="load", dir=str(d), vae=SIZES[name]["vae"], var_depth=SIZES[name]["var_depth"])
+                for o in (off, off_kept):
+                    if o is not None:
+                        loaded = o.ask(cmd="load", dir=str(d), vae=SIZES[name]["vae"], var_depth=SIZES[name]["var_depth"])
                 meta.setdefault("official_attn", loaded["attn"])
                 for kind in args.batches.split(","):
                     for prec in args.precisions.split(","):
-                        rows.append(compare(off, net, d, name, kind, prec, args.rounds, args.k))
-                del net
+                        rows.append(compare(off, net, comp, d, name, kind, prec, args.rounds, args.k, off_kept))
+                del net, comp
         finally:
             off.close()
+            if off_kept is not None:
+                off_kept.close()
     meta["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     meta["wall_s"] = round(time.time() - t0, 1)
     write_results(Path(args.out), args.name, meta, rows, to_markdown(meta, rows))

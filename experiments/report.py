@@ -286,18 +286,29 @@ def render_speed(results: Path = BENCH_RESULTS) -> str:
         rows.append(f"| sampling, VAR depth {r['depth']}: the suite's default (fast sampler) | {p} | {r[f'official_{p}_s']:.2f} "
                     f"| {r[f'suite_fast_{p}_s']:.2f} | **{r['default_ratio']:.2f}x** |")
     size = str(t["meta"].get("size_notes", {}).get("large", "")).split(" parameters")[0] or "the larger"
-    for r in t["results"]:
-        if r["size"] != "large":
-            continue
-        rows.append(f"| training step (forward + backward), {size}-parameter VARGPT, {r['batch']} batch | {r['precision']} "
+    big = [r for r in t["results"] if r["size"] == "large"]
+    for r in big:
+        rows.append(f"| training step (forward + backward), {size}-parameter VARGPT, {r['batch']} batch: the suite's "
+                    f"default for a run of 1000+ steps (blocks compiled) | {r['precision']} "
                     f"| {r['official']['min_s']:.3f} | {r['suite']['min_s']:.3f} | **{r['ratio_min']:.2f}x** |")
+    for r in big:
+        if "suite_eager" in r:
+            rows.append(f"| training step, {r['batch']} batch: eager (shorter runs) | {r['precision']} "
+                        f"| {r['official']['min_s']:.3f} | {r['suite_eager']['min_s']:.3f} | **{r['ratio_eager_min']:.2f}x** |")
     sm, tm = s["meta"], t["meta"]
     tgt = sm.get("target", {})
-    big_bf16 = [r["ratio_min"] for r in t["results"] if r["size"] == "large" and r["precision"] == "bf16"]
+    big_bf16 = [r["ratio_min"] for r in big if r["precision"] == "bf16"]
+    big_fp32 = [r["ratio_min"] for r in big if r["precision"] == "fp32"]
+    kept = [r["ratio_kept_min"] for r in big if r["precision"] == "bf16" and "ratio_kept_min" in r]
     met = lambda ok: "met" if ok else "**not met**"  # noqa: E731
+    fp32_note = f"; in fp32 {min(big_fp32):.2f}x" if big_fp32 else ""
+    kept_note = (f" Part of the training-step margin is a process setting, not computation: every suite run keeps "
+                 f"freed memory for reuse (`trainer.keep_freed_memory`); the official code given the same setting is "
+                 f"{min(kept):.2f}-{max(kept):.2f}x behind the suite in bf16.") if kept else ""
     rows += ["", f"Issue #41's targets: the suite's default at least 1.5x the official code for sampling "
-                 f"{met(tgt.get('default_met'))}, for the training step {met(bool(big_bf16) and min(big_bf16) >= 1.5)}; "
-                 f"the parity path at least 1.0x {met(tgt.get('parity_met'))}. Measured on {sm['machine']['cpu']} "
+                 f"{met(tgt.get('default_met'))}, for the training step {met(bool(big_bf16) and min(big_bf16) >= 1.5)} "
+                 f"(bf16 autocast, the 7B recipes' precision{fp32_note}); "
+                 f"the parity path at least 1.0x {met(tgt.get('parity_met'))}.{kept_note} Measured on {sm['machine']['cpu']} "
                  f"(sampling) and {tm['cpu_model']} (training step), 1 thread per process, best of alternating rounds, "
                  f"process CPU time; bf16 is autocast with the suite's precision map on both sides (VQVAE in fp32). "
                  f"The commits, commands, every row (the fp32 fast sampler, the official code's own bf16 encode) "

@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from experiments import tracking
-from experiments.config import ConfigError, LoadedConfig, load_config, output_dir, resolve_path
-from experiments.machine import cpu_model
+from experiments.config import ConfigError, LoadedConfig, compile_decision, load_config, output_dir, resolve_path
+from experiments.machine import cpu_model, keep_freed_memory
 from experiments.run_guard import (Preempted, RunError, RunLock, check_writable, find_resume, init_hash, is_rank_zero,
                                   set_aside_export)
 from modules.checkpoint import StateDictMismatchError, WeightsIntegrityError, write_export
@@ -166,8 +166,16 @@ def _fit(loaded: LoadedConfig, resume: Optional[str], out: Path, ckpt_dir: Path,
         (ckpt_dir / "config.yaml").write_text(loaded.to_yaml())
     if cfg.trainer.num_threads > 0:
         torch.set_num_threads(cfg.trainer.num_threads)
+    if cfg.trainer.keep_freed_memory and not keep_freed_memory():
+        print("[run] trainer.keep_freed_memory: not a glibc process; the allocator is left as it is")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module, datamodule = build_stage(cfg)
+    compile_it, why = compile_decision(cfg)
+    if compile_it:
+        n = module.net.compile_blocks()
+        print(f"[run] torch.compile: {n} blocks ({why}); the first step compiles them")
+    elif cfg.trainer.compile != "never" and zero:
+        print(f"[run] eager ({why})")
     logger = tracking.make_logger(loaded, run_id=run_id) if cfg.logging.enabled else None
     # what this run started from: recorded in the export, so a changed input is never taken as current
     start_from = {"init_from": str(resolve_path(cfg.init_from)) if cfg.init_from else "",

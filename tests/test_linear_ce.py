@@ -32,7 +32,7 @@ def _both(N=37, D=16, V=50, bias=True, autocast=False, weights=None, seed=0):
 
 @pytest.mark.parametrize("weights", [False, True])
 def test_fp32_equals_the_unfused_path_across_column_blocks(monkeypatch, weights):
-    monkeypatch.setattr(lce, "CHUNK_COLS", 16)  # V 50: 4 blocks of columns, the last one short
+    monkeypatch.setattr(lce, "CHUNK_ROWS", 16)  # V 50: 4 blocks of vocabulary rows, the last one short
     ref, got = _both(weights=weights)
     for a, b in zip(ref, got):
         assert a.dtype == b.dtype

@@ -368,7 +368,14 @@ class MultiScaleVQVAE(nn.Module):
     def img_to_f(self, img_B3HW: torch.Tensor) -> torch.Tensor:
         self._check_img(img_B3HW)
         with _fp32_region(img_B3HW):
-            return self.quant_conv(self.encoder(img_B3HW.float()))
+            x = img_B3HW.float()
+            if x.device.type == "cpu":
+                # channels-last: oneDNN's fp32 3x3 convolutions run on NHWC without reordering
+                # every activation to its blocked layout and back (GroupNorm, SiLU and the
+                # residual adds keep the layout). Encoder, ch 64, 128 px, B 4, 1 thread, AMX Xeon:
+                # 351 -> 299 ms, f within 4.3e-6, indices equal (the training step encodes targets here)
+                x = x.contiguous(memory_format=torch.channels_last)
+            return self.quant_conv(self.encoder(x))
 
     @torch.no_grad()
     def img_to_idx(self, img_B3HW: torch.Tensor) -> List[torch.Tensor]:
