@@ -300,3 +300,23 @@ def test_busy_output_dir_refuses_and_a_dead_run_is_marked_failed(tmp_path, capsy
         lock.release()
     assert run_main(args) == 0
     assert mlflow.MlflowClient(uri).get_run(dead).info.status == "FAILED"
+
+
+def test_compiled_run_killed_then_resumed_is_exact(world, tmp_path):
+    """trainer.compile=always (the blocks compiled, what long CPU runs do by default): a run killed
+    after a checkpoint and resumed ends with an uninterrupted compiled run's weights, bit for bit
+    (the resumed process compiles the same dynamic-shape graphs)."""
+    exact = [a for a in EXACT if not a.startswith("trainer.max_steps")] + ["trainer.max_steps=12", "trainer.compile=always"]
+    ref_out, out = tmp_path / "ref", tmp_path / "killed"
+    log = finish(start([STAGE2, *overrides(world, ref_out, f"sqlite:///{tmp_path / 'ref.db'}", *exact)]))
+    assert "torch.compile:" in log and "weights:" in log, log
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    p = start([STAGE2, *overrides(world, out, uri, *exact)])
+    wait_for(out / "checkpoints" / "step-00000004.json", p)
+    kill_group(p)
+    p.wait(30)
+    log = finish(start([STAGE2, *overrides(world, out, uri, *exact), "--resume"]))
+    assert "resuming from" in log and "torch.compile:" in log and "weights:" in log, log
+    a, b = load_file(str(ref_out / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    diff = [k for k in a if not torch.equal(a[k], b[k])]
+    assert a.keys() == b.keys() and diff == [], f"{len(diff)} tensors differ, e.g. {diff[:3]}"
