@@ -101,7 +101,7 @@ class TrainerConfig:
     limit_val_batches: int = 0  # 0 = all batches of the (finite) validation stream
     num_threads: int = 0  # torch.set_num_threads; 0 leaves the default
     # glibc keeps freed blocks (up to 1 GiB) for reuse instead of fresh page-faulted mmap pages each
-    # step (experiments.machine.keep_freed_memory): bf16 step of the 125M benchmark model -11 % / -5 %
+    # step (experiments.machine.keep_freed_memory)
     keep_freed_memory: bool = True
     # torch.compile of the LLM decoder layers and VAR blocks (VARGPT.compile_blocks): auto (compile
     # when the run is long enough to pay back the first step's compilation: compile_decision) | on | off
@@ -476,7 +476,8 @@ def value_problems(cfg: ExperimentConfig) -> List[Tuple[str, str]]:
 def compile_decision(cfg: ExperimentConfig) -> Tuple[bool, str]:
     """Whether a run compiles its VARGPT blocks (``trainer.compile``), and why. ``auto`` compiles
     where it was measured to pay (benchmarks/results/train_step_vs_official.md: the bf16 step of
-    the 125M model 12-13 % shorter on CPU, after a first step of ~50 s wall compiling): a VARGPT v1
+    the 125M model 0.913 -> 0.810 s mixed, 1.158 -> 0.998 s generation, 1 CPU thread, after a first
+    step of 38 s wall compiling, cold cache): a VARGPT v1
     stage on one CPU process, without activation checkpointing, of at least
     ``trainer.compile_min_steps`` steps, its thread count fixed (no ``trainer.threads_file``). The
     world's stage 2, 400 steps, warm compile cache, 2 threads: 95.6 s eager, 78.4 s compiled.

@@ -71,8 +71,9 @@ def keep_freed_memory() -> bool:
     serves blocks above its dynamic mmap threshold (at most 32 MiB) with fresh mmap pages, each of
     them page-faulted and zeroed by the kernel on first touch, every step. Kept, they are reused.
     Nothing computed changes; the process's resident memory stays at its peak instead of shrinking
-    between steps. Measured (benchmarks/results/train_step_vs_official.md): the 125M model's bf16
-    step, 1 thread, AMX Xeon: mixed batch 1.045 -> 0.928 s, generation batch 1.270 -> 1.202 s.
+    between steps. Measured on the official VARGPT-v1 code's step, which allocates more per step
+    (benchmarks/results/train_step_vs_official.md, its "same malloc setting" column; the 125M model,
+    bf16, 1 thread, AMX Xeon): mixed batch 1.299 -> 1.042 s, generation batch 1.657 -> 1.309 s.
     Returns whether it applied (glibc only; elsewhere the allocator is left as it is). Idempotent."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False

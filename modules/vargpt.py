@@ -189,7 +189,7 @@ class VARGPT(VARGPTInference, nn.Module):
         kernels. ``dynamic``: one graph for every sequence length (a batch is padded to its longest
         row), so a run compiles once and a resumed run gets the same kernels whatever its first
         batch. Results agree with eager to float rounding. The first training step pays the
-        compilation (benchmarks/results/train_step_vs_official.md: ~50 s wall on 2 cores for the
+        compilation (benchmarks/results/train_step_vs_official.md: 38 s wall on 2 cores for the
         125M model, cold cache) and it pays back over a long run; ``trainer.compile`` decides
         (experiments.config.compile_decision). Returns the number of modules compiled."""
         mods = list(self.llm.get_decoder().layers) + list(self.var.blocks)

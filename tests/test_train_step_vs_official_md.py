@@ -35,7 +35,9 @@ def test_released_column_and_target():
     assert "1.400 (1.17x)" in lines[1] and "**1.25x**" in lines[1]
     assert "1.320 (1.14x)" in lines[1]  # the eager suite, its own column
     assert "50.0 (417 steps)" in lines[1]  # compile wall time and its payback: 50 s / (1.32 - 1.2) s per step
-    assert "**NOT met** (lowest ratio fp32 1.412, bf16 1.25; eager, for runs under trainer.compile_min_steps: fp32 1.283, bf16 1.136)" in md
+    assert "bf16-mixed): **NOT met** (lowest ratio 1.25)" in md
+    assert "fp32 (the world recipes' precision): **NOT met** (lowest ratio 1.412" in md
+    assert "Eager, for runs under trainer.compile_min_steps: fp32 1.283, bf16 1.136" in md
     assert "moves 2.0% to 2.0% of the batches' target indices" in md
     md = to_markdown(META, [_row("fp32", 2.7, 1.7), _row("bf16", 1.9, 1.2, released=1.8)])
-    assert "**met**" in md
+    assert "bf16-mixed): **met** (lowest ratio 1.583)" in md and "precision): **met** (lowest ratio 1.588" in md
