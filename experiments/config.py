@@ -104,7 +104,7 @@ class TrainerConfig:
     # step (experiments.machine.keep_freed_memory)
     keep_freed_memory: bool = True
     # torch.compile of the LLM decoder layers and VAR blocks (VARGPT.compile_blocks): auto (compile
-    # when the run is long enough to pay back the first step's compilation: compile_decision) | on | off
+    # when the run is long enough to pay back the first step's compilation: compile_decision) | always | never
     compile: str = "auto"
     compile_min_steps: int = 1000
     # A file a scheduler may write a thread count into while the run trains: read every 10 steps and
@@ -475,12 +475,12 @@ def value_problems(cfg: ExperimentConfig) -> List[Tuple[str, str]]:
 
 def compile_decision(cfg: ExperimentConfig) -> Tuple[bool, str]:
     """Whether a run compiles its VARGPT blocks (``trainer.compile``), and why. ``auto`` compiles
-    where it was measured to pay (benchmarks/results/train_step_vs_official.md: the bf16 step of
-    the 125M model 0.913 -> 0.810 s mixed, 1.158 -> 0.998 s generation, 1 CPU thread, after a first
-    step of 38 s wall compiling, cold cache): a VARGPT v1
-    stage on one CPU process, without activation checkpointing, of at least
-    ``trainer.compile_min_steps`` steps, its thread count fixed (no ``trainer.threads_file``). The
-    world's stage 2, 400 steps, warm compile cache, 2 threads: 95.6 s eager, 78.4 s compiled.
+    where it was measured to pay: a VARGPT v1 stage on one CPU process, without activation
+    checkpointing, its thread count fixed (no ``trainer.threads_file``), of at least
+    ``trainer.compile_min_steps`` steps. Measured: the bf16 step of the 125M model 0.913 -> 0.810 s
+    (mixed batch) and 1.158 -> 0.998 s (generation), 1 thread, after a first step of 38 s wall
+    compiling, cold cache (benchmarks/results/train_step_vs_official.md); the world's stage 2 (fp32),
+    400 steps, 2 threads, warm compile cache: 95.6 s eager, 78.4 s compiled.
     Elsewhere (GPUs, DDP/FSDP ranks, recomputed layers, the v1.1 model) it is not measured here,
     so ``auto`` leaves the model eager; ``always`` compiles anyway."""
     t = cfg.trainer

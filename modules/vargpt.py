@@ -180,7 +180,6 @@ class VARGPT(VARGPTInference, nn.Module):
         return self
 
     # ------------------------------------------------------------------ building blocks
-    @torch.no_grad()
     def compile_blocks(self, dynamic: bool = True) -> int:
         """Compile (``torch.compile``, inductor) each LLM decoder layer and each VAR block in place
         (``nn.Module.compile``: parameter names and state-dict keys unchanged). What it buys is the
@@ -197,6 +196,7 @@ class VARGPT(VARGPTInference, nn.Module):
             m.compile(dynamic=dynamic)
         return len(mods)
 
+    @torch.no_grad()
     def encode_targets(self, batch: Dict[str, Any]) -> List[torch.Tensor]:
         """Per-scale VQ indices of the batch's generation targets: pre-tokenized when the batch
         has them (fingerprint checked by the collator), else encoded now in fp32."""

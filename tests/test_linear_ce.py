@@ -97,3 +97,13 @@ def test_official_worker_imports_nothing_of_this_project():
         elif isinstance(node, ast.ImportFrom) and node.module:
             names.add(node.module.split(".")[0])
     assert not names & {"modules", "datamodules", "experiments", "benchmarks"}, names
+
+
+def test_a_second_backward_through_the_same_graph_raises_instead_of_wrong_grads():
+    """The backward turns the saved logits into their gradient in place: a second backward
+    (retain_graph) must fail loudly, never read the spent buffer as logits."""
+    h, W, t = torch.randn(5, 4, requires_grad=True), torch.randn(7, 4, requires_grad=True), torch.randint(0, 7, (5,))
+    loss = linear_cross_entropy(h, W, None, t).sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()

@@ -80,7 +80,8 @@ class _LinearCE(torch.autograd.Function):
             hit = (t >= a) & (t < e)
             p[t[hit] - a, cols[hit]] -= 1.0  # minus one-hot
             g = zT[a:e]
-            g.copy_(p.mul_(gs))  # d loss / d logits in the matmul dtype, over the logits (zT is spent)
+            g.copy_(p.mul_(gs))  # d loss / d logits in the matmul dtype, over the logits: zT is spent (a
+            # second backward through the same graph raises: autograd sees the saved tensor changed)
             if need_w:
                 grad_w[a:e].copy_(g @ x)
             if need_b:
