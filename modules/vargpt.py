@@ -65,6 +65,17 @@ def training_attention(device_type: str, recomputed: bool = False):
     return contextlib.nullcontext()
 
 
+def _compile_training_forward(m: nn.Module, dynamic: bool) -> None:
+    """``m.forward`` becomes: the compiled forward in training mode, the eager one otherwise."""
+    eager = m.forward
+    compiled = torch.compile(eager, dynamic=dynamic)
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        return compiled(*args, **kwargs) if m.training else eager(*args, **kwargs)
+
+    m.forward = forward
+
+
 class VARGPT(VARGPTInference, nn.Module):
     """Submodules (the names stages and `load:` refer to): vision, und_proj, llm, gen_lora
     (model.gen_lora_rank > 0, else None), gen_in, gen_out, gen_cond (var_cond gen_start /
@@ -181,19 +192,24 @@ class VARGPT(VARGPTInference, nn.Module):
 
     # ------------------------------------------------------------------ building blocks
     def compile_blocks(self, dynamic: bool = True) -> int:
-        """Compile (``torch.compile``, inductor) each LLM decoder layer and each VAR block in place
-        (``nn.Module.compile``: parameter names and state-dict keys unchanged). What it buys is the
-        fusion of the blocks' elementwise work (norms, RoPE, AdaLN modulation, residuals, GELU, the
-        autocast casts) and the dispatch overhead; the matmuls and attention stay the same oneDNN
-        kernels. ``dynamic``: one graph for every sequence length (a batch is padded to its longest
-        row), so a run compiles once and a resumed run gets the same kernels whatever its first
-        batch. Results agree with eager to float rounding. The first training step pays the
-        compilation (benchmarks/results/train_step_vs_official.md: 38 s wall on 2 cores for the
-        125M model, cold cache) and it pays back over a long run; ``trainer.compile`` decides
-        (experiments.config.compile_decision). Returns the number of modules compiled."""
+        """Compile (``torch.compile``, inductor) the training forward of each LLM decoder layer and
+        each VAR block. What it buys is the fusion of the blocks' elementwise work (norms, RoPE,
+        AdaLN modulation, residuals, GELU, the autocast casts) and the dispatch overhead; the
+        matmuls and attention stay the same oneDNN kernels. Only a module in training mode runs
+        the compiled forward: evaluation and sampling (eval mode, KV caches whose shapes change at
+        every decoding step) stay eager, where each new cache shape would otherwise recompile.
+        Parameters, names and state-dict keys are unchanged (the module keeps its class; the
+        compiled function is not a submodule); a deep copy of a compiled model shares the original's
+        forwards, so copy before compiling. ``dynamic``: one graph for every sequence length (a
+        batch is padded to its longest row), so a run compiles once and a resumed run gets the same
+        kernels whatever its first batch. Results agree with eager to float rounding. The first
+        training step pays the compilation (benchmarks/results/train_step_vs_official.md: 38 s wall
+        on 2 cores for the 125M model, cold cache) and it pays back over a long run;
+        ``trainer.compile`` decides (experiments.config.compile_decision). Returns the number of
+        modules compiled."""
         mods = list(self.llm.get_decoder().layers) + list(self.var.blocks)
         for m in mods:
-            m.compile(dynamic=dynamic)
+            _compile_training_forward(m, dynamic)
         return len(mods)
 
     @torch.no_grad()

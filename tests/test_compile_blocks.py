@@ -39,6 +39,16 @@ def test_compiled_step_equals_eager(tmp_path):
         assert g1.keys() == g0.keys() and len(g0) > 10
         for n in g0:
             torch.testing.assert_close(g1[n], g0[n], rtol=1e-4, atol=1e-6, msg=lambda m: f"{n}: {m}")
+    # eval mode (evaluation, sampling with KV caches): the eager forwards, nothing traced or compiled
+    from torch._dynamo.utils import counters
+
+    before = sum(counters["frames"].values())
+    comp.eval()
+    with torch.no_grad():
+        out = comp(batches[0])
+        comp.generate_image(["Draw a red circle on the left."], cfg=0.0, seed=[0])
+    assert sum(counters["frames"].values()) == before
+    torch.testing.assert_close(out["loss"], eager.eval()(batches[0])["loss"], rtol=0, atol=0)
 
 
 def _cfg(*over):
