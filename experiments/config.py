@@ -481,8 +481,9 @@ def compile_decision(cfg: ExperimentConfig) -> Tuple[bool, str]:
     (mixed batch) and 1.158 -> 0.998 s (generation), 1 thread, after a first step of 38 s wall
     compiling, cold cache (benchmarks/results/train_step_vs_official.md); the world's stage 2 (fp32),
     400 steps, 2 threads, warm compile cache: 95.6 s eager, 78.4 s compiled.
-    Elsewhere (GPUs, DDP/FSDP ranks, recomputed layers, the v1.1 model) it is not measured here,
-    so ``auto`` leaves the model eager; ``always`` compiles anyway."""
+    Elsewhere (GPUs, DDP/FSDP ranks, recomputed layers) it is not measured here, so ``auto`` leaves
+    the model eager and ``always`` compiles anyway; the v1.1 stages never compile (their model has no
+    ``compile_blocks``)."""
     t = cfg.trainer
     if t.compile == "never":
         return False, "trainer.compile=never"

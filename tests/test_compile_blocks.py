@@ -60,13 +60,13 @@ def test_auto_compiles_long_single_cpu_runs_only():
     off, why = compile_decision(_cfg("trainer.max_steps=50", "trainer.accelerator=cpu"))
     assert not off and "max_steps 50 < trainer.compile_min_steps 1000" in why
     assert compile_decision(_cfg("trainer.max_steps=50", "trainer.compile_min_steps=10", "trainer.accelerator=cpu"))[0]
-    for over, reason in [(["trainer.devices=2"], "more than one process"),
-                         (["trainer.strategy=ddp"], "more than one process"),
-                         (["model.llm.gradient_checkpointing=true"], "recomputed"),
-                         (["trainer.threads_file=runs/threads.txt"], "thread count"),
+    cpu = "trainer.accelerator=cpu"
+    for over, reason in [([cpu, "trainer.devices=2"], "more than one process"),
+                         ([cpu, "trainer.strategy=ddp"], "more than one process"),
+                         ([cpu, "model.llm.gradient_checkpointing=true"], "recomputed"),
+                         ([cpu, "trainer.threads_file=runs/threads.txt"], "thread count"),
                          (["trainer.accelerator=gpu"], "not a CPU run")]:
-        ok, why = compile_decision(_cfg("trainer.max_steps=5000", "trainer.accelerator=cpu", *over) if over[0] != "trainer.accelerator=gpu"
-                                   else _cfg("trainer.max_steps=5000", *over))
+        ok, why = compile_decision(_cfg("trainer.max_steps=5000", *over))
         assert not ok and reason in why, (over, why)
     assert compile_decision(_cfg("trainer.max_steps=5", "trainer.compile=always"))[0]
     assert not compile_decision(_cfg("trainer.max_steps=5000", "trainer.accelerator=cpu", "trainer.compile=never"))[0]
